@@ -1,0 +1,34 @@
+// pykernels._C: every kernel takes raw device addresses, sizes and a cudaStream_t as integers.
+// Python validates and allocates with torch; the C++ side checks the sizes it is given again.
+#include <cuda_runtime_api.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "device/device.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pykernels CUDA kernels (raw pointers + cudaStream_t; links only the CUDA runtime)";
+
+  py::class_<pk::DeviceProperties>(m, "DeviceProperties")
+      .def_readonly("name", &pk::DeviceProperties::name)
+      .def_readonly("major", &pk::DeviceProperties::major)
+      .def_readonly("minor", &pk::DeviceProperties::minor)
+      .def_readonly("multiprocessors", &pk::DeviceProperties::multiprocessors)
+      .def_readonly("total_memory_bytes", &pk::DeviceProperties::total_memory_bytes)
+      .def_readonly("l2_cache_bytes", &pk::DeviceProperties::l2_cache_bytes)
+      .def_readonly("shared_memory_per_block_optin", &pk::DeviceProperties::shared_memory_per_block_optin)
+      .def_readonly("memory_bus_width_bits", &pk::DeviceProperties::memory_bus_width_bits)
+      .def_readonly("memory_clock_khz", &pk::DeviceProperties::memory_clock_khz);
+
+  m.def("device_count", &pk::device_count, "Number of CUDA devices; 0 without a driver or GPU.");
+  m.def("device_properties", &pk::device_properties, py::arg("device"));
+  m.def("copy_2d", &pk::copy_2d, py::arg("dst"), py::arg("dst_row_stride"), py::arg("src"),
+        py::arg("src_row_stride"), py::arg("rows"), py::arg("row_bytes"), py::arg("stream"),
+        "dst[r, :row_bytes] = src[r, :row_bytes] over rows; strides in bytes; the GIL is released.",
+        py::call_guard<py::gil_scoped_release>());
+
+  m.attr("cuda_version") = CUDART_VERSION;
+  m.attr("cuda_architectures") = PYKERNELS_CUDA_ARCHITECTURES;
+}

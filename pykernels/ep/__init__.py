@@ -1,0 +1,1 @@
+"""Expert-parallel all-to-all (SCAFFOLD)."""
