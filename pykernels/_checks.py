@@ -75,3 +75,22 @@ def check_choice(name: str, value: object, choices: Sequence[object]) -> object:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
     return value
+
+
+def value_checks_enabled(t: torch.Tensor) -> bool:
+    """Whether an op inspects the *values* of an index tensor like ``t`` (block ids, lengths, positions, slots).
+
+    Always for CPU tensors. For CUDA tensors only when ``PYKERNELS_CHECK_VALUES=1``, because reading
+    values back costs a host synchronisation, which decode-path ops must not do; and never while a CUDA
+    graph is being captured or under ``torch.compile``. Kernels stay memory-safe without these checks:
+    they mask out-of-range ids instead of reading or writing outside their buffers.
+    """
+    if t.device.type != "cuda":
+        return True
+    import os
+
+    if os.environ.get("PYKERNELS_CHECK_VALUES", "0") != "1":
+        return False
+    if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
+        return False
+    return True
