@@ -1,0 +1,169 @@
+"""DeepSeek-V2: the whole model, without a cache (naive attention) and with the paged latent cache
+(prefill in the naive form, decode in the absorbed form).
+
+    m = DeepseekV2.from_pretrained(path, dtype=torch.bfloat16, device="cuda")   # HF checkpoint directory
+    m = DeepseekV2.random(cfg, seed=0)                                            # no checkpoint
+    m = DeepseekV2(cfg, device="meta")                                            # shapes only, no memory
+    logits = m(input_ids)                                                         # [B, S] -> [B, S, vocab]
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from model import _pk_stub as pk
+from model.cache import PagedLatentCache
+from model.config import DeepseekV2Config
+from model.layers import MoE, RMSNorm, Block
+
+# Scale of the random initialisation of a [out, in] weight: std = in^-0.5 keeps activations O(1);
+# norm weights are 1 + NORM_JITTER * N(0, 1) so that tests see them.
+NORM_JITTER = 0.1
+
+
+class DeepseekV2(nn.Module):
+    """DeepSeek-V2 causal LM. Parameter names are the checkpoint's without the ``model.`` prefix, except
+    the fused experts ``layers.N.mlp.w13`` / ``w2`` (see model/weights.py).
+
+    ``backend`` (None, "torch", "triton", "cuda") is passed to every pykernels op call.
+    """
+
+    def __init__(self, cfg: DeepseekV2Config, *, backend: str | None = None,
+                 device: str | torch.device | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.backend = backend
+        with torch.device(device if device is not None else "cpu"):
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            self.layers = nn.ModuleList(Block(cfg, i, backend) for i in range(cfg.num_hidden_layers))
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self._rope: pk.YarnRotary | None = None
+
+    # ---- construction ---------------------------------------------------------------------------------
+
+    @classmethod
+    def random(cls, cfg: DeepseekV2Config, seed: int = 0, *, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu", backend: str | None = None) -> DeepseekV2:
+        """Random weights (a fixed function of seed, dtype and device): std in^-0.5 for weights, N(0, 1)
+        embeddings, norms near 1."""
+        m = cls(cfg, backend=backend, device="meta")
+        m.materialize(dtype, device)
+        g = torch.Generator(device=torch.device(device)).manual_seed(seed)
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                r = torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32)
+                if p.dim() == 1:
+                    p.copy_(1 + NORM_JITTER * r)
+                elif name == "embed_tokens.weight":
+                    p.copy_(r)
+                else:
+                    p.copy_(r * p.shape[-1] ** -0.5)
+        return m
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.bfloat16,
+                        device: str | torch.device = "cuda", backend: str | None = None) -> DeepseekV2:
+        """Load a Hugging Face checkpoint directory (config.json + *.safetensors, optionally sharded with
+        model.safetensors.index.json), with original per-expert keys or transformers 5's fused ones."""
+        from model.weights import load_checkpoint
+
+        cfg = DeepseekV2Config.from_json(path)
+        m = cls(cfg, backend=backend, device="meta")
+        m.materialize(dtype, device)
+        load_checkpoint(m, path)
+        return m
+
+    def materialize(self, dtype: torch.dtype, device: str | torch.device) -> None:
+        """Replace meta (or any) parameters by uninitialised ones of ``dtype`` on ``device``.
+
+        The MoE gate stays float32. Allocates each parameter once in its final dtype (``to_empty`` would
+        allocate float32 first).
+        """
+        gates = {id(m.gate) for m in self.modules() if isinstance(m, MoE)}
+        for module in self.modules():
+            for name, p in module.named_parameters(recurse=False):
+                want = torch.float32 if id(module) in gates else dtype
+                module._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=want, device=device),
+                                                        requires_grad=False)
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self._rope = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def num_parameters(self) -> int:
+        """Parameter count (tied embeddings once), as transformers counts it."""
+        return sum(p.numel() for p in self.parameters())
+
+    def rope(self) -> pk.YarnRotary:
+        """The YaRN cos/sin tables, built on the model's device at first use."""
+        if self._rope is None:
+            self._rope = pk.YarnRotary.from_config(self.cfg, device=self.device)
+        return self._rope
+
+    def softmax_scale(self) -> float:
+        """(qk_nope + qk_rope)^-0.5 times the rope's yarn_get_mscale(factor, mscale_all_dim)^2."""
+        return self.cfg.qk_head_dim ** -0.5 * self.rope().attention_scale_factor
+
+    # ---- no cache -------------------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, S] (positions 0..S-1 in every row) -> logits [B, S, vocab]."""
+        B, S = input_ids.shape
+        rope, scale = self.rope(), self.softmax_scale()
+        positions = torch.arange(S, device=input_ids.device).repeat(B)  # [B * S]
+        x = self.embed_tokens(input_ids)  # [B, S, D]
+        for layer in self.layers:
+            x = x + layer.self_attn(layer.input_layernorm(x), positions, rope, scale)
+            x = layer.ffn(x)
+        return self.lm_head(self.norm(x))
+
+    # ---- with the paged latent cache ------------------------------------------------------------------
+
+    def new_cache(self, batch_size: int, max_seq_len: int, **kwargs) -> PagedLatentCache:
+        """A cache in the model's dtype and device (kwargs: block_size, num_blocks)."""
+        return PagedLatentCache(self.cfg, batch_size, max_seq_len, dtype=self.dtype, device=self.device,
+                                **kwargs)
+
+    def prefill(self, prompts: Sequence[torch.Tensor | Sequence[int]], cache: PagedLatentCache) -> torch.Tensor:
+        """Append one prompt (>= 1 token) to each of the cache's sequences -> each one's last logits [B, vocab]."""
+        if len(prompts) != cache.batch_size:
+            raise ValueError(f"prompts: expected {cache.batch_size} prompts (the cache's batch size), "
+                             f"got {len(prompts)}")
+        ids = [torch.as_tensor(p, dtype=torch.int64, device=self.device).flatten() for p in prompts]
+        for b, p in enumerate(ids):
+            if p.numel() == 0:
+                raise ValueError(f"prompts[{b}]: expected at least one token, got none")
+        step = cache.append([p.numel() for p in ids])
+        x = self.embed_tokens(torch.cat(ids))  # [T, D]
+        rope, scale = self.rope(), self.softmax_scale()
+        for i, layer in enumerate(self.layers):
+            x = x + layer.self_attn.prefill(layer.input_layernorm(x), step, cache.layer(i), rope, scale)
+            x = layer.ffn(x)
+        last = torch.tensor(step.starts[1:], device=self.device) - 1  # [B]
+        return self.lm_head(self.norm(x[last]))
+
+    def decode(self, input_ids: torch.Tensor, cache: PagedLatentCache) -> torch.Tensor:
+        """input_ids [B, q_len] appended to the cache's B sequences -> logits [B, q_len, vocab] (absorbed MLA)."""
+        B, q_len = input_ids.shape
+        if B != cache.batch_size:
+            raise ValueError(f"input_ids: expected {cache.batch_size} rows (the cache's batch size), got {B}")
+        step = cache.append([q_len] * B)
+        x = self.embed_tokens(input_ids.reshape(-1))  # [B * q_len, D]
+        rope, scale = self.rope(), self.softmax_scale()
+        for i, layer in enumerate(self.layers):
+            x = x + layer.self_attn.decode(layer.input_layernorm(x), step, cache.layer(i), rope, scale)
+            x = layer.ffn(x)
+        return self.lm_head(self.norm(x)).view(B, q_len, -1)
