@@ -7,26 +7,31 @@
 
 #include <cuda_runtime.h>
 
-#include <sstream>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace pk {
 
+// Messages are built with std::string and std::to_string, not iostreams: a libstdc++ linked into the
+// module statically can crash in locale code when the process also loaded the shared one (seen on the
+// GPU image).
+inline std::string to_text(const char* s) { return s; }
+inline std::string to_text(const std::string& s) { return s; }
+template <typename T, typename = std::enable_if_t<std::is_arithmetic_v<T>>>
+inline std::string to_text(T value) { return std::to_string(value); }
+
 template <typename... Args>
-[[noreturn]] inline void throw_invalid(const char* file, int line, Args&&... args) {
-  std::ostringstream msg;
-  (msg << ... << args);
-  msg << " [" << file << ":" << line << "]";
-  throw std::invalid_argument(msg.str());
+[[noreturn]] inline void throw_invalid(const char* file, int line, const Args&... args) {
+  std::string msg;
+  ((msg += to_text(args)), ...);
+  throw std::invalid_argument(msg + " [" + file + ":" + std::to_string(line) + "]");
 }
 
 inline void cuda_check(cudaError_t status, const char* what, const char* file, int line) {
   if (status == cudaSuccess) return;
-  std::ostringstream msg;
-  msg << what << ": " << cudaGetErrorName(status) << " (" << cudaGetErrorString(status) << ") ["
-      << file << ":" << line << "]";
-  throw std::runtime_error(msg.str());
+  throw std::runtime_error(std::string(what) + ": " + cudaGetErrorName(status) + " (" + cudaGetErrorString(status) +
+                           ") [" + file + ":" + std::to_string(line) + "]");
 }
 
 // The device that runs a launch must exist; a machine without a GPU gets one clear message.
