@@ -41,9 +41,9 @@ from pykernels._checks import (
 
 __all__ = ["mla_decode", "mla_decode_reference"]
 
-SUPPORTED_BACKENDS = ("torch",)
+SUPPORTED_BACKENDS = ("torch", "triton")
 # Fastest first on CUDA tensors.
-CUDA_PREFERENCE = ("torch",)
+CUDA_PREFERENCE = ("triton", "torch")
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -111,6 +111,12 @@ def mla_decode(
         _check_values(block_table, cache_seqlens, k_cache.shape[0], k_cache.shape[1], q_len, causal)
 
     chosen = _backend.resolve("mla_decode", backend, q.device, SUPPORTED_BACKENDS, CUDA_PREFERENCE)
+    if chosen == "triton":
+        from pykernels.triton.mla_decode import check_supported
+
+        check_supported(head_dim, head_dim_v)
+        if q.device.type != "cuda" and q.dtype == torch.bfloat16:
+            raise TypeError("q: Triton's CPU interpreter computes bfloat16 wrongly; use float16/float32 or backend='torch'")
     return torch.ops.pykernels.mla_decode(
         q, k_cache, block_table, cache_seqlens, head_dim_v, float(softmax_scale), bool(causal), chosen
     )

@@ -1,0 +1,341 @@
+"""Triton split-KV ("flash decoding") MLA decode over a paged latent cache.
+
+Two kernels:
+
+1. ``_mla_decode_split_kernel``, one program per (batch, row block, split). A *row* is one
+   (query position, head) pair: the ``q_len * num_heads`` rows of a sequence are flattened
+   (row = i * num_heads + h, the order of ``out[b]``) and cut into blocks of ``BLOCK_M``, so all 16
+   heads of a DeepSeek-V2-Lite query (and 2 x 16 rows for q_len = 2) share one program and every
+   cache row is read from memory once per row block. The program walks its split's slice of the
+   sequence in tiles of ``BLOCK_N`` cache rows; each tile is loaded once as ``[BLOCK_N, DV]`` (the
+   first 512 columns) + ``[BLOCK_N, DR]`` (the 64 rope columns) and serves both as K in
+   ``s = q . k`` and (its first 512 columns) as V in ``acc += p . v``. Online softmax in float32 in
+   base 2 (the softmax scale is folded into log2(e)); both products accumulate in float32.
+   With one split it writes ``out`` and ``lse`` directly; with several it writes each split's
+   normalised output and base-2 LSE to float32 scratch.
+
+2. ``_mla_decode_combine_kernel``, one program per (batch, row): merges the splits by their LSE in
+   float32: ``out = sum_s w_s o_s / sum_s w_s`` with ``w_s = 2^(lse_s - max lse)``.
+
+Split count: chosen on the host from shapes only (batch, row blocks, ``max_blocks_per_seq *
+block_size``, SM count), so the op has no host synchronisation and can be captured in a CUDA
+graph and replayed with other lengths. Each program derives its slice from the sequence's real
+length on the device: ``chunk = max(roundup(cdiv(n, splits), BLOCK_N), min_chunk)``; splits past
+the end of a short sequence do no work and report LSE = -inf.
+
+NOTES: memory safety without value checks: lengths are clamped to ``[0, max_blocks_per_seq *
+block_size]``, block-table reads are masked to the blocks a length covers, block ids are clamped
+to ``[0, num_blocks)``, and cache rows at or past a sequence's length are never loaded (masked
+loads), so NaN-filled blocks past the end cannot leak into the result.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from pykernels import _backend
+
+_LOG2E = 1.4426950408889634
+_LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # converts base-2 LSE to natural log
+
+
+@dataclass(frozen=True)
+class MLADecodeConfig:
+    """Launch parameters of the split kernel (see the table below)."""
+
+    block_m: int  # rows (query position x head pairs) per program: the M of both dots
+    block_n: int  # cache rows per tile: the N of q.k and the K of p.v
+    num_warps: int
+    num_stages: int  # software-pipelining depth of the cache-tile loads
+    waves: float  # the split heuristic aims at waves * SM count programs
+    min_chunk: int  # fewest cache rows one split takes (rounded up to block_n)
+
+
+# Chosen configs, by rows per sequence (q_len * num_heads) and element size. The lead updates this
+# table from `python -m bench.tune_mla_decode` (H200). Reasons:
+# - up to 64 rows: the op is bound by reading the cache; one program takes all rows of a sequence
+#   (h16 q_len 1 -> 16 rows, q_len 2 -> 32), so each cache row is read once; BLOCK_N = 64 with two
+#   stages keeps ~74 KB of loads in flight per program, enough to cover HBM latency at 1 program/SM.
+# - more rows (h128): compute bound; 64 rows per program reuse each K tile across 64 heads; 8 warps
+#   hold the [64, 512] float32 accumulator in 128 registers per thread; BLOCK_N = 32 leaves shared
+#   memory for q (64 x 576) and two K stages.
+# - splits: ~2 waves of programs over the SMs, but no split shorter than min_chunk rows (each split
+#   costs a 2 KB float32 partial per row written and re-read by the combine).
+# fp32 (allowed for testing) halves block_n to fit the same shared memory.
+CONFIG_TABLE: tuple[tuple[int, MLADecodeConfig], ...] = (
+    # (max rows, config) for 2-byte elements; first match wins
+    (16, MLADecodeConfig(block_m=16, block_n=64, num_warps=4, num_stages=2, waves=2.0, min_chunk=256)),
+    (32, MLADecodeConfig(block_m=32, block_n=64, num_warps=4, num_stages=2, waves=2.0, min_chunk=256)),
+    (64, MLADecodeConfig(block_m=64, block_n=32, num_warps=8, num_stages=2, waves=2.0, min_chunk=256)),
+    (1 << 30, MLADecodeConfig(block_m=64, block_n=32, num_warps=8, num_stages=2, waves=2.0, min_chunk=512)),
+)
+
+# Under the interpreter: small tiles keep the CPU tests fast (shape coverage matters there, not speed).
+INTERPRETER_CONFIG = MLADecodeConfig(block_m=16, block_n=16, num_warps=4, num_stages=1, waves=1.0, min_chunk=16)
+
+# The combine kernel's warps: a [head_dim_v] float32 row per program (512 values = 4 per thread).
+_COMBINE_WARPS = 4
+
+
+def default_config(rows: int, elem_bytes: int) -> MLADecodeConfig:
+    """The table's config for ``rows = q_len * num_heads`` rows per sequence."""
+    if _backend.triton_interpreted():
+        return INTERPRETER_CONFIG
+    for max_rows, config in CONFIG_TABLE:
+        if rows <= max_rows:
+            break
+    if elem_bytes > 2:
+        config = MLADecodeConfig(
+            config.block_m, max(16, config.block_n // 2), config.num_warps, 1, config.waves, config.min_chunk
+        )
+    return config
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (132 on an H200); a nominal 132 off the GPU."""
+    if device.type != "cuda":
+        return 132
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def choose_num_splits(batch: int, row_blocks: int, capacity: int, config: MLADecodeConfig, sms: int) -> int:
+    """Splits per (sequence, row block), from host-known values only.
+
+    Aim at ``config.waves * sms`` programs, never more splits than ``capacity`` (the longest length
+    the block table allows) holds chunks of ``config.min_chunk`` rows. One long sequence (b = 1,
+    s = 32K) gets ~2 programs per SM; a large batch of long ones gets one split.
+    """
+    programs = batch * row_blocks
+    if programs == 0 or capacity == 0:
+        return 1
+    want = math.ceil(config.waves * sms / programs)
+    min_chunk = triton.cdiv(config.min_chunk, config.block_n) * config.block_n
+    return max(1, min(want, triton.cdiv(capacity, min_chunk)))
+
+
+@triton.jit
+def _mla_decode_split_kernel(
+    Q,  # [B, QL, H, DV + DR], last dim contiguous
+    K,  # [num_blocks, PAGE, 1, DV + DR], last dim contiguous
+    BLOCK_TABLE,  # int32 [B, max_blocks]
+    SEQLENS,  # int32 [B]
+    O_PART,  # float32 [B, num_splits, QL * H, DV]  (used when SPLIT)
+    LSE_PART,  # float32 [B, num_splits, QL * H]     (used when SPLIT; base 2)
+    OUT,  # [B, QL, H, DV] contiguous                (used when not SPLIT)
+    LSE,  # float32 [B, H, QL] contiguous             (used when not SPLIT; natural log)
+    stride_qb, stride_qi, stride_qh,
+    stride_kblock, stride_krow,
+    stride_btb, stride_btj,
+    qk_scale,  # softmax_scale * log2(e)
+    q_len, num_heads, num_blocks, max_blocks, num_splits, min_chunk,
+    DV: tl.constexpr,  # value columns (512): the first DV columns of a cache row
+    DR: tl.constexpr,  # rope columns (64): the rest of the row, used only in q.k
+    PAGE: tl.constexpr,  # cache block size (rows per block)
+    BLOCK_M: tl.constexpr,  # rows (query position x head) per program
+    BLOCK_N: tl.constexpr,  # cache rows per tile
+    CAUSAL: tl.constexpr,  # query i sees positions < n - q_len + i + 1
+    SPLIT: tl.constexpr,  # write float32 partials for the combine kernel, else the final out/lse
+    DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32), "tf32" otherwise (ignored for 16-bit)
+):
+    b = tl.program_id(0)
+    row_block = tl.program_id(1)
+    split = tl.program_id(2)
+    rows_total = q_len * num_heads
+
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)  # [M] flattened (i, h)
+    row_ok = rows < rows_total
+    qi = rows // num_heads  # query position
+    head = rows % num_heads
+    cols_v = tl.arange(0, DV)
+    cols_r = tl.arange(0, DR)
+
+    # Sequence length, clamped into what the block table can address.
+    n = tl.load(SEQLENS + b)
+    n = tl.minimum(tl.maximum(n, 0), max_blocks * PAGE)
+    # Keys each row sees: positions < limit.
+    if CAUSAL:
+        limit = n - q_len + qi + 1  # [M]
+    else:
+        limit = tl.zeros([BLOCK_M], dtype=tl.int32) + n
+
+    # This split's slice [start, end) of the sequence, in whole tiles.
+    chunk = tl.cdiv(tl.cdiv(n, num_splits), BLOCK_N) * BLOCK_N
+    chunk = tl.maximum(chunk, min_chunk)
+    start = split * chunk
+    end = tl.minimum(start + chunk, n)
+
+    q_row = Q + b.to(tl.int64) * stride_qb + qi * stride_qi + head * stride_qh  # [M] pointers
+    q_v = tl.load(q_row[:, None] + cols_v[None, :], mask=row_ok[:, None], other=0.0)  # [M, DV]
+    q_r = tl.load(q_row[:, None] + DV + cols_r[None, :], mask=row_ok[:, None], other=0.0)  # [M, DR]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of s (base 2)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of 2^(s - m_i)
+    acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)  # running sum of 2^(s - m_i) v
+
+    bt_row = BLOCK_TABLE + b.to(tl.int64) * stride_btb
+    for tile in range(start, end, BLOCK_N):
+        pos = tile + tl.arange(0, BLOCK_N)  # [N] cache positions
+        pos_ok = pos < end
+        block_id = tl.load(bt_row + (pos // PAGE) * stride_btj, mask=pos_ok, other=0)  # [N]
+        block_id = tl.minimum(tl.maximum(block_id, 0), num_blocks - 1)
+        k_row = K + block_id.to(tl.int64) * stride_kblock + (pos % PAGE) * stride_krow  # [N] pointers
+        kv = tl.load(k_row[:, None] + cols_v[None, :], mask=pos_ok[:, None], other=0.0)  # [N, DV]: K and V
+        k_r = tl.load(k_row[:, None] + DV + cols_r[None, :], mask=pos_ok[:, None], other=0.0)  # [N, DR]
+
+        s = tl.dot(q_v, tl.trans(kv), input_precision=DOT_PRECISION)  # [M, N]
+        s = tl.dot(q_r, tl.trans(k_r), s, input_precision=DOT_PRECISION)
+        s = s * qk_scale
+        visible = pos_ok[None, :] & (pos[None, :] < limit[:, None])  # [M, N]
+        s = tl.where(visible, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [M]
+        # A row that has seen nothing yet keeps m = -inf; subtract 0 instead so 2^(s - m) is 0, not NaN.
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_sub)  # [M] rescales the old sums
+        p = tl.exp2(s - m_sub[:, None])  # [M, N]
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(kv.dtype), kv, acc, input_precision=DOT_PRECISION)  # [M, DV]
+        m_i = m_new
+
+    seen_any = l_i > 0.0
+    o = acc / tl.where(seen_any, l_i, 1.0)[:, None]  # [M, DV]; 0 for rows that saw nothing
+    lse2 = tl.where(seen_any, m_i + tl.log2(tl.where(seen_any, l_i, 1.0)), float("-inf"))  # [M] base 2
+    if SPLIT:
+        part = (b * num_splits + split).to(tl.int64) * rows_total + rows  # [M]
+        tl.store(LSE_PART + part, lse2, mask=row_ok)
+        # Splits that saw nothing leave their partial unwritten: the combine never reads it (weight 0).
+        tl.store(O_PART + part[:, None] * DV + cols_v[None, :], o, mask=(row_ok & seen_any)[:, None])
+    else:
+        out_row = b.to(tl.int64) * rows_total + rows  # [M]: out is [B, QL, H, DV] contiguous
+        tl.store(OUT + out_row[:, None] * DV + cols_v[None, :], o.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+        lse_idx = (b.to(tl.int64) * num_heads + head) * q_len + qi  # lse is [B, H, QL]
+        tl.store(LSE + lse_idx, lse2 * _LN2, mask=row_ok)
+
+
+@triton.jit
+def _mla_decode_combine_kernel(
+    O_PART,  # float32 [B, num_splits, QL * H, DV]
+    LSE_PART,  # float32 [B, num_splits, QL * H], base 2
+    OUT,  # [B, QL, H, DV] contiguous
+    LSE,  # float32 [B, H, QL] contiguous, natural log
+    q_len, num_heads, num_splits,
+    DV: tl.constexpr,  # value columns (512)
+    BLOCK_S: tl.constexpr,  # num_splits rounded up to a power of two
+):
+    b = tl.program_id(0)
+    row = tl.program_id(1)  # flattened (i, h)
+    rows_total = q_len * num_heads
+    cols = tl.arange(0, DV)
+    splits = tl.arange(0, BLOCK_S)
+
+    first = b.to(tl.int64) * num_splits * rows_total + row  # partial (b, split 0, row)
+    lse_s = tl.load(LSE_PART + first + splits * rows_total, mask=splits < num_splits, other=float("-inf"))  # [S]
+    m = tl.max(lse_s, axis=0)
+    m_sub = tl.where(m == float("-inf"), 0.0, m)
+    denom = tl.sum(tl.exp2(lse_s - m_sub), axis=0)
+
+    acc = tl.zeros([DV], dtype=tl.float32)
+    for s in range(num_splits):
+        part = first + s * rows_total
+        w = tl.exp2(tl.load(LSE_PART + part) - m_sub)
+        w_row = tl.zeros([DV], dtype=tl.float32) + w  # [DV]
+        o_s = tl.load(O_PART + part * DV + cols, mask=w_row > 0.0, other=0.0)  # [DV]; skip empty splits
+        acc += w_row * o_s
+
+    o = acc / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(OUT + (b.to(tl.int64) * rows_total + row) * DV + cols, o.to(OUT.dtype.element_ty))
+    qi = row // num_heads
+    head = row % num_heads
+    lse = tl.where(denom > 0.0, (m_sub + tl.log2(tl.where(denom > 0.0, denom, 1.0))) * _LN2, float("-inf"))
+    tl.store(LSE + (b.to(tl.int64) * num_heads + head) * q_len + qi, lse)
+
+
+def _is_pow2_at_least_16(x: int) -> bool:
+    return x >= 16 and x & (x - 1) == 0
+
+
+def check_supported(head_dim: int, head_dim_v: int) -> None:
+    """The Triton kernel needs head_dim_v and head_dim - head_dim_v to be powers of two >= 16 (512 + 64)."""
+    if not _is_pow2_at_least_16(head_dim_v) or not _is_pow2_at_least_16(head_dim - head_dim_v):
+        raise ValueError(
+            "head_dim_v: the triton backend needs head_dim_v and head_dim - head_dim_v to be powers of two"
+            f" >= 16 (e.g. 512 + 64), got head_dim_v={head_dim_v} of head_dim={head_dim}"
+        )
+
+
+def mla_decode_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    head_dim_v: int,
+    softmax_scale: float,
+    causal: bool,
+    *,
+    config: MLADecodeConfig | None = None,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the kernels on validated inputs (see pykernels.mla_decode); returns ``(out, lse)``.
+
+    ``config`` and ``num_splits`` override the table and the heuristic (the tuning sweep uses them).
+    """
+    batch, q_len, num_heads, head_dim = q.shape
+    check_supported(head_dim, head_dim_v)
+    num_blocks, page = k_cache.shape[0], k_cache.shape[1]
+    max_blocks = block_table.shape[1]
+    rows = q_len * num_heads
+    out = torch.empty((batch, q_len, num_heads, head_dim_v), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, num_heads, q_len), dtype=torch.float32, device=q.device)
+    if batch == 0:
+        return out, lse
+
+    if config is None:
+        config = default_config(rows, q.element_size())
+    row_blocks = triton.cdiv(rows, config.block_m)
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, row_blocks, max_blocks * page, config, num_sms(q.device))
+    split = num_splits > 1
+    if split:
+        o_part = torch.empty((batch, num_splits, rows, head_dim_v), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((batch, num_splits, rows), dtype=torch.float32, device=q.device)
+    else:
+        o_part = lse_part = lse  # unused by the kernel when SPLIT is False
+
+    _mla_decode_split_kernel[(batch, row_blocks, num_splits)](
+        q, k_cache, block_table, cache_seqlens, o_part, lse_part, out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1),
+        block_table.stride(0), block_table.stride(1),
+        softmax_scale * _LOG2E,
+        q_len, num_heads, num_blocks, max_blocks, num_splits, triton.cdiv(config.min_chunk, config.block_n) * config.block_n,
+        DV=head_dim_v,
+        DR=head_dim - head_dim_v,
+        PAGE=page,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        CAUSAL=causal,
+        SPLIT=split,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    if split:
+        _mla_decode_combine_kernel[(batch, rows)](
+            o_part, lse_part, out, lse,
+            q_len, num_heads, num_splits,
+            DV=head_dim_v,
+            BLOCK_S=triton.next_power_of_2(num_splits),
+            num_warps=_COMBINE_WARPS,
+        )
+    return out, lse
