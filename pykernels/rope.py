@@ -544,6 +544,10 @@ def _check_positions(positions: object, T: int) -> torch.Tensor:
 
 def _pick_backend(op: str, backend: str | None, device: torch.device, cuda_ok: bool) -> str:
     chosen = _backend.resolve(op, backend, device, BACKENDS, _CUDA_PREFERENCE)
+    if chosen == "cuda" and not hasattr(_ext.require(), "rope_rows"):
+        if backend == "cuda":
+            raise ValueError("backend: 'cuda' needs pykernels._C built with csrc/rope (rebuild the extension)")
+        cuda_ok = False
     if chosen == "cuda" and backend is None and not cuda_ok:
         chosen = _backend.resolve(op, None, device, BACKENDS, ("triton", "torch"))
     return chosen
