@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model import _pk_stub as pk
+import pykernels as pk
 from model.cache import PagedLatentCache
 from model.config import DeepseekV2Config
 from model.layers import MoE, RMSNorm, Block
