@@ -1,0 +1,33 @@
+"""Ceilings: device-to-device copy bandwidth, bf16 matmul rate and, on two GPUs or more, NVLink
+peer copy and NCCL all_to_all_single. ``python -m bench ceilings``."""
+from __future__ import annotations
+
+import torch
+
+from bench import ceilings
+
+SUITE = "ceilings"
+
+
+def run(ctx) -> None:
+    c = ctx.ceilings
+    ctx.record(op="ceiling.copy", backend="torch", shape={"bytes": c.copy_buffer_bytes}, dtype="fp32",
+               time_us=c.copy_time_us, bytes=2 * c.copy_buffer_bytes,
+               extra={"what": "dst.copy_(src); bytes read + written"})
+    ctx.record(op="ceiling.mm_bf16", backend="torch", shape={"m": c.mm_n, "n": c.mm_n, "k": c.mm_n},
+               dtype="bf16", time_us=c.mm_time_us, flops=2 * c.mm_n**3, extra={"what": "torch.mm"})
+    gpus = torch.cuda.device_count() if ctx.on_gpu else 0
+    if gpus < 2:
+        ctx.note(f"  NVLink/NCCL ceilings: not measured, they need 2 GPUs and this run has {gpus}")
+        return
+    sizes = ceilings.QUICK_LINK_SIZES if ctx.quick else ceilings.LINK_SIZES
+    for r in ceilings.peer_copy(sizes, ctx.quick):
+        ctx.record(op="ceiling.nvlink_peer_copy", backend="torch", shape={"bytes": r["bytes"]},
+                   dtype="fp32", time_us=r["time_us"], bytes=r["bytes"],
+                   extra={"what": "GPU 0 -> GPU 1 copy_, bytes crossing once", "p2p": r["p2p"]})
+    for r in ceilings.nccl_all_to_all(sizes, ctx.quick):
+        ctx.record(op="ceiling.nccl_all_to_all", backend="nccl",
+                   shape={"bytes": r["bytes"], "ranks": r["ranks"]}, dtype="bf16", time_us=r["time_us"],
+                   bytes=r["remote_bytes"],
+                   extra={"what": "all_to_all_single, equal splits; bytes sent to other ranks, "
+                                  "slowest rank's median"})

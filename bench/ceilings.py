@@ -1,0 +1,183 @@
+"""Device ceilings measured in the same run as the ops, so "% of ceiling" compares like with like.
+
+- copy: device-to-device ``dst.copy_(src)`` of a buffer far larger than the L2; bandwidth counts
+  the bytes read plus the bytes written (2 × buffer). This is the achievable HBM bandwidth
+  (4.28 TB/s on an H200 against 4.8 on the datasheet).
+- mm_bf16: ``torch.mm`` of bf16 8192 × 8192 × 8192 (2·8192³ FLOPs), the achievable tensor-core rate.
+- Two GPUs or more: NVLink peer copy bandwidth (GPU 0 → GPU 1, one way, copy engine) and NCCL
+  ``all_to_all_single`` at a few sizes, in spawned processes (one per GPU). NVLink multicast stays
+  off: NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NVSHMEM_DISABLE_NVLS=1 are set
+  (setdefault) before NCCL starts.
+
+On the CPU the copy and the matmul are measured the same way at small sizes (labelled as CPU runs).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.harness import FULL, QUICK, time_cuda
+
+# 1 GiB per buffer on a GPU: > 16× the largest L2 we meet (60 MiB on H200), so no reuse.
+GPU_COPY_BYTES = 2**30
+CPU_COPY_BYTES = 64 * 2**20
+GPU_MM_N = 8192
+# bf16 matmul on a CPU without bf16 instructions runs at a few GFLOP/s: 512³ takes ~40 ms.
+CPU_MM_N = 512
+# NVLink/NCCL message sizes: latency-bound, middle, bandwidth-bound.
+LINK_SIZES = (2**20, 16 * 2**20, 256 * 2**20)
+QUICK_LINK_SIZES = (2**20, 64 * 2**20)
+# Give up on a hung NCCL run after this long (processes are killed, an error is reported).
+NCCL_TIMEOUT_S = 180
+NVLINK_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+              "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    device: str
+    copy_gbps: float
+    copy_time_us: float
+    copy_buffer_bytes: int    # one buffer; the copy moves twice this
+    mm_tflops: float
+    mm_time_us: float
+    mm_n: int
+
+
+_CACHE: dict[str, Ceilings] = {}
+
+
+def measure(ctx) -> Ceilings:
+    """The ceilings of ``ctx.device``, measured on first use and cached for the process."""
+    key = str(ctx.device)
+    if key not in _CACHE:
+        _CACHE[key] = _measure(ctx)
+    return _CACHE[key]
+
+
+def _measure(ctx) -> Ceilings:
+    dev = ctx.device
+    gen = torch.Generator(device=dev).manual_seed(0)
+    nbytes = GPU_COPY_BYTES if ctx.on_gpu else CPU_COPY_BYTES
+    src = torch.rand(nbytes // 4, device=dev, generator=gen)
+    dst = torch.empty_like(src)
+    copy_us = ctx.time(lambda i: dst.copy_(src))
+    del src, dst
+    n = GPU_MM_N if ctx.on_gpu else CPU_MM_N
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16, generator=gen)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16, generator=gen)
+    c = torch.empty(n, n, device=dev, dtype=torch.bfloat16)
+    mm_us = ctx.time(lambda i: torch.mm(a, b, out=c))
+    del a, b, c
+    if ctx.on_gpu:
+        torch.cuda.empty_cache()
+    return Ceilings(device=ctx.device_name, copy_gbps=2 * nbytes / (copy_us * 1e3), copy_time_us=copy_us,
+                    copy_buffer_bytes=nbytes, mm_tflops=2 * n**3 / (mm_us * 1e6), mm_time_us=mm_us, mm_n=n)
+
+
+# ---------------------------------------------------------------------------------------------
+# NVLink and NCCL (two GPUs or more).
+
+
+def peer_copy(sizes: tuple[int, ...], quick: bool, src: int = 0, dst: int = 1) -> list[dict[str, Any]]:
+    """One-way copy GPU ``src`` → GPU ``dst`` (copy engine, peer access when the driver allows it).
+    Returns [{"bytes", "time_us", "gbps", "p2p"}]; bandwidth counts the bytes that cross once."""
+    out = []
+    p2p = torch.cuda.can_device_access_peer(src, dst)
+    for size in sizes:
+        a = torch.rand(size // 4, device=f"cuda:{src}")
+        b = torch.empty(size // 4, device=f"cuda:{dst}")
+        t = time_cuda(lambda i: b.copy_(a), budget=QUICK if quick else FULL,
+                      device=torch.device("cuda", src)).median_us
+        out.append({"bytes": size, "time_us": t, "gbps": size / (t * 1e3), "p2p": p2p})
+        del a, b
+    return out
+
+
+def nccl_all_to_all(sizes: tuple[int, ...], quick: bool, world_size: int | None = None,
+                    timeout_s: float = NCCL_TIMEOUT_S) -> list[dict[str, Any]]:
+    """NCCL ``all_to_all_single`` of a ``size``-byte bf16 buffer per rank, equal splits, one process
+    per GPU. Returns [{"bytes", "ranks", "time_us", "gbps"}] where gbps counts the bytes each rank
+    sends to the OTHER ranks, size·(W−1)/W, per second (the slowest rank's median time)."""
+    import torch.multiprocessing as mp
+
+    world_size = world_size or torch.cuda.device_count()
+    for k, v in NVLINK_ENV.items():
+        os.environ.setdefault(k, v)
+    with tempfile.TemporaryDirectory() as tmp:
+        out_file = Path(tmp) / "nccl.json"
+        pctx = mp.start_processes(_nccl_worker, args=(world_size, _free_port(), list(sizes), quick,
+                                                      str(out_file)),
+                                  nprocs=world_size, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout_s
+        while not pctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                for p in pctx.processes:
+                    if p.is_alive():
+                        p.kill()
+                raise TimeoutError(f"NCCL all_to_all_single did not finish in {timeout_s:.0f} s")
+        return json.loads(out_file.read_text())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Fixed sample counts: every rank must issue the same number of collectives.
+_NCCL_WARMUP = 5
+_NCCL_REPS, _NCCL_QUICK_REPS = 30, 8
+_NCCL_SMALL = 16 * 2**20      # at or below: 10 calls per sample so launch gaps are amortised
+_NCCL_INNER_SMALL = 10
+
+
+def _nccl_worker(rank: int, world_size: int, port: int, sizes: list[int], quick: bool, out_file: str) -> None:
+    import torch.distributed as dist
+
+    for k, v in NVLINK_ENV.items():
+        os.environ.setdefault(k, v)
+    torch.cuda.set_device(rank)
+    dev = torch.device("cuda", rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size, device_id=dev)
+    try:
+        results = []
+        for size in sizes:
+            n = size // 2 // world_size * world_size   # bf16 elements, divisible into equal splits
+            x = torch.randn(n, device=dev, dtype=torch.bfloat16)
+            y = torch.empty_like(x)
+            inner = _NCCL_INNER_SMALL if size <= _NCCL_SMALL else 1
+            for _ in range(_NCCL_WARMUP):
+                dist.all_to_all_single(y, x)
+            torch.cuda.synchronize()
+            reps = _NCCL_QUICK_REPS if quick else _NCCL_REPS
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                      for _ in range(reps)]
+            for start, end in events:
+                start.record()
+                for _ in range(inner):
+                    dist.all_to_all_single(y, x)
+                end.record()
+            torch.cuda.synchronize()
+            samples = sorted(s.elapsed_time(e) * 1e3 / inner for s, e in events)
+            median = torch.tensor([samples[len(samples) // 2]], device=dev, dtype=torch.float64)
+            dist.all_reduce(median, op=dist.ReduceOp.MAX)
+            t = float(median.item())
+            sent = n * 2 * (world_size - 1) // world_size
+            results.append({"bytes": n * 2, "ranks": world_size, "time_us": t, "gbps": sent / (t * 1e3),
+                            "remote_bytes": sent})
+            del x, y
+        if rank == 0:
+            Path(out_file).write_text(json.dumps(results))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
