@@ -42,9 +42,9 @@ from pykernels._checks import check_choice, check_positive_int, check_tensor
 __all__ = ["moe_route", "moe_route_reference", "METHODS"]
 
 METHODS = ("greedy", "group_limited_greedy")
-SUPPORTED_BACKENDS = ("torch",)
+SUPPORTED_BACKENDS = ("torch", "triton")
 # Fastest first on CUDA tensors: the Triton kernel is one launch; the reference is about ten.
-CUDA_PREFERENCE = ("torch",)
+CUDA_PREFERENCE = ("triton", "torch")
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # The Triton kernel holds a whole row of logits in registers: E up to this many experts.
