@@ -92,23 +92,30 @@ class PagedLatentCache:
         return self.kv[i]
 
     def append(self, counts: Sequence[int]) -> CacheStep:
-        """Reserve room for ``counts[b]`` new tokens at the end of each sequence b; return their places."""
+        """Reserve room for ``counts[b]`` new tokens at the end of each sequence b; return their places.
+
+        Checks everything before changing anything: on an error the cache is as it was.
+        """
         if len(counts) != self.batch_size:
             raise ValueError(f"counts: expected {self.batch_size} entries (one per sequence), got {len(counts)}")
-        positions: list[int] = []
-        slots: list[int] = []
-        starts = [0]
         bs = self.block_size
+        new_blocks = 0
         for b, n in enumerate(counts):
             if isinstance(n, bool) or not isinstance(n, int) or n < 0:
                 raise ValueError(f"counts[{b}]: expected a non-negative integer, got {n!r}")
+            if self.lengths[b] + n > self.max_seq_len:
+                raise ValueError(f"counts[{b}]: sequence {b} would hold {self.lengths[b] + n} tokens, more than "
+                                 f"max_seq_len {self.max_seq_len}")
+            new_blocks += max(math.ceil((self.lengths[b] + n) / bs) - len(self.blocks[b]), 0)
+        if new_blocks > len(self.free):
+            raise RuntimeError(f"cache full: this step needs {new_blocks} new blocks, {len(self.free)} are free "
+                               f"(num_blocks {self.num_blocks})")
+        positions: list[int] = []
+        slots: list[int] = []
+        starts = [0]
+        for b, n in enumerate(counts):
             old, new = self.lengths[b], self.lengths[b] + n
-            if new > self.max_seq_len:
-                raise ValueError(f"counts[{b}]: sequence {b} would hold {new} tokens, more than max_seq_len "
-                                 f"{self.max_seq_len}")
             while len(self.blocks[b]) * bs < new:
-                if not self.free:
-                    raise RuntimeError(f"cache full: no free block for sequence {b} (num_blocks {self.num_blocks})")
                 self.blocks[b].append(self.free.popleft())
             positions.extend(range(old, new))
             slots.extend(self.blocks[b][p // bs] * bs + p % bs for p in range(old, new))
