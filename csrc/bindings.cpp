@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include "device/device.h"
+#include "rope/rope.h"
 
 namespace py = pybind11;
 
@@ -27,6 +28,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("copy_2d", &pk::copy_2d, py::arg("dst"), py::arg("dst_row_stride"), py::arg("src"),
         py::arg("src_row_stride"), py::arg("rows"), py::arg("row_bytes"), py::arg("stream"),
         "dst[r, :row_bytes] = src[r, :row_bytes] over rows; strides in bytes; the GIL is released.",
+        py::call_guard<py::gil_scoped_release>());
+
+  m.def("rope_rows", &pk::rope_rows, py::arg("q_src"), py::arg("q_src_stride_t"), py::arg("q_src_stride_h"),
+        py::arg("q_dst"), py::arg("q_dst_stride_t"), py::arg("q_dst_stride_h"), py::arg("k_src"),
+        py::arg("k_src_stride_t"), py::arg("k_dst"), py::arg("k_dst_stride_t"), py::arg("k_dst_rows"),
+        py::arg("latent"), py::arg("latent_stride_t"), py::arg("latent_dim"), py::arg("positions"),
+        py::arg("positions_int32"), py::arg("cos_sin"), py::arg("max_position"), py::arg("slots"),
+        py::arg("slots_int32"), py::arg("flag"), py::arg("tokens"), py::arg("heads"), py::arg("rotary_dim"),
+        py::arg("dtype"), py::arg("interleaved"), py::arg("copy_bad_rows"), py::arg("stream"),
+        "Rotary embedding of q/k rows with the fused paged-cache write (csrc/rope/rope.h); the GIL is released.",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("empty_kernel", &pk::empty_kernel, py::arg("stream"), "Launch an empty kernel <<<1, 32>>> (launch-overhead reference).",
         py::call_guard<py::gil_scoped_release>());
 
   m.attr("cuda_version") = CUDART_VERSION;

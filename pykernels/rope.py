@@ -453,23 +453,16 @@ def _rope_and_cache_impl(q, kv_latent, k_pe, positions, cos_sin_cache, k_cache, 
 
 def _cuda_launch(q_src, q_dst, k_src, k_dst, latent, positions, cos_sin_cache, slots, flag, interleaved,
                  copy_bad_rows):
-    """One launch of csrc/rope's kernel; see csrc/rope/rope.h for the argument meanings."""
-    ext = _ext.require()
+    """One launch of csrc/rope's kernel (see csrc/rope/rope.h); it takes the 16-byte path when it can."""
     T, H, d = q_src.shape
-    L = 0 if latent is None else latent.shape[1]
-    aligned = _cuda_aligned(
-        (q_src, (q_src.stride(0), q_src.stride(1))), (q_dst, (q_dst.stride(0), q_dst.stride(1))),
-        (k_src, (k_src.stride(0),)), (k_dst, (k_dst.stride(0), L)), (cos_sin_cache, (d,)),
-        *(((latent, (latent.stride(0),)),) if latent is not None else ()),
-    )
-    ext.rope_rows(
+    _ext.require().rope_rows(
         q_src.data_ptr(), q_src.stride(0), q_src.stride(1), q_dst.data_ptr(), q_dst.stride(0), q_dst.stride(1),
         k_src.data_ptr(), k_src.stride(0), k_dst.data_ptr(), k_dst.stride(0), k_dst.shape[0],
-        0 if latent is None else latent.data_ptr(), 0 if latent is None else latent.stride(0), L,
+        0 if latent is None else latent.data_ptr(), 0 if latent is None else latent.stride(0),
+        0 if latent is None else latent.shape[1],
         positions.data_ptr(), positions.dtype == torch.int32, cos_sin_cache.data_ptr(), cos_sin_cache.shape[0],
         0 if slots is None else slots.data_ptr(), slots is not None and slots.dtype == torch.int32,
-        flag.data_ptr(), T, H, d, _DTYPE_CODES[q_src.dtype], interleaved, copy_bad_rows, aligned,
-        _ext.stream_of(q_src),
+        flag.data_ptr(), T, H, d, _DTYPE_CODES[q_src.dtype], interleaved, copy_bad_rows, _ext.stream_of(q_src),
     )
 
 
