@@ -5,6 +5,7 @@ shapes, CUDA-graph replay with new lengths, torch.compile, memory safety on unch
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -144,14 +145,16 @@ INTERPRETER_CASES = [
 
 
 @interpreter_only
+@pytest.mark.parametrize("swap_ab", [False, True], ids=["rows_major", "keys_major"])
 @pytest.mark.parametrize("case", INTERPRETER_CASES, ids=lambda c: f"b{c[0]}q{c[1]}h{c[2]}bs{c[3]}c{int(c[5])}s{c[6]}")
-def test_triton_interpreter_fp16(case):
+def test_triton_interpreter_fp16(case, swap_ab):
     from pykernels.triton import mla_decode as tmla
 
     batch, q_len, heads, block_size, lens, causal, splits = case
     q, k_cache, block_table, seqlens = make_case(batch, q_len, heads, block_size, lens, dtype=torch.float16, seed=3)
+    config = dataclasses.replace(tmla.INTERPRETER_CONFIG, swap_ab=swap_ab)
     out, lse = tmla.mla_decode_triton(q, k_cache, block_table, seqlens, HEAD_DIM_V, HEAD_DIM**-0.5, causal,
-                                      num_splits=splits)
+                                      config=config, num_splits=splits)
     ref_out, ref_lse = mla_decode_reference(q.float(), k_cache.float(), block_table, seqlens, HEAD_DIM_V,
                                             HEAD_DIM**-0.5, causal)
     assert_close(out, lse, ref_out, ref_lse, torch.float16)
@@ -268,17 +271,30 @@ def test_custom_op_fake_and_schema():
 gpu = pytest.mark.gpu
 
 
+def _gpu_configs():
+    from pykernels.triton.mla_decode import MLADecodeConfig
+
+    return {
+        "table": None,
+        "rows16_keys_major": MLADecodeConfig(16, 64, 4, 2, 2.0, 64, swap_ab=True),
+        "rows64_n32_w8": MLADecodeConfig(64, 32, 8, 2, 2.0, 32),
+        "rows32_n32_keys_major_w8": MLADecodeConfig(32, 32, 8, 3, 2.0, 32, swap_ab=True),
+    }
+
+
 @gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype, config", [(torch.bfloat16, c) for c in
+                                           ("table", "rows16_keys_major", "rows64_n32_w8", "rows32_n32_keys_major_w8")]
+                         + [(torch.float16, "table")])
 @pytest.mark.parametrize("case", INTERPRETER_CASES, ids=lambda c: f"b{c[0]}q{c[1]}h{c[2]}bs{c[3]}c{int(c[5])}s{c[6]}")
-def test_triton_gpu_edges(case, dtype):
+def test_triton_gpu_edges(case, dtype, config):
     from pykernels.triton import mla_decode as tmla
 
     batch, q_len, heads, block_size, lens, causal, splits = case
     q, k_cache, block_table, seqlens = make_case(batch, q_len, heads, block_size, lens, dtype=dtype,
                                                  device="cuda", seed=3)
     out, lse = tmla.mla_decode_triton(q, k_cache, block_table, seqlens, HEAD_DIM_V, HEAD_DIM**-0.5, causal,
-                                      num_splits=splits)
+                                      config=_gpu_configs()[config], num_splits=splits)
     ref_out, ref_lse = mla_decode_reference(q.float(), k_cache.float(), block_table, seqlens, HEAD_DIM_V,
                                             HEAD_DIM**-0.5, causal)
     assert_close(out, lse, ref_out, ref_lse, dtype)

@@ -30,6 +30,7 @@ loads), so NaN-filled blocks past the end cannot leak into the result.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ class MLADecodeConfig:
     num_stages: int  # software-pipelining depth of the cache-tile loads
     waves: float  # the split heuristic aims at waves * SM count programs
     min_chunk: int  # fewest cache rows one split takes (rounded up to block_n)
+    swap_ab: bool = False  # cache tile as the M of the dots (see _attend_keys_major)
 
 
 # Chosen configs, by rows per sequence (q_len * num_heads) and element size. The lead updates this
@@ -90,9 +92,7 @@ def default_config(rows: int, elem_bytes: int) -> MLADecodeConfig:
         if rows <= max_rows:
             break
     if elem_bytes > 2:
-        config = MLADecodeConfig(
-            config.block_m, max(16, config.block_n // 2), config.num_warps, 1, config.waves, config.min_chunk
-        )
+        config = dataclasses.replace(config, block_n=max(16, config.block_n // 2), num_stages=1)
     return config
 
 
@@ -124,6 +124,88 @@ def choose_num_splits(batch: int, row_blocks: int, capacity: int, config: MLADec
 
 
 @triton.jit
+def _load_tile(K, bt_row, stride_btj, stride_kblock, stride_krow, tile, end, num_blocks,
+               DV: tl.constexpr, DR: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Cache rows [tile, tile + BLOCK_N) of one sequence: positions, which are < end, and the rows
+    as ``[BLOCK_N, DV]`` (K's first columns, also V) + ``[BLOCK_N, DR]`` (rope columns); rows at or
+    past ``end`` are zeros and never read."""
+    pos = tile + tl.arange(0, BLOCK_N)  # [N] cache positions
+    pos_ok = pos < end
+    block_id = tl.load(bt_row + (pos // PAGE) * stride_btj, mask=pos_ok, other=0)  # [N]
+    block_id = tl.minimum(tl.maximum(block_id, 0), num_blocks - 1)
+    k_row = K + block_id.to(tl.int64) * stride_kblock + (pos % PAGE) * stride_krow  # [N] pointers
+    kv = tl.load(k_row[:, None] + tl.arange(0, DV)[None, :], mask=pos_ok[:, None], other=0.0)  # [N, DV]
+    k_r = tl.load(k_row[:, None] + DV + tl.arange(0, DR)[None, :], mask=pos_ok[:, None], other=0.0)  # [N, DR]
+    return pos, pos_ok, kv, k_r
+
+
+@triton.jit
+def _attend_rows_major(q_v, q_r, K, bt_row, stride_btj, stride_kblock, stride_krow, start, end, limit,
+                       num_blocks, qk_scale,
+                       DV: tl.constexpr, DR: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax over [start, end) with the rows as the M of both dots:
+    ``s[M, N] = q . k^T`` then ``acc[M, DV] += p . v``. Returns (acc, m, l): the unnormalised output,
+    the running max (base 2) and the running sum."""
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of s (base 2)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of 2^(s - m_i)
+    acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)  # running sum of 2^(s - m_i) v
+    for tile in range(start, end, BLOCK_N):
+        pos, pos_ok, kv, k_r = _load_tile(K, bt_row, stride_btj, stride_kblock, stride_krow, tile, end,
+                                          num_blocks, DV, DR, PAGE, BLOCK_N)
+        s = tl.dot(q_v, tl.trans(kv), input_precision=DOT_PRECISION)  # [M, N]
+        s = tl.dot(q_r, tl.trans(k_r), s, input_precision=DOT_PRECISION)
+        s = s * qk_scale
+        visible = pos_ok[None, :] & (pos[None, :] < limit[:, None])  # [M, N]
+        s = tl.where(visible, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [M]
+        # A row that has seen nothing yet keeps m = -inf; subtract 0 instead so 2^(s - m) is 0, not NaN.
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_sub)  # [M] rescales the old sums
+        p = tl.exp2(s - m_sub[:, None])  # [M, N]
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(kv.dtype), kv, acc, input_precision=DOT_PRECISION)  # [M, DV]
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attend_keys_major(q_v, q_r, K, bt_row, stride_btj, stride_kblock, stride_krow, start, end, limit,
+                       num_blocks, qk_scale,
+                       DV: tl.constexpr, DR: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The same online softmax with the operands swapped, for few rows: the cache tile is the M of
+    both dots (``s^T[N, M] = k . q^T``, ``acc^T[DV, M] += v^T . p^T``), so a 16-row query still gives
+    64-row (Hopper warpgroup-sized) products and K/V feed them straight from shared memory.
+    Returns (acc [M, DV], m, l) like _attend_rows_major."""
+    q_vt = tl.trans(q_v)  # [DV, M]
+    q_rt = tl.trans(q_r)  # [DR, M]
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_t = tl.zeros([DV, BLOCK_M], dtype=tl.float32)  # [DV, M]
+    for tile in range(start, end, BLOCK_N):
+        pos, pos_ok, kv, k_r = _load_tile(K, bt_row, stride_btj, stride_kblock, stride_krow, tile, end,
+                                          num_blocks, DV, DR, PAGE, BLOCK_N)
+        s_t = tl.dot(kv, q_vt, input_precision=DOT_PRECISION)  # [N, M]
+        s_t = tl.dot(k_r, q_rt, s_t, input_precision=DOT_PRECISION)
+        s_t = s_t * qk_scale
+        visible = pos_ok[:, None] & (pos[:, None] < limit[None, :])  # [N, M]
+        s_t = tl.where(visible, s_t, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s_t, axis=0))  # [M]
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_sub)
+        p_t = tl.exp2(s_t - m_sub[None, :])  # [N, M]
+        l_i = l_i * alpha + tl.sum(p_t, axis=0)
+        acc_t = acc_t * alpha[None, :]
+        acc_t = tl.dot(tl.trans(kv), p_t.to(kv.dtype), acc_t, input_precision=DOT_PRECISION)  # [DV, M]
+        m_i = m_new
+    return tl.trans(acc_t), m_i, l_i
+
+
+@triton.jit
 def _mla_decode_split_kernel(
     Q,  # [B, QL, H, DV + DR], last dim contiguous
     K,  # [num_blocks, PAGE, 1, DV + DR], last dim contiguous
@@ -145,6 +227,7 @@ def _mla_decode_split_kernel(
     BLOCK_N: tl.constexpr,  # cache rows per tile
     CAUSAL: tl.constexpr,  # query i sees positions < n - q_len + i + 1
     SPLIT: tl.constexpr,  # write float32 partials for the combine kernel, else the final out/lse
+    SWAP_AB: tl.constexpr,  # cache tile as the M of the dots (_attend_keys_major), else the rows
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32), "tf32" otherwise (ignored for 16-bit)
 ):
     b = tl.program_id(0)
@@ -178,35 +261,13 @@ def _mla_decode_split_kernel(
     q_v = tl.load(q_row[:, None] + cols_v[None, :], mask=row_ok[:, None], other=0.0)  # [M, DV]
     q_r = tl.load(q_row[:, None] + DV + cols_r[None, :], mask=row_ok[:, None], other=0.0)  # [M, DR]
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of s (base 2)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of 2^(s - m_i)
-    acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)  # running sum of 2^(s - m_i) v
-
     bt_row = BLOCK_TABLE + b.to(tl.int64) * stride_btb
-    for tile in range(start, end, BLOCK_N):
-        pos = tile + tl.arange(0, BLOCK_N)  # [N] cache positions
-        pos_ok = pos < end
-        block_id = tl.load(bt_row + (pos // PAGE) * stride_btj, mask=pos_ok, other=0)  # [N]
-        block_id = tl.minimum(tl.maximum(block_id, 0), num_blocks - 1)
-        k_row = K + block_id.to(tl.int64) * stride_kblock + (pos % PAGE) * stride_krow  # [N] pointers
-        kv = tl.load(k_row[:, None] + cols_v[None, :], mask=pos_ok[:, None], other=0.0)  # [N, DV]: K and V
-        k_r = tl.load(k_row[:, None] + DV + cols_r[None, :], mask=pos_ok[:, None], other=0.0)  # [N, DR]
-
-        s = tl.dot(q_v, tl.trans(kv), input_precision=DOT_PRECISION)  # [M, N]
-        s = tl.dot(q_r, tl.trans(k_r), s, input_precision=DOT_PRECISION)
-        s = s * qk_scale
-        visible = pos_ok[None, :] & (pos[None, :] < limit[:, None])  # [M, N]
-        s = tl.where(visible, s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [M]
-        # A row that has seen nothing yet keeps m = -inf; subtract 0 instead so 2^(s - m) is 0, not NaN.
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_sub)  # [M] rescales the old sums
-        p = tl.exp2(s - m_sub[:, None])  # [M, N]
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(kv.dtype), kv, acc, input_precision=DOT_PRECISION)  # [M, DV]
-        m_i = m_new
+    if SWAP_AB:
+        acc, m_i, l_i = _attend_keys_major(q_v, q_r, K, bt_row, stride_btj, stride_kblock, stride_krow, start, end,
+                                           limit, num_blocks, qk_scale, DV, DR, PAGE, BLOCK_M, BLOCK_N, DOT_PRECISION)
+    else:
+        acc, m_i, l_i = _attend_rows_major(q_v, q_r, K, bt_row, stride_btj, stride_kblock, stride_krow, start, end,
+                                           limit, num_blocks, qk_scale, DV, DR, PAGE, BLOCK_M, BLOCK_N, DOT_PRECISION)
 
     seen_any = l_i > 0.0
     o = acc / tl.where(seen_any, l_i, 1.0)[:, None]  # [M, DV]; 0 for rows that saw nothing
@@ -326,6 +387,7 @@ def mla_decode_triton(
         BLOCK_N=config.block_n,
         CAUSAL=causal,
         SPLIT=split,
+        SWAP_AB=config.swap_ab,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps,
         num_stages=config.num_stages,
