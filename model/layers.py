@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import pykernels as pk
-from model import _pk_stub
 from model.config import DeepseekV2Config
 
 # q_a_layernorm and kv_a_layernorm use RMSNorm's default eps in DeepSeek's code, not config.rms_norm_eps.
@@ -64,11 +63,11 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, D]
         cfg = self.cfg
         router_logits = F.linear(x.float(), self.gate.weight.float())  # [T, E]
-        topk_weights, topk_ids = _pk_stub.moe_route(
+        topk_weights, topk_ids = pk.moe_route(
             router_logits, cfg.num_experts_per_tok, method=cfg.topk_method, n_group=cfg.n_group,
             topk_group=cfg.topk_group, routed_scaling_factor=cfg.routed_scaling_factor,
-            norm_topk_prob=cfg.norm_topk_prob)  # float32 [T, k], int32 [T, k]
-        y = _pk_stub.moe_ffn(x, self.w13, self.w2, topk_weights, topk_ids, backend=self.backend)  # [T, D]
+            norm_topk_prob=cfg.norm_topk_prob, backend=self.backend)  # float32 [T, k], int32 [T, k]
+        y = pk.moe_ffn(x, self.w13, self.w2, topk_weights, topk_ids, backend=self.backend)  # [T, D]
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y
