@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["table"]:
         return _table_main(argv[1:])
     args = _run_parser().parse_args(argv)
+    args.suites = [s for arg in args.suites for s in arg.split(",") if s]   # "a,b" == "a b"
     suites, broken = discover()
     if args.list:
         for name, mod in suites.items():

@@ -84,8 +84,8 @@ class Timing:
     timer: str       # "cuda-events" | "cuda-graph" | "cpu-wall"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"min_us": round(self.min_us, 3), "p10_us": round(self.p10_us, 3),
-                "p90_us": round(self.p90_us, 3), "reps": self.reps, "inner": self.inner,
+        return {"min_us": _round(self.min_us, 6), "p10_us": _round(self.p10_us, 6),
+                "p90_us": _round(self.p90_us, 6), "reps": self.reps, "inner": self.inner,
                 "n_sets": self.n_sets, "timer": self.timer}
 
 
@@ -396,22 +396,22 @@ class Context:
             "backend": backend,
             "shape": dict(shape),
             "dtype": dtype,
-            "time_us": round(time_us, 3),
+            "time_us": _round(time_us, 6),
             "bytes": nbytes,
             "flops": flops,
-            "gbps": _round(gbps, 2),
-            "tflops": _round(tflops, 3),
+            "gbps": _round(gbps, 4),
+            "tflops": _round(tflops, 4),
             "frac_copy_bw": _round(gbps / c.copy_gbps if gbps is not None else None, 4),
             "frac_mm_rate": _round(tflops / c.mm_tflops if tflops is not None else None, 4),
-            "ideal_us": _round(ideal_us, 3),
+            "ideal_us": _round(ideal_us, 4),
             "peer": peer_rec,
-            "speedup_vs_peer": _round(speedup, 3),
-            "h800_projected_us": _round(self._project(op, dtype, nbytes, flops, time_us, bandwidth), 3),
+            "speedup_vs_peer": _round(speedup, 4),
+            "h800_projected_us": _round(self._project(op, dtype, nbytes, flops, time_us, bandwidth), 4),
             "device": self.device_name,
             "device_slug": self.slug,
             "timer": timing.timer if timing else ("cuda-events" if self.on_gpu else "cpu-wall"),
             "timing": timing.as_dict() if timing else None,
-            "ceilings": {"copy_gbps": round(c.copy_gbps, 1), "mm_tflops": round(c.mm_tflops, 2)},
+            "ceilings": {"copy_gbps": _round(c.copy_gbps, 4), "mm_tflops": _round(c.mm_tflops, 4)},
             "nvml": nvml,
             "torch": torch.__version__,
             "triton": _triton_version(),
@@ -462,11 +462,14 @@ def _peer(peer, time_us: float) -> tuple[dict[str, Any] | None, float | None]:
         return {"name": name, "time_us": None, "missing": True,
                 "reason": reason or "not available on this machine"}, None
     peer_us = float(peer_us)
-    return {"name": name, "time_us": round(peer_us, 3)}, (peer_us / time_us if time_us > 0 else None)
+    return {"name": name, "time_us": _round(peer_us, 6)}, (peer_us / time_us if time_us > 0 else None)
 
 
-def _round(x: float | None, nd: int) -> float | None:
-    return None if x is None else round(x, nd)
+def _round(x: float | None, digits: int) -> float | None:
+    """``x`` to ``digits`` significant digits (diff-friendly files; ≥ 3 digits say all there is)."""
+    if x is None or x == 0 or not math.isfinite(x):
+        return x
+    return round(x, digits - 1 - math.floor(math.log10(abs(x))))
 
 
 def _write(text: str) -> None:

@@ -147,7 +147,8 @@ def ep_combine(rows_from_remote: int, H: int, elem_bytes: int = 2) -> OpCost:
 class ModelParams:
     """Parameter counts of one DeepSeek-V2 config, split by how a forward step uses them."""
 
-    attention_per_layer: int   # q (or q_a/q_b), kv_a, kv_b, o projections and their norms
+    attention_per_layer: int   # q (or q_a/q_b), kv_a, kv_b, o projections and the layer's norms
+    norms_per_layer: int       # of which norm weights (elementwise: read, not multiplied)
     dense_mlp: int             # one dense SiLU-gated MLP (layers < first_k_dense_replace)
     router: int                # gate [E, H] of one MoE layer
     shared_experts: int        # the shared experts of one MoE layer, as one MLP
@@ -174,9 +175,10 @@ class ModelParams:
                 + self.num_moe_layers * moe + self.embedding + self.lm_head + self.final_norm)
 
     def matmul_per_token(self) -> int:
-        """Parameters one token multiplies with (its top_k experts; embedding lookup excluded)."""
+        """Parameters one token multiplies with (its top_k experts; norms and the embedding lookup
+        excluded)."""
         moe = self.router + self.shared_experts + self.top_k * self.expert
-        return (self.num_layers * self.attention_per_layer + self.num_dense_layers * self.dense_mlp
+        return (self.num_layers * (self.attention_per_layer - self.norms_per_layer) + self.num_dense_layers * self.dense_mlp
                 + self.num_moe_layers * moe + self.lm_head)
 
     def read_for(self, tokens: int) -> float:
@@ -204,7 +206,8 @@ def model_params(cfg: Any) -> ModelParams:
     Attention per layer: q_proj [h·(nope+rope), H], or q_a_proj [q_lora, H] + q_a_layernorm +
     q_b_proj [h·(nope+rope), q_lora] when q_lora_rank is set; kv_a_proj_with_mqa [kv_lora+rope, H];
     kv_a_layernorm; kv_b_proj [h·(nope+v), kv_lora]; o_proj [H, h·v]; the two layer norms [H].
-    MLPs are SiLU-gated (gate, up, down): 3·H·width.
+    MLPs are SiLU-gated (gate, up, down): 3·H·width. Layer i is MoE when i >= first_k_dense_replace
+    and i % moe_layer_freq == 0 (moe_layer_freq defaults to 1, as in every shipped config).
     """
     H = _cfg(cfg, "hidden_size")
     nh = _cfg(cfg, "num_attention_heads")
@@ -213,11 +216,16 @@ def model_params(cfg: Any) -> ModelParams:
     nope, rope, v = _cfg(cfg, "qk_nope_head_dim"), _cfg(cfg, "qk_rope_head_dim"), _cfg(cfg, "v_head_dim")
     q_out = nh * (nope + rope)
     q = H * q_out if not q_lora else H * q_lora + q_lora + q_lora * q_out
+    norms = (q_lora or 0) + kv_lora + 2 * H      # q_a_layernorm, kv_a_layernorm, the two layer norms
     attention = q + H * (kv_lora + rope) + kv_lora + kv_lora * nh * (nope + v) + nh * v * H + 2 * H
     E = _cfg(cfg, "n_routed_experts")
     vocab = _cfg(cfg, "vocab_size")
+    # Layer i is MoE when i >= first_k_dense_replace and i % moe_layer_freq == 0 (modeling_deepseek).
+    layers, first_dense = _cfg(cfg, "num_hidden_layers"), _cfg(cfg, "first_k_dense_replace")
+    freq = getattr(cfg, "moe_layer_freq", 1) or 1
     return ModelParams(
         attention_per_layer=attention,
+        norms_per_layer=norms,
         dense_mlp=3 * H * _cfg(cfg, "intermediate_size"),
         router=E * H,
         shared_experts=3 * H * _cfg(cfg, "moe_intermediate_size") * (_cfg(cfg, "n_shared_experts") or 0),
@@ -227,8 +235,8 @@ def model_params(cfg: Any) -> ModelParams:
         final_norm=H,
         hidden=H,
         vocab=vocab,
-        num_layers=_cfg(cfg, "num_hidden_layers"),
-        num_dense_layers=min(_cfg(cfg, "first_k_dense_replace"), _cfg(cfg, "num_hidden_layers")),
+        num_layers=layers,
+        num_dense_layers=layers - sum(1 for i in range(layers) if i >= first_dense and i % freq == 0),
         num_experts=E,
         top_k=_cfg(cfg, "num_experts_per_tok"),
     )
