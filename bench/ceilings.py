@@ -103,19 +103,21 @@ def peer_copy(sizes: tuple[int, ...], quick: bool, src: int = 0, dst: int = 1) -
 
 
 def nccl_all_to_all(sizes: tuple[int, ...], quick: bool, world_size: int | None = None,
-                    timeout_s: float = NCCL_TIMEOUT_S) -> list[dict[str, Any]]:
-    """NCCL ``all_to_all_single`` of a ``size``-byte bf16 buffer per rank, equal splits, one process
-    per GPU. Returns [{"bytes", "ranks", "time_us", "gbps"}] where gbps counts the bytes each rank
-    sends to the OTHER ranks, size·(W−1)/W, per second (the slowest rank's median time)."""
+                    timeout_s: float = NCCL_TIMEOUT_S, backend: str = "nccl") -> list[dict[str, Any]]:
+    """``all_to_all_single`` of a ``size``-byte bf16 buffer per rank, equal splits, one process per
+    GPU. Returns [{"bytes", "ranks", "time_us", "gbps", "remote_bytes"}] where gbps counts the bytes
+    each rank sends to the OTHER ranks, size·(W−1)/W, per second (the slowest rank's median time).
+    ``backend="gloo"`` runs the same plumbing on CPU processes (for tests; wall-clock timing)."""
     import torch.multiprocessing as mp
 
-    world_size = world_size or torch.cuda.device_count()
+    if world_size is None:
+        world_size = torch.cuda.device_count()
     for k, v in NVLINK_ENV.items():
         os.environ.setdefault(k, v)
     with tempfile.TemporaryDirectory() as tmp:
-        out_file = Path(tmp) / "nccl.json"
-        pctx = mp.start_processes(_nccl_worker, args=(world_size, _free_port(), list(sizes), quick,
-                                                      str(out_file)),
+        out_file = Path(tmp) / "all_to_all.json"
+        pctx = mp.start_processes(_all_to_all_worker,
+                                  args=(world_size, _free_port(), list(sizes), quick, backend, str(out_file)),
                                   nprocs=world_size, join=False, start_method="spawn")
         deadline = time.monotonic() + timeout_s
         while not pctx.join(timeout=5):
@@ -123,7 +125,7 @@ def nccl_all_to_all(sizes: tuple[int, ...], quick: bool, world_size: int | None 
                 for p in pctx.processes:
                     if p.is_alive():
                         p.kill()
-                raise TimeoutError(f"NCCL all_to_all_single did not finish in {timeout_s:.0f} s")
+                raise TimeoutError(f"{backend} all_to_all_single did not finish in {timeout_s:.0f} s")
         return json.loads(out_file.read_text())
 
 
@@ -134,41 +136,45 @@ def _free_port() -> int:
 
 
 # Fixed sample counts: every rank must issue the same number of collectives.
-_NCCL_WARMUP = 5
-_NCCL_REPS, _NCCL_QUICK_REPS = 30, 8
-_NCCL_SMALL = 16 * 2**20      # at or below: 10 calls per sample so launch gaps are amortised
-_NCCL_INNER_SMALL = 10
+_A2A_WARMUP = 5
+_A2A_REPS, _A2A_QUICK_REPS = 30, 8
+_A2A_SMALL = 16 * 2**20      # at or below: 10 calls per sample so launch gaps are amortised
+_A2A_INNER_SMALL = 10
 
 
-def _nccl_worker(rank: int, world_size: int, port: int, sizes: list[int], quick: bool, out_file: str) -> None:
+def _all_to_all_worker(rank: int, world_size: int, port: int, sizes: list[int], quick: bool, backend: str,
+                       out_file: str) -> None:
     import torch.distributed as dist
 
     for k, v in NVLINK_ENV.items():
         os.environ.setdefault(k, v)
-    torch.cuda.set_device(rank)
-    dev = torch.device("cuda", rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size, device_id=dev)
+    on_gpu = backend == "nccl"
+    if on_gpu:
+        torch.cuda.set_device(rank)
+        dev = torch.device("cuda", rank)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world_size, device_id=dev)
+    else:
+        dev = torch.device("cpu")
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world_size)
     try:
         results = []
         for size in sizes:
             n = size // 2 // world_size * world_size   # bf16 elements, divisible into equal splits
-            x = torch.randn(n, device=dev, dtype=torch.bfloat16)
+            x = torch.randn(n, device=dev).to(torch.bfloat16)
             y = torch.empty_like(x)
-            inner = _NCCL_INNER_SMALL if size <= _NCCL_SMALL else 1
-            for _ in range(_NCCL_WARMUP):
-                dist.all_to_all_single(y, x)
-            torch.cuda.synchronize()
-            reps = _NCCL_QUICK_REPS if quick else _NCCL_REPS
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                      for _ in range(reps)]
-            for start, end in events:
-                start.record()
+            inner = _A2A_INNER_SMALL if size <= _A2A_SMALL else 1
+            reps = _A2A_QUICK_REPS if quick else _A2A_REPS
+
+            def sample() -> None:
                 for _ in range(inner):
                     dist.all_to_all_single(y, x)
-                end.record()
-            torch.cuda.synchronize()
-            samples = sorted(s.elapsed_time(e) * 1e3 / inner for s, e in events)
+
+            for _ in range(_A2A_WARMUP):
+                dist.all_to_all_single(y, x)
+            samples = _time_samples(sample, reps, on_gpu)
+            samples = sorted(s / inner for s in samples)
             median = torch.tensor([samples[len(samples) // 2]], device=dev, dtype=torch.float64)
             dist.all_reduce(median, op=dist.ReduceOp.MAX)
             t = float(median.item())
@@ -181,3 +187,23 @@ def _nccl_worker(rank: int, world_size: int, port: int, sizes: list[int], quick:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _time_samples(sample, reps: int, on_gpu: bool) -> list[float]:
+    """µs of each of ``reps`` back-to-back calls of ``sample``: CUDA events, or the wall clock."""
+    if on_gpu:
+        torch.cuda.synchronize()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(reps)]
+        for start, end in events:
+            start.record()
+            sample()
+            end.record()
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) * 1e3 for start, end in events]
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        sample()
+        out.append((time.perf_counter() - t0) * 1e6)
+    return out

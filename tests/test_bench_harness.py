@@ -175,3 +175,12 @@ def test_plain_pytest_does_not_collect_bench():
 
     cfg = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert cfg["tool"]["pytest"]["ini_options"]["testpaths"] == ["tests"]
+
+
+def test_all_to_all_plumbing_with_gloo():
+    """The NVLink/NCCL ceiling's process plumbing (spawn, timeout, results file) on CPU processes."""
+    from bench import ceilings
+
+    out = ceilings.nccl_all_to_all((4096, 65536), quick=True, world_size=2, backend="gloo", timeout_s=120)
+    assert [(r["bytes"], r["ranks"]) for r in out] == [(4096, 2), (65536, 2)]
+    assert all(r["time_us"] > 0 and r["remote_bytes"] == r["bytes"] // 2 for r in out)
