@@ -165,6 +165,7 @@ def test_missing_files(tmp_path, original_dir, hf_model):
     hf_model.config.save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="safetensors"):
         DeepseekV2.from_pretrained(tmp_path, dtype=torch.float32, device="cpu")
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": "x.safetensors"}}))
+    index = {"weight_map": {"lm_head.weight": "x.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="x.safetensors"):
         DeepseekV2.from_pretrained(tmp_path, dtype=torch.float32, device="cpu")
