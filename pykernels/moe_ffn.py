@@ -22,7 +22,7 @@ Bad values: ids outside [0, E) and offsets that decrease, start below 0 or do no
 raise ValueError when ``pykernels._checks.value_checks_enabled`` allows reading them (always for CPU
 tensors; on CUDA only with ``PYKERNELS_CHECK_VALUES=1``, since it costs a host synchronisation). Without
 the check every backend stays memory-safe: a (token, k) route with an out-of-range id contributes
-nothing, and rows past ``offsets[E-1]`` (or before a decreasing offset) produce zeros.
+nothing, rows past ``offsets[E-1]`` produce zeros, and decreasing offsets give unspecified rows.
 
 Backends: "torch" is the reference below (float32 math, no host synchronisation, E dense expert
 applications: the oracle, not a fast path); "triton" is the grouped-GEMM pipeline of
@@ -40,9 +40,9 @@ from pykernels._checks import check_positive_int, check_same_device, check_same_
 
 __all__ = ["moe_ffn", "grouped_ffn", "moe_ffn_reference", "grouped_ffn_reference"]
 
-SUPPORTED_BACKENDS = ("torch",)
+SUPPORTED_BACKENDS = ("torch", "triton")
 # Fastest first on CUDA tensors (see the module docstring).
-CUDA_PREFERENCE = ("torch",)
+CUDA_PREFERENCE = ("triton", "torch")
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -81,8 +81,7 @@ def moe_ffn(
     """Weighted sum over each token's routed experts; returns ``y [T, H]`` in x's dtype.
 
     Args:
-        x: `[T, H]`, bfloat16, float16 or float32 (float32 for the reference and the interpreter only
-            on the fast paths), stride 1 in the last dimension.
+        x: `[T, H]`, bfloat16, float16 or float32, stride 1 in the last dimension.
         w13: `[E, 2I, H]`, x's dtype and device, gate rows then up rows; stride 1 in the last dimension.
         w2: `[E, H, I]`, x's dtype and device; stride 1 in the last dimension.
         topk_weights: `[T, top_k]`, float32 (or bfloat16/float16), the routing weights.

@@ -1,0 +1,60 @@
+"""Tile configurations of the grouped-GEMM expert FFN (``pykernels/triton/grouped_gemm.py``): one readable table.
+
+Key: ``(gemm, H, I, bucket)`` with gemm "gate_up" (x @ w13[e].T, fused silu * up) or "down" (h @ w2[e].T),
+and the bucket from the average rows per expert ``rows / E`` (rows = tokens x top_k)::
+
+    "decode"   <= 4 rows per expert    T = 1 ... ~40 at top-6 on 64 experts: one 16-row tile per hit expert
+    "small"    <= 32                   T up to ~340 at top-6 on 64 experts
+    "medium"   <= 128
+    "large"    >  128                  prefill (8192 tokens at top-6: 768 rows per expert on 64, 307 on 160)
+
+Shapes not in the table use ``DEFAULTS[(gemm, bucket)]``. To update after a sweep: run
+``python -m bench.tune_moe --out tune.json`` on the GPU, then copy each shape's ``best`` entry from the JSON
+into ``TABLE`` below (the sweep prints them as ready-to-paste lines).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class GemmConfig(NamedTuple):
+    block_m: int  # rows of one tile (one expert's rows; 16 is tl.dot's minimum)
+    block_n: int  # output columns of one tile (gate_up: this many gate AND this many up columns)
+    block_k: int  # reduction step
+    group_m: int  # M tiles that run next to each other over the N tiles (L2 reuse of the weights)
+    num_warps: int
+    num_stages: int
+
+
+BUCKETS = (("decode", 4.0), ("small", 32.0), ("medium", 128.0), ("large", float("inf")))
+
+# Starting points by bucket, before any sweep (Hopper, bf16). Decode tiles are thin in M and N so that
+# many programs stream each hit expert's weights once, with deep K steps and stages to keep loads in flight.
+DEFAULTS: dict[tuple[str, str], GemmConfig] = {
+    ("gate_up", "decode"): GemmConfig(16, 32, 256, 1, 4, 4),
+    ("gate_up", "small"): GemmConfig(32, 64, 128, 1, 4, 4),
+    ("gate_up", "medium"): GemmConfig(64, 64, 64, 8, 4, 4),
+    ("gate_up", "large"): GemmConfig(128, 64, 64, 8, 8, 4),
+    ("down", "decode"): GemmConfig(16, 32, 256, 1, 4, 4),
+    ("down", "small"): GemmConfig(32, 64, 128, 1, 4, 4),
+    ("down", "medium"): GemmConfig(64, 128, 64, 8, 4, 4),
+    ("down", "large"): GemmConfig(128, 128, 64, 8, 8, 4),
+}
+
+# Measured winners per shape: (gemm, H, I, bucket) -> config. Lite: H 2048, I 1408; 236B: H 5120, I 1536;
+# tensor-parallel shards of the 236B experts: I 768 (TP2), 192 (TP8). Filled from bench/tune_moe.py.
+TABLE: dict[tuple[str, int, int, str], GemmConfig] = {}
+
+
+def bucket_of(rows: int, num_experts: int) -> str:
+    per_expert = rows / max(num_experts, 1)
+    for name, limit in BUCKETS:
+        if per_expert <= limit:
+            return name
+    return BUCKETS[-1][0]
+
+
+def pick(gemm: str, hidden: int, inter: int, rows: int, num_experts: int) -> GemmConfig:
+    """The tile configuration for one GEMM of the expert FFN."""
+    bucket = bucket_of(rows, num_experts)
+    return TABLE.get((gemm, hidden, inter, bucket), DEFAULTS[(gemm, bucket)])
