@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pykernels as pk
+from model.cache import CacheStep
 from model.config import DeepseekV2Config
 
 # q_a_layernorm and kv_a_layernorm use RMSNorm's default eps in DeepSeek's code, not config.rms_norm_eps.
@@ -155,7 +156,7 @@ class MLA(nn.Module):
 
     # ---- with the paged latent cache --------------------------------------------------------------------
 
-    def prefill(self, x: torch.Tensor, step, k_cache: torch.Tensor, rope: pk.YarnRotary,
+    def prefill(self, x: torch.Tensor, step: CacheStep, k_cache: torch.Tensor, rope: pk.YarnRotary,
                 softmax_scale: float) -> torch.Tensor:
         """Naive form over new tokens of several sequences, keys read back from the cache.
 
@@ -174,7 +175,7 @@ class MLA(nn.Module):
             out[lo:hi] = self.attend_naive(q[None, lo:hi], rows[None, :, :C], rows[None, :, C:], softmax_scale)[0]
         return self.o_proj(out.view(x.shape[0], -1))
 
-    def decode(self, x: torch.Tensor, step, k_cache: torch.Tensor, rope: pk.YarnRotary,
+    def decode(self, x: torch.Tensor, step: CacheStep, k_cache: torch.Tensor, rope: pk.YarnRotary,
                softmax_scale: float) -> torch.Tensor:
         """Absorbed form: x [B * q_len, D] (q_len new tokens of each of B sequences) -> [B * q_len, D]."""
         cfg = self.cfg

@@ -17,7 +17,7 @@ from torch import nn
 import pykernels as pk
 from model.cache import PagedLatentCache
 from model.config import DeepseekV2Config
-from model.layers import MoE, RMSNorm, Block
+from model.layers import Block, MoE, RMSNorm
 
 # Scale of the random initialisation of a [out, in] weight: std = in^-0.5 keeps activations O(1);
 # norm weights are 1 + NORM_JITTER * N(0, 1) so that tests see them.
@@ -28,7 +28,9 @@ class DeepseekV2(nn.Module):
     """DeepSeek-V2 causal LM. Parameter names are the checkpoint's without the ``model.`` prefix, except
     the fused experts ``layers.N.mlp.w13`` / ``w2`` (see model/weights.py).
 
-    ``backend`` (None, "torch", "triton", "cuda") is passed to every pykernels op call.
+    ``backend`` (None, "torch", "triton", "cuda") is passed to every pykernels op call. The constructor
+    leaves torch's default initialisation (``device="meta"``: no memory at all); use ``random`` or
+    ``from_pretrained`` for weights.
     """
 
     def __init__(self, cfg: DeepseekV2Config, *, backend: str | None = None,
@@ -108,9 +110,11 @@ class DeepseekV2(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def rope(self) -> pk.YarnRotary:
-        """The YaRN cos/sin tables, built on the model's device at first use."""
+        """The YaRN cos/sin table, built at first use, and moved along when the model moves."""
         if self._rope is None:
             self._rope = pk.YarnRotary.from_config(self.cfg, device=self.device)
+        elif self._rope.device != self.device:
+            self._rope = self._rope.to(self.device)
         return self._rope
 
     def softmax_scale(self) -> float:

@@ -30,7 +30,6 @@ IGNORED_KEY = re.compile(r"\.rotary_emb\.inv_freq$")
 ORIGINAL_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 FUSED_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.")
-LAYOUTS = ("original", "fused")
 
 
 class CheckpointError(ValueError):

@@ -165,3 +165,13 @@ def test_bad_json(tmp_path):
         DeepseekV2Config.from_dict(dict(DEEPSEEK_LITE_JSON, hidden_act="gelu"))
     with pytest.raises(ValueError, match="scoring_func"):
         DeepseekV2Config.from_dict(dict(DEEPSEEK_LITE_JSON, scoring_func="sigmoid"))
+
+
+def test_random_is_seeded_and_typed():
+    cfg = DeepseekV2Config.from_preset("tiny")
+    a, b = DeepseekV2.random(cfg, seed=1), DeepseekV2.random(cfg, seed=1)
+    c = DeepseekV2.random(cfg, seed=2, dtype=torch.bfloat16)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(a.layers[1].mlp.w13, c.layers[1].mlp.w13.float())
+    assert c.layers[1].mlp.w13.dtype == torch.bfloat16 and c.layers[1].mlp.gate.weight.dtype == torch.float32
+    assert not any(p.requires_grad for p in c.parameters())
