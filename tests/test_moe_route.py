@@ -1,0 +1,203 @@
+"""pk.moe_route: the reference against DeepSeek's gate, every backend against the reference, ties, errors."""
+import pytest
+import torch
+
+import pykernels as pk
+from pykernels import _backend
+from pykernels.moe_route import moe_route_reference
+
+HAS_CUDA = torch.cuda.is_available()
+TRITON_ON_CPU = _backend.triton_usable(torch.device("cpu"))
+
+# (T, E, top_k, method, n_group, topk_group, routed_scaling_factor, norm_topk_prob)
+CASES = [
+    (37, 64, 6, "greedy", 1, 1, 1.0, False),  # Lite
+    (29, 160, 6, "group_limited_greedy", 8, 3, 16.0, False),  # 236B
+    (1, 64, 6, "greedy", 1, 1, 1.0, False),  # one token
+    (5, 16, 16, "greedy", 1, 1, 1.0, True),  # k = E, normalised
+    (11, 20, 4, "group_limited_greedy", 4, 2, 2.5, True),  # odd group size
+    (9, 24, 1, "greedy", 1, 1, 3.0, True),  # k = 1: normalisation does not apply
+    (13, 12, 6, "group_limited_greedy", 3, 2, 1.0, False),  # groups of 4: 8 kept experts for 6 picks
+]
+
+
+def _gate_deepseek(logits, top_k, method, n_group, topk_group, scale, norm):
+    """DeepSeek-V2's MoEGate.forward as written in modeling_deepseek.py (torch.topk, arbitrary order)."""
+    scores = logits.float().softmax(dim=-1)
+    n, e = scores.shape
+    if method == "group_limited_greedy":
+        group_scores = scores.view(n, n_group, -1).max(dim=-1).values
+        group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(n, n_group, e // n_group).reshape(n, -1)
+        scores = scores.masked_fill(~score_mask.bool(), 0.0)
+    weight, idx = torch.topk(scores, k=top_k, dim=-1, sorted=False)
+    if top_k > 1 and norm:
+        weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
+    else:
+        weight = weight * scale
+    return weight, idx
+
+
+def _route(logits, case, backend):
+    _, _, k, method, g, tg, scale, norm = case
+    return pk.moe_route(logits, k, method=method, n_group=g, topk_group=tg, routed_scaling_factor=scale,
+                        norm_topk_prob=norm, backend=backend)
+
+
+def _assert_matches_reference(logits, case, weights, ids):
+    _, _, k, method, g, tg, scale, norm = case
+    if method == "greedy":
+        g, tg = 1, 1
+    ref_w, ref_ids = moe_route_reference(logits, k, g, tg, scale, norm)
+    assert ids.dtype == torch.int32 and weights.dtype == torch.float32
+    assert ids.shape == weights.shape == ref_ids.shape
+    assert torch.equal(ids.cpu(), ref_ids.cpu())
+    torch.testing.assert_close(weights.cpu(), ref_w.cpu(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_reference_is_deepseeks_gate(case):
+    torch.manual_seed(0)
+    logits = torch.randn(case[0], case[1]) * 2  # distinct values: no ties
+    w, ids = _route(logits, case, "torch")
+    ds_w, ds_ids = _gate_deepseek(logits, *case[2:])
+    order = ds_w.argsort(dim=-1, descending=True, stable=True)
+    assert torch.equal(ids.long(), ds_ids.gather(1, order))
+    torch.testing.assert_close(w, ds_w.gather(1, order), rtol=1e-6, atol=0)
+    assert bool((w[:, :-1] >= w[:, 1:]).all())
+
+
+def test_reference_ties_and_signed_zero():
+    logits = torch.zeros(3, 8)
+    logits[0, 5] = -0.0
+    logits[1] = torch.tensor([1.0, 3.0, 3.0, 1.0, 3.0, 0.0, 3.0, 0.0])
+    logits[2] = torch.tensor([2.0, 2.0, 0.0, 0.0, 0.0, 0.0, 2.0, 2.0])  # groups of 2: 0 and 3 tie, 1 and 2 tie
+    w, ids = moe_route_reference(logits, 3, 1, 1, 1.0, False)
+    assert ids[0].tolist() == [0, 1, 2]
+    assert ids[1].tolist() == [1, 2, 4]
+    w, ids = moe_route_reference(logits[2:], 2, 4, 1, 1.0, False)
+    assert ids[0].tolist() == [0, 1]  # group 0 beats group 3 on the tie
+    w, ids = moe_route_reference(logits[2:], 3, 4, 2, 1.0, False)
+    assert ids[0].tolist() == [0, 1, 6]
+
+
+def _backends():
+    out = [pytest.param("cpu", torch.float32, "torch", id="cpu-torch-fp32")]
+    if TRITON_ON_CPU:
+        out += [pytest.param("cpu", torch.float16, "triton", id="cpu-triton-fp16"),
+                pytest.param("cpu", torch.float32, "triton", id="cpu-triton-fp32")]
+    out += [pytest.param("cuda", dt, b, id=f"cuda-{b}-{str(dt)[6:]}", marks=pytest.mark.gpu)
+            for b in ("triton", "torch") for dt in (torch.bfloat16, torch.float32)]
+    return out
+
+
+@pytest.mark.parametrize("device,dtype,backend", _backends())
+@pytest.mark.parametrize("case", CASES)
+def test_backend_matches_reference(device, dtype, backend, case):
+    torch.manual_seed(1)
+    logits = (torch.randn(case[0], case[1]) * 3).to(dtype).to(device)
+    w, ids = _route(logits, case, backend)
+    _assert_matches_reference(logits, case, w, ids)
+
+
+@pytest.mark.parametrize("device,dtype,backend", _backends())
+def test_backend_ties(device, dtype, backend):
+    """Whole rows of equal logits, equal groups, -0.0 against +0.0, -inf: ids follow the lower-id rule."""
+    torch.manual_seed(2)
+    E = 16
+    logits = torch.randint(-2, 3, (12, E)).float()  # many exact ties
+    logits[0] = 0.0
+    logits[1, ::3] = -0.0
+    logits[2] = float("-inf")
+    logits[2, 7] = 1.0
+    logits[3, :4] = logits[3, 12:]  # group 0 and group 3 equal
+    logits = logits.to(dtype).to(device)
+    for case in [(12, E, 5, "greedy", 1, 1, 1.0, False), (12, E, 5, "group_limited_greedy", 4, 2, 16.0, False),
+                 (12, E, 8, "group_limited_greedy", 4, 2, 1.0, True), (12, E, 2, "group_limited_greedy", 8, 1, 1.0, False)]:
+        w, ids = _route(logits, case, backend)
+        _assert_matches_reference(logits, case, w, ids)
+    w, ids = _route(logits, (12, E, 4, "greedy", 1, 1, 1.0, False), backend)
+    assert ids[0].tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("device,dtype,backend", _backends())
+def test_no_tokens(device, dtype, backend):
+    w, ids = pk.moe_route(torch.randn(0, 8, dtype=dtype, device=device), 2, backend=backend)
+    assert w.shape == ids.shape == (0, 2)
+
+
+def test_strided_rows():
+    torch.manual_seed(3)
+    logits = torch.randn(10, 40)[:, :32]  # row stride 40
+    case = (10, 32, 4, "group_limited_greedy", 4, 2, 1.0, False)
+    backends = ["torch"] + (["triton"] if TRITON_ON_CPU else [])
+    for backend in backends:
+        w, ids = _route(logits, case, backend)
+        _assert_matches_reference(logits.contiguous(), case, w, ids)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,words",
+    [
+        (dict(router_logits=torch.randn(4, 8).long()), TypeError, "router_logits"),
+        (dict(router_logits=torch.randn(4, 8, 2)), ValueError, "router_logits"),
+        (dict(router_logits=torch.randn(8, 4).T), ValueError, "router_logits"),
+        (dict(top_k=9), ValueError, "top_k"),
+        (dict(top_k=0), ValueError, "top_k"),
+        (dict(method="topk"), ValueError, "method"),
+        (dict(method="group_limited_greedy", n_group=3), ValueError, "n_group"),
+        (dict(method="group_limited_greedy", n_group=4, topk_group=5), ValueError, "topk_group"),
+        (dict(method="group_limited_greedy", n_group=4, topk_group=1, top_k=3), ValueError, "top_k"),
+        (dict(routed_scaling_factor=float("nan")), ValueError, "routed_scaling_factor"),
+        (dict(norm_topk_prob="yes"), ValueError, "norm_topk_prob"),
+        (dict(backend="cuda"), ValueError, "backend"),
+    ],
+)
+def test_bad_input(kwargs, error, words):
+    args = dict(router_logits=torch.randn(4, 8), top_k=2)
+    args.update(kwargs)
+    logits, k = args.pop("router_logits"), args.pop("top_k")
+    with pytest.raises(error, match=words):
+        pk.moe_route(logits, k, **args)
+
+
+def test_custom_op_fake_and_compile():
+    logits = torch.randn(6, 16)
+    torch.library.opcheck(torch.ops.pykernels.moe_route.default, (logits, 4, 4, 2, 2.0, False, "torch"))
+    compiled = torch.compile(lambda x: pk.moe_route(x, 4, method="group_limited_greedy", n_group=4, topk_group=2),
+                             fullgraph=True, backend="eager")
+    w, ids = compiled(logits)
+    ref_w, ref_ids = moe_route_reference(logits, 4, 4, 2, 1.0, False)
+    assert torch.equal(ids, ref_ids)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 64, 8192])
+@pytest.mark.parametrize("E,k,method,g,tg,scale", [(64, 6, "greedy", 1, 1, 1.0), (160, 6, "group_limited_greedy", 8, 3, 16.0)])
+def test_gpu_model_shapes_deterministic(T, E, k, method, g, tg, scale):
+    torch.manual_seed(4)
+    logits = torch.randn(T, E, device="cuda", dtype=torch.float32)
+    case = (T, E, k, method, g, tg, scale, False)
+    w1, ids1 = _route(logits, case, "triton")
+    w2, ids2 = _route(logits, case, "triton")
+    assert torch.equal(w1, w2) and torch.equal(ids1, ids2)
+    _assert_matches_reference(logits, case, w1, ids1)
+    # backend=None picks Triton on CUDA
+    w3, ids3 = _route(logits, case, None)
+    assert torch.equal(w3, w1) and torch.equal(ids3, ids1)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph():
+    logits = torch.randn(64, 160, device="cuda")
+    out = pk.moe_route(logits, 6, method="group_limited_greedy", n_group=8, topk_group=3, routed_scaling_factor=16.0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gw, gids = pk.moe_route(logits, 6, method="group_limited_greedy", n_group=8, topk_group=3, routed_scaling_factor=16.0)
+    logits.copy_(torch.randn_like(logits))
+    graph.replay()
+    ref_w, ref_ids = moe_route_reference(logits, 6, 8, 3, 16.0, False)
+    assert torch.equal(gids, ref_ids)
+    torch.testing.assert_close(gw, ref_w, rtol=1e-5, atol=1e-7)
+    assert out[0].shape == gw.shape
