@@ -27,9 +27,9 @@ _THROTTLE_BITS = {
     0x100: "display_clock_setting",
 }
 
-# 20 ms: fine enough to see a clock drop inside one benchmark, cheap enough (one NVML query set
+# 50 ms: fine enough to see a clock drop inside one benchmark, rare enough (one NVML query set
 # costs ~0.1 ms of a CPU core) to leave the measured work alone.
-DEFAULT_INTERVAL_S = 0.02
+DEFAULT_INTERVAL_S = 0.05
 
 
 def throttle_names(mask: int) -> list[str]:

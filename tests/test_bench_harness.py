@@ -143,7 +143,9 @@ def test_markdown_table_and_json(ctx, tmp_path):
 
 def test_cli_quick_cpu_run(tmp_path):
     """`python -m bench --quick` on the CPU: every suite, then the tiny model through the reference."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"}
+    # As a user types it: no GPU, and no Triton interpreter (tests/conftest.py sets it for the tests).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--results-dir", str(tmp_path),
                            "--json", str(tmp_path / "run.json")], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=1200)
