@@ -413,8 +413,7 @@ def _apply_rotary_impl(q_pe, k_pe, positions, cos_sin_cache, flag, interleaved, 
         qr, kr = apply_rotary_reference(q_pe, k2, positions, cos_sin_cache, interleaved)
         q_out.copy_(qr)
         k_out2.copy_(kr)
-        if q_pe.device.type == "cuda":
-            _flag_bad_values(flag, positions, cos_sin_cache.shape[0])
+        _flag_bad_values(flag, positions, cos_sin_cache.shape[0])
     elif backend == "triton":
         from pykernels.triton import rope as triton_rope
 
@@ -437,8 +436,7 @@ def _rope_and_cache_impl(q, kv_latent, k_pe, positions, cos_sin_cache, k_cache, 
     cache_rows = k_cache.view(num_slots, k_cache.shape[-1])  # [num_slots, L + d]
     if backend == "torch":
         rope_and_cache_reference(q, kv_latent, k2, positions, cos_sin_cache, interleaved, k_cache, slot_mapping)
-        if q.device.type == "cuda":
-            _flag_bad_values(flag, positions, cos_sin_cache.shape[0], slot_mapping, num_slots)
+        _flag_bad_values(flag, positions, cos_sin_cache.shape[0], slot_mapping, num_slots)
         return
     q_rope = q[..., Dq - d:]  # [T, H, d] view, rotated in place
     if backend == "triton":
