@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from model import DeepseekV2, DeepseekV2Config, PagedLatentCache
+from pykernels import _backend
 from model.generate import greedy
 
 FP32_REL_ERR = 1e-5
@@ -134,6 +135,26 @@ def test_tiny_preset_decode():
             out = m.decode(torch.stack([seqs[0, 62 + t], seqs[1, 3 + t]])[:, None], cache)[:, 0]
             assert rel_err(out[0], full[0, 62 + t]) <= FP32_REL_ERR
             assert rel_err(out[1], full[1, 3 + t]) <= FP32_REL_ERR
+
+
+@pytest.mark.skipif(not _backend.triton_usable(torch.device("cpu")), reason="needs TRITON_INTERPRET=1 on the CPU")
+def test_triton_backend_interpreted():
+    """backend="triton" reaches every op (Triton interpreter, float32): cached logits == torch reference.
+
+    Widths are powers of two (kv_lora_rank 32, rope 16) as the Triton MLA kernel requires.
+    """
+    cfg = small_cfg(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, kv_lora_rank=32,
+                    qk_rope_head_dim=16)
+    ref = DeepseekV2.random(cfg, seed=8, backend="torch")
+    m = DeepseekV2.random(cfg, seed=8, backend="triton")
+    seqs = torch.randint(0, cfg.vocab_size, (2, 11), generator=torch.Generator().manual_seed(9))
+    cache = poisoned_cache(m, 2, 11, 16)
+    with torch.no_grad():
+        full = ref(seqs)
+        last = m.prefill([seqs[0, :9], seqs[1, :4]], cache)
+        out = m.decode(torch.stack([seqs[0, 9], seqs[1, 4]])[:, None], cache)[:, 0]
+    assert rel_err(torch.stack([last[0], out[0]]), full[0, 8:10]) <= FP32_REL_ERR
+    assert rel_err(torch.stack([last[1], out[1]]), full[1, 3:5]) <= FP32_REL_ERR
 
 
 @pytest.mark.parametrize("block_size", [0, 8, 48, 100, 64.0, True])
