@@ -61,8 +61,10 @@ QUICK = Budget(warmup_s=0.005, min_reps=5, max_reps=20, seconds=0.05)
 # A sample should last this long so that event and timer overhead (~1-5 µs) is < 2 % of it.
 GPU_SAMPLE_TARGET_US = 100.0
 CPU_SAMPLE_TARGET_US = 1000.0
-# Upper bound on calls per sample (and per captured graph): bounds graph size and warm-up length.
+# Upper bound on calls per sample (and per captured graph): bounds the graph's size.
 MAX_INNER = 64
+# Warm-up batches double up to this many calls between synchronisations.
+MAX_WARMUP_BATCH = 256
 # Rotated input sets should span this many times the L2 so a set is evicted before its next use.
 L2_SPAN = 2
 MAX_SETS = 16
@@ -108,11 +110,12 @@ def _plan(per_call_us: float, budget: Budget, target_us: float) -> tuple[int, in
 
 
 def _warm_up(fn: Callable[[int], Any], n_sets: int, budget: Budget, sync: Callable[[], None]) -> float:
-    """Call ``fn`` in doubling batches until ``budget.warmup_s`` has passed; return µs per call of
-    the last batch. The first call (compilation, autotuning, lazy init) is not counted."""
+    """Call ``fn`` in doubling batches (each set at least once) until ``budget.warmup_s`` has passed;
+    return µs per call of the last batch. The first call (compilation, autotuning, lazy init) is
+    not counted."""
     fn(0)
     sync()
-    calls, start, per_call_us, batch = 0, _time.perf_counter(), 0.0, 1
+    calls, start, batch = 0, _time.perf_counter(), 1
     while True:
         t0 = _time.perf_counter()
         for j in range(batch):
@@ -120,9 +123,9 @@ def _warm_up(fn: Callable[[int], Any], n_sets: int, budget: Budget, sync: Callab
         sync()
         per_call_us = (_time.perf_counter() - t0) * 1e6 / batch
         calls += batch
-        if _time.perf_counter() - start >= budget.warmup_s or batch >= 2 * MAX_INNER:
+        if calls >= n_sets and _time.perf_counter() - start >= budget.warmup_s:
             return per_call_us
-        batch *= 2
+        batch = min(2 * batch, MAX_WARMUP_BATCH)
 
 
 def time_cpu(fn: Callable[[int], Any], n_sets: int = 1, budget: Budget = FULL) -> Timing:
@@ -150,12 +153,19 @@ def time_cuda(fn: Callable[[int], Any], n_sets: int = 1, graph: bool = False, bu
         per_call = _warm_up(fn, n_sets, budget, sync)
         inner, reps = _plan(per_call, budget, GPU_SAMPLE_TARGET_US)
         if graph:
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                for j in range(inner):
-                    fn(j % n_sets)
-            g.replay()
-            sync()
+            # NOTES: a graph holds a multiple of n_sets calls, so each replay reads every set once
+            # (a graph of fewer calls would replay the same sets and measure the L2).
+            inner = _graph_calls(inner, n_sets)
+            g = _capture(fn, n_sets, inner)
+            # A graph removes launch gaps, so a call may be much shorter than eager timing said:
+            # re-plan from the replay time, and capture again if samples would be too short.
+            per_call = _replay_us(g, inner, sync)
+            inner2, reps = _plan(per_call, budget, GPU_SAMPLE_TARGET_US)
+            inner2 = _graph_calls(inner2, n_sets)
+            if inner2 > inner:
+                del g
+                inner = inner2
+                g = _capture(fn, n_sets, inner)
 
             def sample(_: int) -> None:
                 g.replay()
@@ -172,6 +182,36 @@ def time_cuda(fn: Callable[[int], Any], n_sets: int = 1, graph: bool = False, bu
         sync()
         samples = [start.elapsed_time(end) * 1e3 / inner for start, end in events]
     return _stats(samples, inner, n_sets, "cuda-graph" if graph else "cuda-events")
+
+
+def _graph_calls(inner: int, n_sets: int) -> int:
+    """``inner`` rounded up to a multiple of ``n_sets``."""
+    return math.ceil(inner / n_sets) * n_sets
+
+
+def _capture(fn: Callable[[int], Any], n_sets: int, inner: int) -> torch.cuda.CUDAGraph:
+    """``inner`` calls of ``fn`` (sets rotating) captured in one CUDA graph, replayed once."""
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for j in range(inner):
+            fn(j % n_sets)
+    g.replay()
+    torch.cuda.synchronize()
+    return g
+
+
+# Replays timed to re-plan a graph's samples.
+_GRAPH_PROBE_REPLAYS = 5
+
+
+def _replay_us(g: torch.cuda.CUDAGraph, inner: int, sync: Callable[[], None]) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(_GRAPH_PROBE_REPLAYS):
+        g.replay()
+    end.record()
+    sync()
+    return start.elapsed_time(end) * 1e3 / (_GRAPH_PROBE_REPLAYS * inner)
 
 
 # ---------------------------------------------------------------------------------------------

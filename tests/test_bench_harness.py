@@ -186,3 +186,67 @@ def test_all_to_all_plumbing_with_gloo():
     out = ceilings.nccl_all_to_all((4096, 65536), quick=True, world_size=2, backend="gloo", timeout_s=120)
     assert [(r["bytes"], r["ranks"]) for r in out] == [(4096, 2), (65536, 2)]
     assert all(r["time_us"] > 0 and r["remote_bytes"] == r["bytes"] // 2 for r in out)
+
+
+class _FakeCuda:
+    """Enough of torch.cuda for time_cuda's control flow on the CPU: events read the wall clock,
+    a graph records the set indices its calls used and replays them into the log."""
+
+    def __init__(self):
+        self.log, self.capturing = [], None
+        fake = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.t = None
+
+            def record(self):
+                self.t = __import__("time").perf_counter()
+
+            def elapsed_time(self, end):
+                return (end.t - self.t) * 1e3
+
+        class CUDAGraph:
+            def __init__(self):
+                self.calls = []
+
+            def replay(self):
+                fake.log.extend(self.calls)
+
+        class graph:
+            def __init__(self, g):
+                self.g = g
+
+            def __enter__(self):
+                fake.capturing = self.g
+
+            def __exit__(self, *exc):
+                fake.capturing = None
+
+        self.Event, self.CUDAGraph, self.graph = Event, CUDAGraph, graph
+
+    def fn(self, i):
+        (self.capturing.calls if self.capturing is not None else self.log).append(i)
+
+
+@pytest.mark.parametrize("graph", [False, True])
+@pytest.mark.parametrize("n_sets", [1, 3, 16])
+def test_cuda_timer_control_flow_with_fake_cuda(monkeypatch, graph, n_sets):
+    import contextlib
+
+    fake = _FakeCuda()
+    monkeypatch.setattr(torch.cuda, "Event", fake.Event)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", fake.CUDAGraph)
+    monkeypatch.setattr(torch.cuda, "graph", fake.graph)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    t = harness.time_cuda(fake.fn, n_sets=n_sets, graph=graph, budget=harness.QUICK, device=CPU)
+    assert t.timer == ("cuda-graph" if graph else "cuda-events") and t.median_us > 0
+    assert harness.QUICK.min_reps <= t.reps <= harness.QUICK.max_reps
+    assert set(fake.log) == set(range(n_sets))
+    if graph:
+        # every replay visits every set: the graph holds a multiple of n_sets calls
+        assert t.inner % n_sets == 0
+        timed = fake.log[-t.reps * t.inner:]
+        for k in range(t.reps):
+            assert sorted(timed[k * t.inner:(k + 1) * t.inner]) == sorted(list(range(n_sets)) * (t.inner // n_sets))
