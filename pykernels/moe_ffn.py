@@ -49,6 +49,11 @@ _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ID_DTYPES = (torch.int32, torch.int64)
 
 
+def _check_values(t: torch.Tensor) -> bool:
+    """``value_checks_enabled``, and never while torch.compile traces (values are not known then, even on the CPU)."""
+    return value_checks_enabled(t) and not torch.compiler.is_compiling()
+
+
 def _check_weights(x_name: str, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> tuple[int, int, int]:
     """Checks shared by both ops; returns (E, H, I)."""
     check_tensor(x_name, x, dtype=_DTYPES, ndim=2, last_dim_contiguous=True)
@@ -98,7 +103,7 @@ def moe_ffn(
     check_tensor("topk_ids", topk_ids, shape=(num_tokens, top_k))
     check_tensor("topk_weights", topk_weights, dtype=_WEIGHT_DTYPES, shape=(num_tokens, top_k))
     check_same_device(("x", "topk_weights", "topk_ids"), (x, topk_weights, topk_ids))
-    if value_checks_enabled(topk_ids) and topk_ids.numel() > 0:
+    if _check_values(topk_ids) and topk_ids.numel() > 0:
         bad = (topk_ids < 0) | (topk_ids >= num_experts)
         if bool(bad.any()):
             t, k = (int(i) for i in bad.nonzero()[0])
@@ -132,7 +137,7 @@ def grouped_ffn(
     rows = x_sorted.shape[0]
     check_tensor("offsets", offsets, dtype=torch.int32, shape=(num_experts,))
     check_same_device(("x_sorted", "offsets"), (x_sorted, offsets))
-    if value_checks_enabled(offsets):
+    if _check_values(offsets):
         ends = offsets.long()
         if int(ends[0]) < 0:
             raise ValueError(f"offsets: expected offsets[0] >= 0, got {int(ends[0])}")

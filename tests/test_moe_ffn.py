@@ -1,0 +1,323 @@
+"""pk.moe_ffn / pk.grouped_ffn: the references against a per-route loop, every backend against the reference, edges, errors."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pykernels as pk
+from pykernels import _backend
+from pykernels.moe_ffn import grouped_ffn_reference, moe_ffn_reference
+from pykernels.triton import moe_configs
+
+HAS_CUDA = torch.cuda.is_available()
+TRITON_ON_CPU = _backend.triton_usable(torch.device("cpu"))
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _rel(out, ref):
+    out, ref = out.double(), ref.double()
+    assert not torch.isnan(out).any(), "NaN in the output"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _weights(E, H, I, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    w13 = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(dtype).to(device)
+    w2 = (torch.randn(E, H, I, generator=g) / I**0.5).to(dtype).to(device)
+    return w13, w2
+
+
+def _routing(T, E, k, device, seed=0, avoid=None):
+    """Random distinct experts per token (optionally never ``avoid``) and positive weights."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    scores = torch.rand(T, E, generator=g)
+    if avoid is not None:
+        scores[:, avoid] = -1.0
+    ids = scores.topk(k, dim=-1).indices.to(torch.int32)
+    w = torch.rand(T, k, generator=g) + 0.1
+    return w.to(device), ids.to(device)
+
+
+def _loop_reference(x, w13, w2, topk_weights, topk_ids):
+    """The contract's formula, one route at a time, in float64."""
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    inter = w13.shape[1] // 2
+    for t in range(x.shape[0]):
+        for k in range(topk_ids.shape[1]):
+            e = int(topk_ids[t, k])
+            v = x[t].double()
+            h = F.silu(w13[e, :inter].double() @ v) * (w13[e, inter:].double() @ v)
+            y[t] += float(topk_weights[t, k]) * (w2[e].double() @ h)
+    return y
+
+
+def _sorted_rows(x, topk_ids, num_experts):
+    """x_sorted and offsets for grouped_ffn: every route's token row, grouped by expert (stable)."""
+    k = topk_ids.shape[1]
+    order = topk_ids.reshape(-1).long().argsort(stable=True)
+    counts = torch.bincount(topk_ids.reshape(-1).long().cpu(), minlength=num_experts)
+    return x[order // k].contiguous(), counts.cumsum(0).to(torch.int32).to(x.device)
+
+
+def test_references_match_the_route_loop():
+    torch.manual_seed(0)
+    T, E, H, I, k = 9, 5, 24, 20, 3
+    x = torch.randn(T, H, dtype=torch.float64)
+    w13, w2 = _weights(E, H, I, torch.float64, "cpu")
+    tw, ids = _routing(T, E, k, "cpu")
+    ref = _loop_reference(x, w13, w2, tw, ids)
+    assert _rel(moe_ffn_reference(x, w13, w2, tw.double(), ids), ref) < 1e-6  # float32 math
+    xs, offsets = _sorted_rows(x, ids, E)
+    order = ids.reshape(-1).long().argsort(stable=True)
+    ones = torch.ones(T * k, 1, dtype=torch.float64)
+    per_row = _loop_reference(xs, w13, w2, ones, ids.reshape(-1, 1)[order])
+    assert _rel(grouped_ffn_reference(xs, w13, w2, offsets), per_row) < 1e-6
+
+
+# (T, E, H, I, top_k, what)
+CASES = [
+    (13, 8, 64, 48, 3, "random"),
+    (1, 8, 64, 32, 2, "one token"),
+    (6, 4, 32, 16, 4, "k = E"),
+    (11, 6, 97, 75, 2, "odd H and I"),
+    (10, 6, 48, 32, 2, "expert 2 gets no token"),
+    (40, 6, 32, 32, 1, "every token on expert 3"),
+]
+
+
+def _case_inputs(case, dtype, device):
+    T, E, H, I, k, what = case
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(7)).to(dtype).to(device)
+    w13, w2 = _weights(E, H, I, dtype, device)
+    tw, ids = _routing(T, E, k, device, avoid=2 if "no token" in what else None)
+    if "every token" in what:
+        ids.fill_(3)
+    return x, w13, w2, tw, ids
+
+
+def _backends():
+    out = [pytest.param("cpu", torch.float32, "torch", id="cpu-torch-fp32")]
+    if TRITON_ON_CPU:
+        out += [pytest.param("cpu", torch.float16, "triton", id="cpu-triton-fp16")]
+    out += [pytest.param("cuda", dt, "triton", id=f"cuda-triton-{str(dt)[6:]}", marks=pytest.mark.gpu)
+            for dt in (torch.bfloat16, torch.float16, torch.float32)]
+    return out
+
+
+@pytest.mark.parametrize("device,dtype,backend", _backends())
+@pytest.mark.parametrize("case", CASES, ids=[c[-1] for c in CASES])
+def test_moe_ffn_matches_reference(device, dtype, backend, case):
+    x, w13, w2, tw, ids = _case_inputs(case, dtype, device)
+    y = pk.moe_ffn(x, w13, w2, tw, ids, backend=backend)
+    assert y.shape == x.shape and y.dtype == dtype
+    ref = moe_ffn_reference(x.float(), w13.float(), w2.float(), tw, ids)
+    assert _rel(y, ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("device,dtype,backend", _backends())
+@pytest.mark.parametrize("case", CASES[:1] + CASES[3:], ids=[c[-1] for c in CASES[:1] + CASES[3:]])
+def test_grouped_ffn_matches_reference(device, dtype, backend, case):
+    x, w13, w2, tw, ids = _case_inputs(case, dtype, device)
+    xs, offsets = _sorted_rows(x, ids, w13.shape[0])
+    y = pk.grouped_ffn(xs, w13, w2, offsets, backend=backend)
+    assert y.shape == xs.shape and y.dtype == dtype
+    assert _rel(y, grouped_ffn_reference(xs.float(), w13.float(), w2.float(), offsets)) <= TOL[dtype]
+
+
+def _fast_devices():
+    out = [pytest.param("cpu", torch.float16, id="cpu-fp16")] if TRITON_ON_CPU else []
+    return out + [pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device,dtype", _fast_devices())
+def test_triton_skips_out_of_range_ids(device, dtype):
+    """Unchecked bad ids (CUDA without PYKERNELS_CHECK_VALUES): memory-safe, the route contributes nothing."""
+    from pykernels.triton.grouped_gemm import moe_ffn_triton
+
+    x, w13, w2, tw, ids = _case_inputs((7, 4, 32, 16, 2, "random"), dtype, device)
+    ids[0, 1] = 4
+    ids[3, 0] = -5
+    y = moe_ffn_triton(x, w13, w2, tw, ids)
+    assert _rel(y, moe_ffn_reference(x.float(), w13.float(), w2.float(), tw, ids)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("device,dtype", _fast_devices())
+def test_triton_tiles_and_rows_past_the_end(device, dtype):
+    """Several M tiles per expert (forced 16-row tiles, 40 rows on one expert); rows past offsets[E-1] give 0."""
+    from pykernels.triton.grouped_gemm import grouped_ffn_triton, moe_ffn_triton
+
+    cfg = moe_configs.GemmConfig(16, 16, 16, 2, 4, 2)
+    x, w13, w2, tw, ids = _case_inputs((40, 6, 32, 32, 2, "random"), dtype, device)
+    ids[:, 0] = 3
+    y = moe_ffn_triton(x, w13, w2, tw, ids, gate_up_config=cfg, down_config=cfg)
+    assert _rel(y, moe_ffn_reference(x.float(), w13.float(), w2.float(), tw, ids)) <= TOL[dtype]
+    xs, offsets = _sorted_rows(x, ids, 6)
+    short = offsets.clone()
+    short[-2:] -= 5  # the last 5 rows belong to no expert
+    y = grouped_ffn_triton(xs, w13, w2, short, gate_up_config=cfg, down_config=cfg)
+    assert torch.equal(y[-5:].cpu(), torch.zeros_like(y[-5:]).cpu())
+    assert _rel(y, grouped_ffn_reference(xs.float(), w13.float(), w2.float(), short)) <= TOL[dtype]
+
+
+def test_no_tokens():
+    x = torch.randn(0, 16)
+    w13, w2 = _weights(4, 16, 8, torch.float32, "cpu")
+    y = pk.moe_ffn(x, w13, w2, torch.ones(0, 2), torch.zeros(0, 2, dtype=torch.int32))
+    assert y.shape == (0, 16)
+    y = pk.grouped_ffn(x, w13, w2, torch.zeros(4, dtype=torch.int32))
+    assert y.shape == (0, 16)
+
+
+def _bad_moe(**change):
+    x = torch.randn(4, 16)
+    w13, w2 = _weights(4, 16, 8, torch.float32, "cpu")
+    args = dict(x=x, w13=w13, w2=w2, topk_weights=torch.rand(4, 2), topk_ids=torch.randint(0, 4, (4, 2), dtype=torch.int32))
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize(
+    "change,error,words",
+    [
+        (dict(x=torch.randn(4, 16).long()), TypeError, "x"),
+        (dict(x=torch.randn(4, 15)), ValueError, "w13"),
+        (dict(w13=torch.randn(4, 17, 16)), ValueError, "w13"),
+        (dict(w13=torch.randn(4, 16, 16).half()), TypeError, "w13"),
+        (dict(w2=torch.randn(4, 16, 9)), ValueError, "w2"),
+        (dict(w2=torch.randn(3, 16, 8)), ValueError, "w2"),
+        (dict(w2=torch.randn(4, 8, 16).transpose(1, 2)), ValueError, "w2"),
+        (dict(topk_ids=torch.zeros(4, 2)), TypeError, "topk_ids"),
+        (dict(topk_ids=torch.zeros(5, 2, dtype=torch.int32)), ValueError, "topk_ids"),
+        (dict(topk_weights=torch.rand(4, 3)), ValueError, "topk_weights"),
+        (dict(topk_weights=torch.ones(4, 2, dtype=torch.int32)), TypeError, "topk_weights"),
+        (dict(topk_ids=torch.tensor([[0, 1], [2, 4], [0, 0], [1, 1]], dtype=torch.int32)), ValueError, r"topk_ids.*\[1, 1\]"),
+        (dict(topk_ids=torch.tensor([[0, 1], [2, 3], [-1, 0], [1, 1]], dtype=torch.int32)), ValueError, "topk_ids"),
+    ],
+)
+def test_moe_ffn_bad_input(change, error, words):
+    args = _bad_moe(**change)
+    with pytest.raises(error, match=words):
+        pk.moe_ffn(args["x"], args["w13"], args["w2"], args["topk_weights"], args["topk_ids"])
+
+
+@pytest.mark.parametrize(
+    "offsets,error,words",
+    [
+        (torch.tensor([2, 1, 6, 6], dtype=torch.int32), ValueError, "offsets.*non-decreasing"),
+        (torch.tensor([1, 2, 3, 5], dtype=torch.int32), ValueError, "offsets.*= R = 6"),
+        (torch.tensor([-1, 2, 3, 6], dtype=torch.int32), ValueError, "offsets"),
+        (torch.tensor([1, 2, 3, 6], dtype=torch.int64), TypeError, "offsets"),
+        (torch.tensor([1, 2, 6], dtype=torch.int32), ValueError, "offsets"),
+    ],
+)
+def test_grouped_ffn_bad_offsets(offsets, error, words):
+    w13, w2 = _weights(4, 16, 8, torch.float32, "cpu")
+    with pytest.raises(error, match=words):
+        pk.grouped_ffn(torch.randn(6, 16), w13, w2, offsets)
+
+
+def test_custom_ops_fake_and_compile():
+    args = _bad_moe()
+    torch.library.opcheck(torch.ops.pykernels.moe_ffn.default,
+                          (args["x"], args["w13"], args["w2"], args["topk_weights"], args["topk_ids"], "torch"))
+    offsets = torch.tensor([1, 3, 3, 4], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.pykernels.grouped_ffn.default, (args["x"], args["w13"], args["w2"], offsets, "torch"))
+    compiled = torch.compile(lambda *a: pk.moe_ffn(*a), fullgraph=True, backend="eager")
+    y = compiled(args["x"], args["w13"], args["w2"], args["topk_weights"], args["topk_ids"])
+    assert _rel(y, moe_ffn_reference(args["x"], args["w13"], args["w2"], args["topk_weights"], args["topk_ids"])) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------- GPU
+
+
+def _poison_allocator():
+    """Fill the CUDA caching allocator's free memory with 0xFF bytes (NaN in bf16/fp16/fp32) before a run."""
+    blob = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    blob.fill_(0xFF)
+    del blob
+
+
+def _gpu_inputs(T, E, H, I, k, method="greedy", n_group=1, topk_group=1, seed=0, dtype=torch.bfloat16):
+    torch.manual_seed(seed)
+    x = torch.randn(T, H, device="cuda").to(dtype)
+    w13 = (torch.randn(E, 2 * I, H, device="cuda") / H**0.5).to(dtype)
+    w2 = (torch.randn(E, H, I, device="cuda") / I**0.5).to(dtype)
+    tw, ids = pk.moe_route(torch.randn(T, E, device="cuda"), k, method=method, n_group=n_group, topk_group=topk_group)
+    return x, w13, w2, tw, ids
+
+
+GPU_SHAPES = [  # (T, E, H, I, top_k, method, n_group, topk_group)
+    (1, 64, 2048, 1408, 6, "greedy", 1, 1),
+    (8, 64, 2048, 1408, 6, "greedy", 1, 1),
+    (128, 64, 2048, 1408, 6, "greedy", 1, 1),
+    (700, 64, 2048, 1408, 6, "greedy", 1, 1),
+    (64, 160, 5120, 1536, 6, "group_limited_greedy", 8, 3),
+    (96, 160, 5120, 192, 6, "group_limited_greedy", 8, 3),
+    (33, 16, 1000, 333, 4, "greedy", 1, 1),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=[f"T{s[0]}-E{s[1]}-H{s[2]}-I{s[3]}" for s in GPU_SHAPES])
+def test_gpu_model_shapes(shape):
+    x, w13, w2, tw, ids = _gpu_inputs(*shape)
+    _poison_allocator()
+    y = pk.moe_ffn(x, w13, w2, tw, ids)  # backend=None: Triton
+    ref = moe_ffn_reference(x, w13, w2, tw, ids)
+    assert _rel(y, ref) <= TOL[torch.bfloat16]
+    xs, offsets = _sorted_rows(x, ids, shape[1])
+    _poison_allocator()
+    ys = pk.grouped_ffn(xs, w13, w2, offsets)
+    assert _rel(ys, grouped_ffn_reference(xs, w13, w2, offsets)) <= TOL[torch.bfloat16]
+
+
+def _all_configs():
+    configs = set(moe_configs.DEFAULTS.values()) | set(moe_configs.TABLE.values())
+    return sorted(configs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", _all_configs(), ids=str)
+def test_gpu_every_table_config(cfg):
+    """Every configuration the table can pick compiles and is right (odd H and I, several tiles per expert)."""
+    from pykernels.triton.grouped_gemm import grouped_ffn_triton, moe_ffn_triton
+
+    x, w13, w2, tw, ids = _gpu_inputs(300, 8, 1000, 360, 4)
+    _poison_allocator()
+    y = moe_ffn_triton(x, w13, w2, tw, ids, gate_up_config=cfg, down_config=cfg)
+    assert _rel(y, moe_ffn_reference(x, w13, w2, tw, ids)) <= TOL[torch.bfloat16]
+    xs, offsets = _sorted_rows(x, ids, 8)
+    y = grouped_ffn_triton(xs, w13, w2, offsets, gate_up_config=cfg, down_config=cfg)
+    assert _rel(y, grouped_ffn_reference(xs, w13, w2, offsets)) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [8, 2048])
+def test_gpu_deterministic(T):
+    x, w13, w2, tw, ids = _gpu_inputs(T, 64, 2048, 1408, 6)
+    y1 = pk.moe_ffn(x, w13, w2, tw, ids)
+    _poison_allocator()
+    y2 = pk.moe_ffn(x, w13, w2, tw, ids)
+    assert torch.equal(y1, y2)
+    xs, offsets = _sorted_rows(x, ids, 64)
+    assert torch.equal(pk.grouped_ffn(xs, w13, w2, offsets), pk.grouped_ffn(xs, w13, w2, offsets))
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_decode_step():
+    """Route + FFN captured in one CUDA graph (no host synchronisation inside), replayed on new inputs."""
+    x, w13, w2, _, _ = _gpu_inputs(8, 64, 2048, 1408, 6)
+    logits = torch.randn(8, 64, device="cuda")
+
+    def step():
+        tw, ids = pk.moe_route(logits, 6)
+        return pk.moe_ffn(x, w13, w2, tw, ids)
+
+    step()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = step()
+    x.copy_(torch.randn_like(x))
+    logits.copy_(torch.randn_like(logits))
+    graph.replay()
+    tw, ids = pk.moe_route(logits, 6, backend="torch")
+    assert _rel(y, moe_ffn_reference(x, w13, w2, tw, ids)) <= TOL[torch.bfloat16]
