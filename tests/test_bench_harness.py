@@ -250,3 +250,36 @@ def test_cuda_timer_control_flow_with_fake_cuda(monkeypatch, graph, n_sets):
         timed = fake.log[-t.reps * t.inner:]
         for k in range(t.reps):
             assert sorted(timed[k * t.inner:(k + 1) * t.inner]) == sorted(list(range(n_sets)) * (t.inner // n_sets))
+
+
+@pytest.mark.gpu
+def test_gpu_context_timing_and_record(tmp_path):
+    """On a GPU: events and graph timing, a full record with NVML summary and an H800 projection."""
+    c = harness.Context(quick=True, results_dir=tmp_path, echo=False)
+    assert c.on_gpu and c.slug.startswith("nvidia")
+    assert 1 <= c.sets_for(2**20) <= harness.MAX_SETS
+    n = c.sets_for(64 * 2**20)
+    xs = [torch.randn(16 * 2**20, device=c.device) for _ in range(n)]   # 64 MiB each
+    ys = [torch.empty_like(x) for x in xs]
+    t_eager = c.time(lambda i: ys[i].copy_(xs[i]), n_sets=n)
+    t_graph = c.time(lambda i: ys[i].copy_(xs[i]), n_sets=n, graph=True)
+    assert t_eager > 0 and t_graph > 0
+    with c.suite_run("toy_gpu"):
+        rec = c.record(op="toy.copy", backend="torch", shape={"bytes": 64 * 2**20}, dtype="fp32",
+                       time_us=t_graph, bytes=2 * 64 * 2**20, peer=("eager", t_eager))
+    assert rec["timer"] == "cuda-graph" and rec["timing"]["inner"] % n == 0
+    assert rec["h800_projected_us"] is not None and rec["h800_projected_us"] > 0
+    assert rec["nvml"]["available"] is True, rec["nvml"]
+    assert c.ceilings.copy_gbps > 0 and c.ceilings.mm_tflops > 0 and c.ceilings.mm_n == 8192
+    assert (tmp_path / c.slug / "toy_gpu.json").exists()
+
+
+@pytest.mark.multigpu
+def test_nvlink_and_nccl_ceilings():
+    from bench import ceilings
+
+    peer = ceilings.peer_copy((2**20,), quick=True)
+    assert peer[0]["gbps"] > 0
+    out = ceilings.nccl_all_to_all((2**20, 16 * 2**20), quick=True, world_size=2, timeout_s=300)
+    assert [r["ranks"] for r in out] == [2, 2] and all(r["gbps"] > 0 for r in out)
+    assert os.environ["NCCL_NVLS_ENABLE"] == "0"

@@ -88,3 +88,75 @@ def test_env_switch():
         out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYKERNELS_NVTX": value},
                              capture_output=True, text=True, check=True).stdout.strip()
         assert out == expected
+
+
+# --- NVML sampler (profiles/nvml.py) --------------------------------------------------------------
+
+def _fake_pynvml(clocks=(1980, 3201), power_mw=500_000, temp=60, reasons=0x4 | 0x1):
+    import types
+
+    class NVMLError(Exception):
+        pass
+
+    m = types.SimpleNamespace(NVMLError=NVMLError, NVML_CLOCK_SM=0, NVML_CLOCK_MEM=1, NVML_TEMPERATURE_GPU=0)
+    state = {"inits": 0}
+    m.nvmlInit = lambda: state.__setitem__("inits", state["inits"] + 1)
+    m.nvmlShutdown = lambda: state.__setitem__("inits", state["inits"] - 1)
+    m.nvmlDeviceGetHandleByIndex = lambda i: ("handle", i)
+    m.nvmlDeviceGetClockInfo = lambda h, kind: clocks[kind]
+    m.nvmlDeviceGetPowerUsage = lambda h: power_mw
+    m.nvmlDeviceGetTemperature = lambda h, kind: temp
+    m.nvmlDeviceGetCurrentClocksEventReasons = lambda h: reasons
+    return m, state
+
+
+def test_nvml_sampler_with_fake_nvml(monkeypatch):
+    import time
+
+    from profiles import nvml
+
+    fake, state = _fake_pynvml()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    with nvml.NvmlSampler(0, interval_s=0.005) as s:
+        time.sleep(0.05)
+        assert s.available
+    summary = s.summary()
+    assert summary["available"] and summary["samples"] >= 3
+    assert summary["sm_clock_mhz"] == {"min": 1980, "mean": 1980, "max": 1980}
+    assert summary["mem_clock_mhz"]["max"] == 3201
+    assert summary["power_w"]["mean"] == 500.0 and summary["temp_c"]["min"] == 60
+    assert summary["throttle_reasons"] == ["sw_power_cap"]        # gpu_idle is left out
+    assert state["inits"] == 0                                       # shut down again
+    assert s.summary(since=time.monotonic() + 10) == {"available": True, "samples": 0}
+
+
+def test_nvml_sampler_without_nvml(monkeypatch):
+    from profiles import nvml
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)                 # import fails
+    s = nvml.NvmlSampler().start()
+    s.stop()
+    assert not s.available
+    assert s.summary() == {"available": False, "reason": "nvidia-ml-py (pynvml) is not installed"}
+
+
+def test_nvml_sampler_on_this_machine():
+    import torch
+
+    from profiles import nvml
+
+    with nvml.NvmlSampler() as s:
+        pass
+    summary = s.summary()
+    if torch.cuda.is_available():
+        assert summary["available"] and summary["samples"] >= 1
+    else:
+        assert summary["available"] is False and summary["reason"]
+
+
+def test_throttle_names():
+    from profiles.nvml import throttle_names
+
+    assert throttle_names(0) == []
+    assert throttle_names(0x8 | 0x40) == ["hw_slowdown", "hw_thermal_slowdown"]
+    assert throttle_names(0x1000) == ["0x1000"]
