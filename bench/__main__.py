@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
              f"bf16 mm {c.mm_tflops:.2f} TFLOP/s at {c.mm_n}^3")
     names = args.suites or list(suites) + sorted(broken)
     failed = []
-    for name in names:
+    for name in ctx.progress(names, desc="suites"):
         if name in broken:
             ctx.note(f"\n== {name} ==\n!! suite {name} failed, nothing recorded for it: {broken[name]}")
             failed.append(name)
