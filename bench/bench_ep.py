@@ -1,0 +1,328 @@
+"""Expert-parallel dispatch and combine (``pk.ep.Buffer``) against NCCL argsort + all_to_all_single.
+
+    python -m bench ep                        # spawns one process per GPU (needs >= 2 GPUs)
+    torchrun --nproc-per-node 2 -m bench ep   # or one rank per torchrun process; rank 0 records
+
+Records ``ep.dispatch`` and ``ep.combine`` with shape {T, H, top_k, ranks} for every backend that
+works here ("torch" over NCCL; "nvlink", normal and low-latency modes), each with the peer measured in
+the same run: the plain way, one row per (token, expert) pair sorted by expert (argsort), counts
+exchanged with ``all_to_all_single`` and read by the host, then the rows with ``all_to_all_single``;
+its combine sends the pair rows back and sums them with their weights.
+
+Bytes (profiles.cost_model.ep_dispatch / ep_combine): the (token, expert) pair rows whose expert lives
+on another rank, times H times 2, i.e. what an all-to-all of per-pair rows moves across the link. Both
+the op and the peer are measured against the same count, so GB/s compare like with like; the op sends
+fewer bytes (one row per token and destination rank), recorded as ``extra.wire_bytes``.
+
+Timing: every rank runs the same fixed number of samples (collectives must match), CUDA events around
+``inner`` calls; the record holds the slowest rank's median. The low-latency mode is timed as CUDA
+graph replays (how a decode step runs it); everything else eagerly. Routing: uniform random top-k over
+E experts, fresh per input set (2 sets alternate). On a CPU the suite runs the torch backend over gloo
+with two processes at a tiny shape (a smoke test of the code path); with one GPU it is skipped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+SUITE = "ep"
+
+# Shapes: (T tokens per rank, H, top_k, E experts) — DeepSeek-V2 236B (H 5120, 160 experts) prefill and
+# decode, and the Lite shapes (H 2048, 64 experts).
+FULL_SHAPES = [(4096, 5120, 6, 160), (128, 5120, 6, 160), (4096, 2048, 6, 64), (128, 2048, 6, 64)]
+QUICK_SHAPES = [(1024, 5120, 6, 160), (128, 2048, 6, 64)]
+CPU_SHAPES = [(64, 256, 2, 8)]
+# At or below this many tokens a shape is a decode step: the nvlink low-latency mode is measured too.
+DECODE_TOKENS = 128
+WARMUP = 5
+REPS, QUICK_REPS = 30, 6
+# Calls per timed sample: small calls are amortised over several so event overhead vanishes.
+INNER_SMALL, INNER_LARGE = 10, 1
+SMALL_TOKENS = 512
+N_SETS = 2
+SPAWN_LIMIT_S = 480.0          # a hung group is killed and reported, not waited for forever
+
+
+@dataclass(frozen=True)
+class Config:
+    T: int
+    H: int
+    K: int
+    E: int
+
+
+def run(ctx) -> None:
+    if "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _run_torchrun(ctx)
+        return
+    if ctx.on_gpu:
+        gpus = torch.cuda.device_count()
+        if gpus < 2:
+            ctx.note(f"  ep: skipped, expert parallelism needs >= 2 GPUs and this run has {gpus}")
+            return
+        world, pg = gpus, "nccl"
+    else:
+        world, pg = 2, "gloo"
+    results = _spawn(world, pg, ctx.quick)
+    _record_all(ctx, results)
+
+
+def _run_torchrun(ctx) -> None:
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ["LOCAL_RANK"])
+    if rank == 0:
+        ctx.ceilings  # noqa: B018 - measured before the group's timed work, not between its samples
+    results = _measure(rank, world, local, "nccl", ctx.quick)
+    if rank == 0:
+        _record_all(ctx, results)
+
+
+def _configs(pg: str, quick: bool) -> list[Config]:
+    shapes = CPU_SHAPES if pg == "gloo" else (QUICK_SHAPES if quick else FULL_SHAPES)
+    return [Config(*s) for s in shapes]
+
+
+# ---------------------------------------------------------------------------------------------
+# Recording (rank 0 of torchrun, or the parent of the spawned ranks)
+
+
+def _record_all(ctx, results: list[dict]) -> None:
+    from profiles import cost_model
+
+    for r in results:
+        if "error" in r:
+            ctx.note(f"  ep: {r['what']} not measured: {r['error']}")
+            continue
+        shape = {"T": r["T"], "H": r["H"], "top_k": r["K"], "ranks": r["ranks"]}
+        cost = (cost_model.ep_dispatch if r["op"] == "ep.dispatch" else cost_model.ep_combine)(r["pairs_remote"], r["H"])
+        extra = {"experts": r["E"], "mode": r["mode"], "graph": r["graph"], "pg": r["pg"],
+                 "wire_bytes": r["wire_bytes"], "token_rows_remote": r["token_rows_remote"],
+                 "pairs_remote": r["pairs_remote"], "rank_medians_us": r["rank_medians_us"],
+                 "bytes_counted": "(token, expert) pairs with a remote expert x H x 2"}
+        peer = (r["peer_name"], r["peer_us"]) if r.get("peer_us") is not None else None
+        ctx.record(op=r["op"], backend=r["backend"], shape=shape, dtype="bf16", time_us=r["time_us"],
+                   bytes=cost.bytes, flops=cost.flops, peer=peer, extra=extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes
+
+
+def _spawn(world: int, pg: str, quick: bool) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "ep.json"
+        pctx = mp.start_processes(_spawned, args=(world, _free_port(), pg, quick, str(out)), nprocs=world,
+                                  join=False, start_method="spawn")
+        deadline = time.monotonic() + SPAWN_LIMIT_S
+        while not pctx.join(timeout=2):
+            if time.monotonic() > deadline:
+                for p in pctx.processes:
+                    if p.is_alive():
+                        p.kill()
+                raise TimeoutError(f"the ep benchmark ranks did not finish in {SPAWN_LIMIT_S:.0f} s")
+        return json.loads(out.read_text())
+
+
+def _spawned(rank: int, world: int, port: int, pg: str, quick: bool, out: str) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    results = _measure(rank, world, rank, pg, quick)
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _measure(rank: int, world: int, local_rank: int, pg: str, quick: bool) -> list[dict]:
+    """Every rank: time every backend and mode on every config; returns rank 0's view of the records."""
+    from pykernels.ep.buffer import disable_multicast
+
+    if pg == "nccl":
+        disable_multicast()
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+        dist.init_process_group("nccl", rank=rank, world_size=world, device_id=dev)
+    else:
+        dev = torch.device("cpu")
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = []
+        for cfg in _configs(pg, quick):
+            results += _measure_config(cfg, rank, world, dev, pg, quick)
+        dist.barrier()
+        return results
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# The peer: one row per (token, expert) pair, argsort by expert, NCCL all_to_all_single
+
+
+def peer_dispatch(x: torch.Tensor, ids: torch.Tensor, E_local: int, world: int):
+    T, K = ids.shape
+    flat = ids.flatten().long()                                             # [T·K]
+    order = torch.argsort(flat)                                             # [T·K] slots by expert, so by rank
+    rows = x[order // K]                                                    # [T·K, H]
+    send = torch.bincount(flat // E_local, minlength=world)                 # [W] pair rows per rank
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send)
+    s, r = send.tolist(), recv.tolist()
+    out = x.new_empty(sum(r), x.size(1))
+    dist.all_to_all_single(out, rows, r, s)
+    return out, (order, s, r)
+
+
+def peer_combine(expert_out: torch.Tensor, state, weights: torch.Tensor, T: int) -> torch.Tensor:
+    order, s, r = state
+    K = weights.size(1)
+    back = expert_out.new_empty(sum(s), expert_out.size(1))
+    dist.all_to_all_single(back, expert_out, s, r)
+    y = torch.zeros(T, expert_out.size(1), dtype=torch.float32, device=expert_out.device)
+    y.index_add_(0, order // K, back.float() * weights.flatten()[order][:, None])
+    return y.to(expert_out.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _time(fn, dev: torch.device, reps: int, inner: int, graph: bool) -> float:
+    """Median µs of one call of ``fn(i)`` on this rank (i alternating over the input sets)."""
+    for i in range(WARMUP):
+        fn(i % N_SETS)
+    _sync(dev)
+    if dev.type != "cuda":
+        samples = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            for i in range(inner):
+                fn(i % N_SETS)
+            samples.append((time.perf_counter() - start) * 1e6 / inner)
+        return sorted(samples)[len(samples) // 2]
+    run_sample = lambda: [fn(i % N_SETS) for i in range(inner)]          # noqa: E731
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            run_sample()                                                   # warm the graph's allocations
+        torch.cuda.current_stream(dev).wait_stream(side)
+        dist.barrier()
+        with torch.cuda.graph(g):
+            run_sample()
+        _sync(dev)
+        dist.barrier()
+        run_sample = g.replay
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        run_sample()
+        end.record()
+    _sync(dev)
+    return sorted(s.elapsed_time(e) * 1e3 / inner for s, e in events)[reps // 2]
+
+
+def _slowest(t_us: float, dev: torch.device, world: int) -> tuple[float, list[float]]:
+    """The slowest rank's median, and every rank's."""
+    mine = torch.tensor([t_us], dtype=torch.float64, device=dev)
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine)
+    values = [float(v.item()) for v in every]
+    return max(values), values
+
+
+def _inputs(cfg: Config, rank: int, dev: torch.device, seed: int):
+    g = torch.Generator(device=dev).manual_seed(1000 * seed + rank)
+    x = torch.randn(cfg.T, cfg.H, generator=g, device=dev).to(torch.bfloat16)
+    scores = torch.rand(cfg.T, cfg.E, generator=g, device=dev)
+    ids = scores.topk(cfg.K, dim=1).indices.to(torch.int32)                 # [T, K] distinct experts
+    weights = torch.rand(cfg.T, cfg.K, generator=g, device=dev)
+    return x, ids, weights
+
+
+def _measure_config(cfg: Config, rank: int, world: int, dev: torch.device, pg: str, quick: bool) -> list[dict]:
+    from pykernels import ep
+
+    E_local = cfg.E // world
+    reps = QUICK_REPS if quick else REPS
+    inner = INNER_SMALL if cfg.T <= SMALL_TOKENS else INNER_LARGE
+    sets = [_inputs(cfg, rank, dev, seed) for seed in range(N_SETS)]
+    owner = [ids.long() // E_local for _, ids, _ in sets]
+    pairs_remote = int((owner[0] != rank).sum())
+    token_rows_remote = sum(int((owner[0] == r).any(1).sum()) for r in range(world) if r != rank)
+    base = {"T": cfg.T, "H": cfg.H, "K": cfg.K, "E": cfg.E, "ranks": world, "pg": pg,
+            "pairs_remote": _mean(pairs_remote, dev), "token_rows_remote": _mean(token_rows_remote, dev)}
+
+    # The peer, in the same run.
+    peer_state = [peer_dispatch(x, ids, E_local, world) for x, ids, _ in sets]
+    peer_d, _ = _slowest(_time(lambda i: peer_dispatch(sets[i][0], sets[i][1], E_local, world), dev, reps, inner,
+                               False), dev, world)
+    peer_c, _ = _slowest(_time(lambda i: peer_combine(peer_state[i][0], peer_state[i][1], sets[i][2], cfg.T), dev,
+                               reps, inner, False), dev, world)
+    peer_name = "NCCL argsort + all_to_all_single" if pg == "nccl" else "gloo argsort + all_to_all_single"
+    del peer_state
+
+    variants = [("torch", False)]
+    if pg == "nccl":
+        variants.append(("nvlink", False))
+        if cfg.T <= DECODE_TOKENS:
+            variants.append(("nvlink", True))
+    results = []
+    for backend, low_latency in variants:
+        what = f"{backend}{' low-latency' if low_latency else ''} at T={cfg.T} H={cfg.H}"
+        try:
+            buf = ep.Buffer(dist.group.WORLD, cfg.H, cfg.E, cfg.T, dtype=torch.bfloat16, backend=backend,
+                            max_top_k=cfg.K, device=dev)
+        except ValueError as error:
+            results.append({"what": what, "error": str(error)})
+            continue
+        try:
+            results += _measure_buffer(buf, sets, cfg, base, low_latency, dev, world, reps, inner,
+                                       peer_name, peer_d, peer_c)
+        except Exception:  # noqa: BLE001 - the other variants still run; the parent reports this one
+            results.append({"what": what, "error": traceback.format_exc(limit=4)})
+        finally:
+            buf.close()
+    return results
+
+
+def _measure_buffer(buf, sets, cfg: Config, base: dict, low_latency: bool, dev, world: int, reps: int, inner: int,
+                    peer_name: str, peer_d: float, peer_c: float) -> list[dict]:
+    kw = {"low_latency": True} if low_latency else {}
+    outs = [buf.dispatch(x, ids, w, **kw) for x, ids, w in sets]
+    graph = low_latency
+    t_d, ranks_d = _slowest(_time(lambda i: buf.dispatch(*sets[i], **kw), dev, reps, inner, graph), dev, world)
+    t_c, ranks_c = _slowest(_time(lambda i: buf.combine(outs[i][0], outs[i][4]), dev, reps, inner, graph), dev, world)
+    row_bytes = cfg.H * 2
+    wire = base["token_rows_remote"] * row_bytes
+    common = dict(base, backend=buf.backend, mode="low_latency" if low_latency else "normal", graph=graph,
+                  wire_bytes=wire, peer_name=peer_name)
+    return [dict(common, op="ep.dispatch", time_us=t_d, rank_medians_us=ranks_d, peer_us=peer_d),
+            dict(common, op="ep.combine", time_us=t_c, rank_medians_us=ranks_c, peer_us=peer_c)]
+
+
+def _mean(value: int, dev: torch.device) -> int:
+    """The mean over ranks of a per-rank count (the records speak for an average rank)."""
+    t = torch.tensor([float(value)], dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
+    return round(float(t.item()) / dist.get_world_size())
