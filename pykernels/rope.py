@@ -376,10 +376,10 @@ def rope_and_cache_reference(q: torch.Tensor, kv_latent: torch.Tensor, k_pe: tor
     rows = torch.cat((kv_latent.float(), k_rot), dim=-1).to(k_cache.dtype)  # [T, L + d]
     slots = slot_mapping.long()
     write = ok & (slots >= 0) & (slots < num_slots)  # [T]
-    first = torch.argmax(write.to(torch.int32))  # index of the first written row (0 when none)
+    first = torch.argmax(write.to(torch.int32)).view(1)  # [1] the first written row (0 when none)
     any_write = write.any()
-    fallback_slot = torch.where(any_write, slots[first], 0)  # scalar
-    fallback_row = torch.where(any_write, rows[first], cache_rows[0])  # [L + d]
+    fallback_slot = torch.where(any_write, slots.index_select(0, first), 0)  # [1]
+    fallback_row = torch.where(any_write, rows.index_select(0, first), cache_rows[:1])  # [1, L + d]
     index = torch.where(write, slots, fallback_slot)  # [T]
     values = torch.where(write[:, None], rows, fallback_row)  # [T, L + d]
     cache_rows.index_put_((index,), values)

@@ -593,3 +593,20 @@ def test_large_shapes(backend, T, H):
     assert rel(q.float(), q_ref.float()) <= TOL[torch.bfloat16]
     assert torch.equal(cache.isnan(), cache_ref.isnan())
     assert rel(cache.nan_to_num().float(), cache_ref.nan_to_num().float()) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("backend,dtype,device", [p for p in backend_params() if p.values[1] == torch.float32])
+def test_cache_without_blocks_still_rotates_q(backend, dtype, device):
+    """A cache with no rows: every slot is out of range (flagged, nothing written), q is still rotated."""
+    rope_mod.check_errors()
+    rope = make_rope(device=device)
+    q = torch.randn(2, 3, 576, device=device)
+    q0 = q.clone()
+    positions = torch.tensor([4, 5], device=device)
+    cache = torch.empty(0, 16, 1, 576, device=device)
+    rope_mod._rope_and_cache_impl(q, torch.randn(2, 512, device=device), torch.randn(2, 64, device=device), positions,
+                                  rope.cos_sin_cache, cache, torch.tensor([-1, 0], device=device),
+                                  rope_mod.error_flag(device), True, backend)
+    assert rel(q[..., 512:].cpu(), oracle_rotate(q0[..., 512:], positions, rope)) < 1e-5
+    with pytest.raises(ValueError, match="^slot_mapping"):
+        rope_mod.check_errors(device)

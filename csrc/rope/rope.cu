@@ -287,7 +287,8 @@ void rope_rows(std::uintptr_t q_src, std::int64_t q_src_stride_t, std::int64_t q
   PK_CHECK(slots != 0 || k_dst_rows >= tokens, "k_dst_rows: without slots k_dst needs a row per token (", tokens,
            "), got ", k_dst_rows);
   if (tokens == 0) return;
-  PK_CHECK(q_src != 0 && q_dst != 0 && k_src != 0 && k_dst != 0, "q_src/q_dst/k_src/k_dst: null pointer");
+  PK_CHECK(q_src != 0 && q_dst != 0 && k_src != 0, "q_src/q_dst/k_src: null pointer");
+  PK_CHECK(k_dst != 0 || k_dst_rows == 0, "k_dst: null pointer with ", k_dst_rows, " rows");
   PK_CHECK(positions != 0 && cos_sin != 0 && flag != 0, "positions/cos_sin/flag: null pointer");
   PK_CHECK(static_cast<std::int64_t>(heads) * rotary_dim + rotary_dim + latent_dim < (std::int64_t{1} << 30),
            "heads * rotary_dim + latent_dim: too many values per token");
