@@ -14,7 +14,7 @@ Two kernels:
    With one split it writes ``out`` and ``lse`` directly; with several it writes each split's
    normalised output and base-2 LSE to float32 scratch.
 
-2. ``_mla_decode_combine_kernel``, one program per (batch, row): merges the splits by their LSE in
+2. ``_mla_decode_combine_kernel``, one program per (batch, row, 128 value columns): merges the splits by their LSE in
    float32: ``out = sum_s w_s o_s / sum_s w_s`` with ``w_s = 2^(lse_s - max lse)``.
 
 Split count: chosen on the host from shapes only (batch, row blocks, ``max_blocks_per_seq *
@@ -80,7 +80,12 @@ CONFIG_TABLE: tuple[tuple[int, MLADecodeConfig], ...] = (
 # Under the interpreter: small tiles keep the CPU tests fast (shape coverage matters there, not speed).
 INTERPRETER_CONFIG = MLADecodeConfig(block_m=16, block_n=16, num_warps=4, num_stages=1, waves=1.0, min_chunk=16)
 
-# The combine kernel's warps: a [head_dim_v] float32 row per program (512 values = 4 per thread).
+# The combine kernel: each program merges 128 value columns of one row, loading the partials of
+# 16 splits at once (16 x 128 float32 = 8 KB in flight per program, 16 values per thread with 4
+# warps), so even b = 1 with 128 splits (16 rows x 4 column blocks = 64 programs) streams its
+# 4 MB of partials instead of walking the splits one load at a time.
+_COMBINE_BLOCK_DV = 128
+_COMBINE_TILE_S = 16
 _COMBINE_WARPS = 4
 
 
@@ -205,7 +210,9 @@ def _attend_keys_major(q_v, q_r, K, bt_row, stride_btj, stride_kblock, stride_kr
     return tl.trans(acc_t), m_i, l_i
 
 
-@triton.jit
+# Runtime sizes that change per call are not specialised (Triton would otherwise compile a variant
+# for values equal to 1 or divisible by 16).
+@triton.jit(do_not_specialize=["stride_btb", "num_blocks", "max_blocks", "num_splits", "min_chunk"])
 def _mla_decode_split_kernel(
     Q,  # [B, QL, H, DV + DR], last dim contiguous
     K,  # [num_blocks, PAGE, 1, DV + DR], last dim contiguous
@@ -284,7 +291,7 @@ def _mla_decode_split_kernel(
         tl.store(LSE + lse_idx, lse2 * _LN2, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _mla_decode_combine_kernel(
     O_PART,  # float32 [B, num_splits, QL * H, DV]
     LSE_PART,  # float32 [B, num_splits, QL * H], base 2
@@ -292,34 +299,39 @@ def _mla_decode_combine_kernel(
     LSE,  # float32 [B, H, QL] contiguous, natural log
     q_len, num_heads, num_splits,
     DV: tl.constexpr,  # value columns (512)
-    BLOCK_S: tl.constexpr,  # num_splits rounded up to a power of two
+    BLOCK_DV: tl.constexpr,  # value columns per program (DV is cut into DV / BLOCK_DV programs)
+    BLOCK_S: tl.constexpr,  # num_splits rounded up to a power of two: all LSEs are read at once
+    TILE_S: tl.constexpr,  # splits whose partials are loaded together (<= BLOCK_S)
 ):
     b = tl.program_id(0)
     row = tl.program_id(1)  # flattened (i, h)
+    col_block = tl.program_id(2)
     rows_total = q_len * num_heads
-    cols = tl.arange(0, DV)
-    splits = tl.arange(0, BLOCK_S)
+    cols = col_block * BLOCK_DV + tl.arange(0, BLOCK_DV)  # [BLOCK_DV]
 
-    first = b.to(tl.int64) * num_splits * rows_total + row  # partial (b, split 0, row)
-    lse_s = tl.load(LSE_PART + first + splits * rows_total, mask=splits < num_splits, other=float("-inf"))  # [S]
+    # Partial (b, split s, row) is at first + s * rows_total.
+    first = b.to(tl.int64) * num_splits * rows_total + row
+    all_splits = tl.arange(0, BLOCK_S)
+    lse_s = tl.load(LSE_PART + first + all_splits * rows_total, mask=all_splits < num_splits, other=float("-inf"))
     m = tl.max(lse_s, axis=0)
-    m_sub = tl.where(m == float("-inf"), 0.0, m)
+    m_sub = tl.where(m == float("-inf"), 0.0, m)  # every split empty: all weights 0, not NaN
     denom = tl.sum(tl.exp2(lse_s - m_sub), axis=0)
 
-    acc = tl.zeros([DV], dtype=tl.float32)
-    for s in range(num_splits):
-        part = first + s * rows_total
-        w = tl.exp2(tl.load(LSE_PART + part) - m_sub)
-        w_row = tl.zeros([DV], dtype=tl.float32) + w  # [DV]
-        o_s = tl.load(O_PART + part * DV + cols, mask=w_row > 0.0, other=0.0)  # [DV]; skip empty splits
-        acc += w_row * o_s
+    acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
+    for s0 in range(0, num_splits, TILE_S):
+        splits = s0 + tl.arange(0, TILE_S)  # [TILE_S]
+        part = first + splits * rows_total
+        w = tl.exp2(tl.load(LSE_PART + part, mask=splits < num_splits, other=float("-inf")) - m_sub)  # [TILE_S]
+        # Empty (and padding) splits have weight 0 and were never written: not loaded.
+        o_s = tl.load(O_PART + part[:, None] * DV + cols[None, :], mask=(w > 0.0)[:, None], other=0.0)
+        acc += tl.sum(w[:, None] * o_s, axis=0)  # [BLOCK_DV]
 
     o = acc / tl.where(denom > 0.0, denom, 1.0)
     tl.store(OUT + (b.to(tl.int64) * rows_total + row) * DV + cols, o.to(OUT.dtype.element_ty))
     qi = row // num_heads
     head = row % num_heads
     lse = tl.where(denom > 0.0, (m_sub + tl.log2(tl.where(denom > 0.0, denom, 1.0))) * _LN2, float("-inf"))
-    tl.store(LSE + (b.to(tl.int64) * num_heads + head) * q_len + qi, lse)
+    tl.store(LSE + (b.to(tl.int64) * num_heads + head) * q_len + qi, lse, mask=col_block == 0)
 
 
 def _is_pow2_at_least_16(x: int) -> bool:
@@ -393,11 +405,15 @@ def mla_decode_triton(
         num_stages=config.num_stages,
     )
     if split:
-        _mla_decode_combine_kernel[(batch, rows)](
+        block_s = triton.next_power_of_2(num_splits)
+        block_dv = min(_COMBINE_BLOCK_DV, head_dim_v)
+        _mla_decode_combine_kernel[(batch, rows, head_dim_v // block_dv)](
             o_part, lse_part, out, lse,
             q_len, num_heads, num_splits,
             DV=head_dim_v,
-            BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_DV=block_dv,
+            BLOCK_S=block_s,
+            TILE_S=min(_COMBINE_TILE_S, block_s),
             num_warps=_COMBINE_WARPS,
         )
     return out, lse
