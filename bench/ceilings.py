@@ -64,23 +64,28 @@ def measure(ctx) -> Ceilings:
 
 
 def _measure(ctx) -> Ceilings:
-    dev = ctx.device
-    gen = torch.Generator(device=dev).manual_seed(0)
+    gen = torch.Generator(device=ctx.device).manual_seed(0)
     nbytes = GPU_COPY_BYTES if ctx.on_gpu else CPU_COPY_BYTES
-    src = torch.rand(nbytes // 4, device=dev, generator=gen)
-    dst = torch.empty_like(src)
-    copy_us = ctx.time(lambda i: dst.copy_(src))
-    del src, dst
+    copy_us = _time_copy(ctx, nbytes, gen)
     n = GPU_MM_N if ctx.on_gpu else CPU_MM_N
-    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16, generator=gen)
-    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16, generator=gen)
-    c = torch.empty(n, n, device=dev, dtype=torch.bfloat16)
-    mm_us = ctx.time(lambda i: torch.mm(a, b, out=c))
-    del a, b, c
+    mm_us = _time_mm(ctx, n, gen)
     if ctx.on_gpu:
         torch.cuda.empty_cache()
     return Ceilings(device=ctx.device_name, copy_gbps=2 * nbytes / (copy_us * 1e3), copy_time_us=copy_us,
                     copy_buffer_bytes=nbytes, mm_tflops=2 * n**3 / (mm_us * 1e6), mm_time_us=mm_us, mm_n=n)
+
+
+def _time_copy(ctx, nbytes: int, gen: torch.Generator) -> float:
+    src = torch.rand(nbytes // 4, device=ctx.device, generator=gen)
+    dst = torch.empty_like(src)
+    return ctx.time(lambda i: dst.copy_(src))
+
+
+def _time_mm(ctx, n: int, gen: torch.Generator) -> float:
+    a = torch.randn(n, n, device=ctx.device, dtype=torch.bfloat16, generator=gen)
+    b = torch.randn(n, n, device=ctx.device, dtype=torch.bfloat16, generator=gen)
+    c = torch.empty(n, n, device=ctx.device, dtype=torch.bfloat16)
+    return ctx.time(lambda i: torch.mm(a, b, out=c))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,16 +95,18 @@ def _measure(ctx) -> Ceilings:
 def peer_copy(sizes: tuple[int, ...], quick: bool, src: int = 0, dst: int = 1) -> list[dict[str, Any]]:
     """One-way copy GPU ``src`` → GPU ``dst`` (copy engine, peer access when the driver allows it).
     Returns [{"bytes", "time_us", "gbps", "p2p"}]; bandwidth counts the bytes that cross once."""
-    out = []
     p2p = torch.cuda.can_device_access_peer(src, dst)
+    out = []
     for size in sizes:
-        a = torch.rand(size // 4, device=f"cuda:{src}")
-        b = torch.empty(size // 4, device=f"cuda:{dst}")
-        t = time_cuda(lambda i: b.copy_(a), budget=QUICK if quick else FULL,
-                      device=torch.device("cuda", src)).median_us
+        t = _time_peer_copy(size, src, dst, QUICK if quick else FULL)
         out.append({"bytes": size, "time_us": t, "gbps": size / (t * 1e3), "p2p": p2p})
-        del a, b
     return out
+
+
+def _time_peer_copy(size: int, src: int, dst: int, budget) -> float:
+    a = torch.rand(size // 4, device=f"cuda:{src}")
+    b = torch.empty(size // 4, device=f"cuda:{dst}")
+    return time_cuda(lambda i: b.copy_(a), budget=budget, device=torch.device("cuda", src)).median_us
 
 
 def nccl_all_to_all(sizes: tuple[int, ...], quick: bool, world_size: int | None = None,
@@ -161,32 +168,35 @@ def _all_to_all_worker(rank: int, world_size: int, port: int, sizes: list[int], 
     try:
         results = []
         for size in sizes:
-            n = size // 2 // world_size * world_size   # bf16 elements, divisible into equal splits
-            x = torch.randn(n, device=dev).to(torch.bfloat16)
-            y = torch.empty_like(x)
-            inner = _A2A_INNER_SMALL if size <= _A2A_SMALL else 1
-            reps = _A2A_QUICK_REPS if quick else _A2A_REPS
-
-            def sample() -> None:
-                for _ in range(inner):
-                    dist.all_to_all_single(y, x)
-
-            for _ in range(_A2A_WARMUP):
-                dist.all_to_all_single(y, x)
-            samples = _time_samples(sample, reps, on_gpu)
-            samples = sorted(s / inner for s in samples)
-            median = torch.tensor([samples[len(samples) // 2]], device=dev, dtype=torch.float64)
-            dist.all_reduce(median, op=dist.ReduceOp.MAX)
-            t = float(median.item())
-            sent = n * 2 * (world_size - 1) // world_size
-            results.append({"bytes": n * 2, "ranks": world_size, "time_us": t, "gbps": sent / (t * 1e3),
-                            "remote_bytes": sent})
-            del x, y
+            results.append(_time_all_to_all(size, world_size, dev, quick, on_gpu))
         if rank == 0:
             Path(out_file).write_text(json.dumps(results))
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _time_all_to_all(size: int, world_size: int, dev: torch.device, quick: bool, on_gpu: bool) -> dict:
+    import torch.distributed as dist
+
+    n = size // 2 // world_size * world_size   # bf16 elements, divisible into equal splits
+    x = torch.randn(n, device=dev).to(torch.bfloat16)
+    y = torch.empty_like(x)
+    inner = _A2A_INNER_SMALL if size <= _A2A_SMALL else 1
+    reps = _A2A_QUICK_REPS if quick else _A2A_REPS
+
+    def sample() -> None:
+        for _ in range(inner):
+            dist.all_to_all_single(y, x)
+
+    for _ in range(_A2A_WARMUP):
+        dist.all_to_all_single(y, x)
+    samples = sorted(s / inner for s in _time_samples(sample, reps, on_gpu))
+    median = torch.tensor([samples[len(samples) // 2]], device=dev, dtype=torch.float64)
+    dist.all_reduce(median, op=dist.ReduceOp.MAX)   # the slowest rank's median
+    t = float(median.item())
+    sent = n * 2 * (world_size - 1) // world_size
+    return {"bytes": n * 2, "ranks": world_size, "time_us": t, "gbps": sent / (t * 1e3), "remote_bytes": sent}
 
 
 def _time_samples(sample, reps: int, on_gpu: bool) -> list[float]:
