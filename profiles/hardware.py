@@ -185,13 +185,11 @@ def detect(index: int = 0) -> DetectedGpu | None:
         handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         name = pynvml.nvmlDeviceGetName(handle)
         name = name.decode() if isinstance(name, bytes) else name
-        clock = _nvml_or_none(pynvml.nvmlDeviceGetMaxClockInfo, handle, pynvml.NVML_CLOCK_MEM)
-        width = _nvml_or_none(pynvml.nvmlDeviceGetMemoryBusWidth, handle)
-        memory = _nvml_or_none(pynvml.nvmlDeviceGetMemoryInfo, handle)
-        links = 0
-        for link in range(pynvml.NVML_NVLINK_MAX_LINKS):
-            if _nvml_or_none(pynvml.nvmlDeviceGetNvLinkState, handle, link) == pynvml.NVML_FEATURE_ENABLED:
-                links += 1
+        clock = _nvml_or_none("nvmlDeviceGetMaxClockInfo", handle, pynvml.NVML_CLOCK_MEM)
+        width = _nvml_or_none("nvmlDeviceGetMemoryBusWidth", handle)
+        memory = _nvml_or_none("nvmlDeviceGetMemoryInfo", handle)
+        links = sum(1 for link in range(getattr(pynvml, "NVML_NVLINK_MAX_LINKS", 18))
+                    if _nvml_or_none("nvmlDeviceGetNvLinkState", handle, link) == pynvml.NVML_FEATURE_ENABLED)
         return DetectedGpu(
             index=index, name=name, slug=device_slug(name), memory_clock_mhz=clock,
             bus_width_bits=width,
@@ -204,9 +202,13 @@ def detect(index: int = 0) -> DetectedGpu | None:
         pynvml.nvmlShutdown()
 
 
-def _nvml_or_none(fn, *args):
+def _nvml_or_none(fn_name: str, *args):
+    """``pynvml.<fn_name>(*args)``, or None when the query fails or this nvidia-ml-py lacks it."""
     import pynvml
 
+    fn = getattr(pynvml, fn_name, None)
+    if fn is None:
+        return None
     try:
         return fn(*args)
     except pynvml.NVMLError:

@@ -113,8 +113,8 @@ class NvmlSampler:
                    nv.nvmlDeviceGetPowerUsage(h) / 1000.0,
                    nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU),
                    int(reasons(h)))
-        except nv.NVMLError as e:
-            self.reason = f"NVML query failed: {e}"
+        except Exception as e:  # noqa: BLE001 - NVMLError, or a query this nvidia-ml-py lacks
+            self.reason = f"NVML query failed: {type(e).__name__}: {e}"
             self._stop.set()
             return
         with self._lock:

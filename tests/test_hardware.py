@@ -88,3 +88,33 @@ def test_detect_without_gpu_returns_none():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     assert hw.detect(0) is None
+
+
+def test_detect_with_fake_nvml(monkeypatch):
+    import sys
+    import types
+
+    class NVMLError(Exception):
+        pass
+
+    def link_state(h, link):
+        if link >= 18:
+            raise NVMLError("no such link")
+        return 1
+
+    fake = types.SimpleNamespace(
+        NVMLError=NVMLError, NVML_CLOCK_MEM=2, NVML_FEATURE_ENABLED=1, NVML_NVLINK_MAX_LINKS=36,
+        nvmlInit=lambda: None, nvmlShutdown=lambda: None,
+        nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetName=lambda h: b"NVIDIA H200",
+        nvmlDeviceGetMaxClockInfo=lambda h, kind: 3131,
+        nvmlDeviceGetMemoryBusWidth=lambda h: 6144,
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(total=140 * 2**30),
+        nvmlDeviceGetNvLinkState=link_state)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    d = hw.detect(0)
+    assert d.name == "NVIDIA H200" and d.slug == "nvidia-h200" and d.spec is hw.GPUS["h200"]
+    assert d.theoretical_gbps == pytest.approx(4809.2, abs=0.1) and d.nvlink_links == 18
+    assert d.memory_gib == 140
+    del fake.nvmlDeviceGetMemoryBusWidth          # an older nvidia-ml-py
+    assert hw.detect(0).theoretical_gbps is None
