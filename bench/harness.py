@@ -21,6 +21,7 @@ import contextlib
 import datetime
 import functools
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -220,7 +221,10 @@ def _replay_us(g: torch.cuda.CUDAGraph, inner: int, sync: Callable[[], None]) ->
 
 @functools.cache
 def git_commit() -> str:
-    """``git rev-parse --short HEAD`` of the repository, + "-dirty" when tracked files changed."""
+    """``git rev-parse --short HEAD`` of the repository, + "-dirty" when tracked files changed.
+    $PYKERNELS_GIT_COMMIT, when set, is used instead (a tree copied to a GPU machine without .git)."""
+    if os.environ.get("PYKERNELS_GIT_COMMIT"):
+        return os.environ["PYKERNELS_GIT_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, check=True,
                               capture_output=True, text=True, timeout=10).stdout.strip()
