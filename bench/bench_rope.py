@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 
 import pykernels as pk
-from pykernels import _backend, _ext
 from profiles import cost_model
+from pykernels import _backend, _ext
 
 SUITE = "rope"
 
@@ -76,7 +76,6 @@ def empty_launch(ctx) -> tuple[float, str]:
         return ctx.time(lambda i: ext.empty_kernel(torch.cuda.current_stream().cuda_stream), graph=True), \
             "cuda _C.empty_kernel<<<1, 32>>>"
     import triton
-    import triton.language as tl
 
     @triton.jit
     def _empty(ptr):  # one program that does nothing with its argument
@@ -96,54 +95,62 @@ def backends_for(ctx) -> list[str]:
 
 
 def run(ctx) -> None:
-    device = ctx.device
     dtype = torch.bfloat16 if ctx.on_gpu else torch.float32
-    elem = torch.tensor([], dtype=dtype).element_size()
     max_position = 163840 if ctx.on_gpu else 8192
-    rope = pk.YarnRotary(max_position=max_position, device=device)
-    backends = backends_for(ctx)
+    rope = pk.YarnRotary(max_position=max_position, device=ctx.device)
+    empty = None
     if ctx.on_gpu:
-        empty_us, empty_name = empty_launch(ctx)
-        ctx.note(f"  empty kernel launch (CUDA-graph replay): {empty_us:.3f} µs [{empty_name}]")
-    else:
-        empty_us, empty_name = None, None
+        empty = empty_launch(ctx)
+        ctx.note(f"  empty kernel launch (CUDA-graph replay): {empty[0]:.3f} µs [{empty[1]}]")
     shapes = ([("decode", T, h) for h in HEADS for T in DECODE_T] + [("prefill", PREFILL_T, h) for h in HEADS]
               if ctx.on_gpu else list(CPU_SHAPES))
-
     for phase, T, h in shapes:
-        shape = {"T": T, "h": h}
-        if not ctx.want(shape):
-            continue
-        decode = phase == "decode"
-        graph = ctx.on_gpu  # prefill too: h16 is ~25 µs of HBM time, less than the Python side of one call
-        q_dim = KV_LORA_RANK + ROTARY_DIM if decode else NOPE_DIM + ROTARY_DIM
-        cost_ar = cost_model.apply_rotary(T, h, ROTARY_DIM, elem_bytes=elem)
-        cost_rc = cost_model.rope_and_cache(T, h, KV_LORA_RANK, ROTARY_DIM, elem_bytes=elem)
-        n_sets = ctx.sets_for(cost_rc.bytes)
-        sets = [make_set(T, h, q_dim, dtype, device, seed=i, max_position=max_position) for i in range(n_sets)]
-        q_pes = [s["q"][..., -ROTARY_DIM:].contiguous() for s in sets]  # apply_rotary's standalone q_pe
-        extra = {"phase": phase, "q_head_dim": q_dim, "n_sets": n_sets, "graph": graph}
-        if empty_us is not None and decode:
-            extra.update(empty_launch_us=round(empty_us, 4), empty_launch=empty_name)
+        if ctx.want({"T": T, "h": h}):
+            bench_shape(ctx, rope, phase, T, h, dtype, empty)
+            pk.rope.check_errors(ctx.device)
+            if ctx.on_gpu:
+                torch.cuda.empty_cache()
 
-        t_peer_ar = ctx.time(lambda i: peer_apply_rotary(q_pes[i], sets[i]["k_pe"], sets[i]["positions"],
-                                                         rope.cos_sin_cache), n_sets=n_sets, graph=graph)
-        t_peer_rc = ctx.time(lambda i: peer_rope_and_cache(
-            sets[i]["q"], sets[i]["kv_latent"], sets[i]["k_pe"], sets[i]["positions"], rope.cos_sin_cache,
-            sets[i]["k_cache"], sets[i]["slot_mapping"]), n_sets=n_sets, graph=graph)
-        for backend in backends:
-            t_ar = ctx.time(lambda i: pk.apply_rotary(q_pes[i], sets[i]["k_pe"], sets[i]["positions"], rope,
-                                                      backend=backend), n_sets=n_sets, graph=graph)
-            t_rc = ctx.time(lambda i: pk.rope_and_cache(rope=rope, backend=backend, **sets[i]),
-                            n_sets=n_sets, graph=graph)
-            for op, t, t_peer, cost in (("apply_rotary", t_ar, t_peer_ar, cost_ar),
-                                        ("rope_and_cache", t_rc, t_peer_rc, cost_rc)):
-                rec_extra = dict(extra)
-                if empty_us is not None and decode:
-                    rec_extra["x_empty_launch"] = round(t / empty_us, 3)
-                ctx.record(op=op, backend=backend, shape=shape, dtype=DTYPE_NAMES[dtype], time_us=t,
-                           bytes=cost.bytes, flops=cost.flops, peer=(PEER_NAME, t_peer), extra=rec_extra)
-        pk.rope.check_errors(device)
-        del sets, q_pes
-        if ctx.on_gpu:
-            torch.cuda.empty_cache()
+
+def bench_shape(ctx, rope: pk.YarnRotary, phase: str, T: int, h: int, dtype: torch.dtype,
+                empty: tuple[float, str] | None) -> None:
+    """Time the peer and every backend at one shape; one record per (op, backend)."""
+    decode = phase == "decode"
+    graph = ctx.on_gpu  # prefill too: h16 is ~25 µs of HBM time, less than the Python side of one call
+    elem = torch.tensor([], dtype=dtype).element_size()
+    q_dim = KV_LORA_RANK + ROTARY_DIM if decode else NOPE_DIM + ROTARY_DIM
+    costs = {"apply_rotary": cost_model.apply_rotary(T, h, ROTARY_DIM, elem_bytes=elem),
+             "rope_and_cache": cost_model.rope_and_cache(T, h, KV_LORA_RANK, ROTARY_DIM, elem_bytes=elem)}
+    n_sets = ctx.sets_for(costs["rope_and_cache"].bytes)
+    sets = [make_set(T, h, q_dim, dtype, ctx.device, seed=i, max_position=rope.max_position) for i in range(n_sets)]
+    q_pes = [s["q"][..., -ROTARY_DIM:].contiguous() for s in sets]  # apply_rotary's standalone q_pe
+    cos_sin = rope.cos_sin_cache
+
+    def peer_ar(i):
+        return peer_apply_rotary(q_pes[i], sets[i]["k_pe"], sets[i]["positions"], cos_sin)
+
+    def peer_rc(i):
+        s = sets[i]
+        return peer_rope_and_cache(s["q"], s["kv_latent"], s["k_pe"], s["positions"], cos_sin, s["k_cache"],
+                                   s["slot_mapping"])
+
+    peers = {"apply_rotary": ctx.time(peer_ar, n_sets=n_sets, graph=graph),
+             "rope_and_cache": ctx.time(peer_rc, n_sets=n_sets, graph=graph)}
+    extra = {"phase": phase, "q_head_dim": q_dim, "n_sets": n_sets, "graph": graph}
+    if empty is not None and decode:
+        extra.update(empty_launch_us=round(empty[0], 4), empty_launch=empty[1])
+    for backend in backends_for(ctx):
+        def ours_ar(i, backend=backend):
+            return pk.apply_rotary(q_pes[i], sets[i]["k_pe"], sets[i]["positions"], rope, backend=backend)
+
+        def ours_rc(i, backend=backend):
+            return pk.rope_and_cache(rope=rope, backend=backend, **sets[i])
+
+        times = {"apply_rotary": ctx.time(ours_ar, n_sets=n_sets, graph=graph),
+                 "rope_and_cache": ctx.time(ours_rc, n_sets=n_sets, graph=graph)}
+        for op, t in times.items():
+            rec_extra = dict(extra)
+            if empty is not None and decode:
+                rec_extra["x_empty_launch"] = round(t / empty[0], 3)
+            ctx.record(op=op, backend=backend, shape={"T": T, "h": h}, dtype=DTYPE_NAMES[dtype], time_us=t,
+                       bytes=costs[op].bytes, flops=costs[op].flops, peer=(PEER_NAME, peers[op]), extra=rec_extra)

@@ -60,7 +60,7 @@ from pykernels._checks import (
     value_checks_enabled,
 )
 
-__all__ = ["YarnRotary", "apply_rotary", "rope_and_cache", "check_errors", "error_flag", "yarn_get_mscale"]
+__all__ = ["YarnRotary", "apply_rotary", "check_errors", "error_flag", "rope_and_cache", "yarn_get_mscale"]
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -427,7 +427,7 @@ def _apply_rotary_impl(q_pe, k_pe, positions, cos_sin_cache, flag, interleaved, 
 
 def _rope_and_cache_impl(q, kv_latent, k_pe, positions, cos_sin_cache, k_cache, slot_mapping, flag,
                          interleaved, backend):
-    T, H, Dq = q.shape
+    T, _, Dq = q.shape
     d = cos_sin_cache.shape[1]
     if T == 0:
         return
@@ -554,7 +554,7 @@ def apply_rotary(q_pe: torch.Tensor, k_pe: torch.Tensor, positions: torch.Tensor
     dtype; the arithmetic is float32. ``backend``: None (fastest for the device), "torch", "triton", "cuda".
     """
     check_tensor("q_pe", q_pe, dtype=FLOAT_DTYPES, ndim=3, last_dim_contiguous=True)
-    T, H, d = q_pe.shape
+    T, _, d = q_pe.shape
     rope = _check_rope(rope, q_pe.device)
     if d != rope.rotary_dim:
         raise ValueError(f"q_pe: expected last dimension rope.rotary_dim = {rope.rotary_dim}, got shape "
@@ -587,7 +587,7 @@ def rope_and_cache(q: torch.Tensor, kv_latent: torch.Tensor, k_pe: torch.Tensor,
     q, kv_latent, k_pe and k_cache share one dtype (bf16, fp16 or fp32). One kernel launch on CUDA.
     """
     check_tensor("q", q, dtype=FLOAT_DTYPES, ndim=3, last_dim_contiguous=True)
-    T, H, Dq = q.shape
+    T, _, Dq = q.shape
     rope = _check_rope(rope, q.device)
     d = rope.rotary_dim
     if Dq < d:
