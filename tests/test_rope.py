@@ -109,6 +109,13 @@ def test_table_matches_deepseek_transcription(cfg):
     assert torch.equal(cos[:, :32], cos[:, 32:])  # DeepSeek repeats the frequencies over both halves
 
 
+@pytest.mark.gpu
+def test_table_built_on_the_gpu_matches_the_cpu_one():
+    gpu = make_rope(device="cuda", **LITE).cos_sin_cache
+    assert gpu.device.type == "cuda" and gpu.dtype == torch.float32
+    assert (gpu.cpu() - make_rope(**LITE).cos_sin_cache).abs().max().item() <= 1e-6
+
+
 def test_mscale_ratio_scales_the_table():
     plain_ratio = make_rope(**dict(CODER, mscale=1.0, mscale_all_dim=0.707))
     expected = deepseek_mscale(40.0, 1.0) / deepseek_mscale(40.0, 0.707)
