@@ -141,12 +141,13 @@ def test_triton_skips_out_of_range_ids(device, dtype):
 
 
 @pytest.mark.parametrize("device,dtype", _fast_devices())
-def test_triton_tiles_and_rows_past_the_end(device, dtype):
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_triton_tiles_and_rows_past_the_end(device, dtype, tma):
     """Several M tiles per expert (forced 16-row tiles, 40 rows on one expert); rows past offsets[E-1] give 0."""
     from pykernels.triton.grouped_gemm import grouped_ffn_triton, moe_ffn_triton
 
-    cfg = moe_configs.GemmConfig(16, 16, 16, 2, 4, 2)
-    x, w13, w2, tw, ids = _case_inputs((40, 6, 32, 32, 2, "random"), dtype, device)
+    cfg = moe_configs.GemmConfig(16, 16, 16, 2, 4, 2, tma)
+    x, w13, w2, tw, ids = _case_inputs((40, 6, 32, 24, 2, "random"), dtype, device)
     ids[:, 0] = 3
     y = moe_ffn_triton(x, w13, w2, tw, ids, gate_up_config=cfg, down_config=cfg)
     assert _rel(y, moe_ffn_reference(x.float(), w13.float(), w2.float(), tw, ids)) <= TOL[dtype]
@@ -271,8 +272,9 @@ def test_gpu_model_shapes(shape):
 
 
 def _all_configs():
+    """The table's configs, and each again with TMA weight loads (what the tuning sweep may pick)."""
     configs = set(moe_configs.DEFAULTS.values()) | set(moe_configs.TABLE.values())
-    return sorted(configs)
+    return sorted(configs | {c._replace(tma=not c.tma) for c in configs})
 
 
 @pytest.mark.gpu
@@ -281,7 +283,7 @@ def test_gpu_every_table_config(cfg):
     """Every configuration the table can pick compiles and is right (odd H and I, several tiles per expert)."""
     from pykernels.triton.grouped_gemm import grouped_ffn_triton, moe_ffn_triton
 
-    x, w13, w2, tw, ids = _gpu_inputs(300, 8, 1000, 360, 4)
+    x, w13, w2, tw, ids = _gpu_inputs(300, 8, 1000, 360, 4)  # 16-byte rows: TMA applies
     _poison_allocator()
     y = moe_ffn_triton(x, w13, w2, tw, ids, gate_up_config=cfg, down_config=cfg)
     assert _rel(y, moe_ffn_reference(x, w13, w2, tw, ids)) <= TOL[torch.bfloat16]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from pykernels.triton import moe_configs
 from pykernels.triton.moe_configs import GemmConfig
@@ -74,6 +75,7 @@ def _tile_ids(num_m_tiles, num_n_tiles, GROUP_M: tl.constexpr):
 def _gate_up_kernel(
     x_ptr,  # [T, H] tokens (GATHER) or [R, H] expert-sorted rows
     w13_ptr,  # [E, 2I, H] gate rows then up rows; stride 1 along H
+    w13_desc,  # TMA descriptor of w13 viewed as [E * 2I, H], blocks [BLOCK_N, BLOCK_K] (USE_TMA only)
     h_ptr,  # [R, I] out: silu(gate) * up, expert-sorted rows, x's dtype
     offsets_ptr,  # [E] int32 cumulative row ends
     pair_ptr,  # [R] int32 sorted row -> route (GATHER only)
@@ -96,6 +98,7 @@ def _gate_up_kernel(
     BLOCK_E: tl.constexpr,  # next power of two >= E
     GROUP_M: tl.constexpr,  # M tiles per swizzle group
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32 rounding); 16-bit inputs ignore it
+    USE_TMA: tl.constexpr,  # weight tiles through the TMA descriptor instead of pointer loads
 ):
     pid_m, pid_n = _tile_ids(num_m_tiles, tl.cdiv(inter, BLOCK_N), GROUP_M)
     expert, row_begin, row_end = _expert_tile(offsets_ptr, num_experts, num_rows, pid_m, BLOCK_M, BLOCK_E)
@@ -113,26 +116,41 @@ def _gate_up_kernel(
     ks = tl.arange(0, BLOCK_K)  # [BK]
 
     a_ptrs = x_ptr + src.to(tl.int64)[:, None] * stride_xm + ks[None, :]  # [BM, BK]
-    w_base = w13_ptr + expert.to(tl.int64) * stride_we
-    g_ptrs = w_base + cols_ld[None, :].to(tl.int64) * stride_wn + ks[:, None]  # [BK, BN] = gate_e.T tile
-    u_ptrs = g_ptrs + up_shift  # [BK, BN] = up_e.T tile
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            g = tl.load(g_ptrs)
-            u = tl.load(u_ptrs)
-        else:
-            k_ok = (k0 + ks) < hidden
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            g = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
-            u = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
-        acc_g = tl.dot(a, g, acc_g, input_precision=DOT_PRECISION)
-        acc_u = tl.dot(a, u, acc_u, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K
-        u_ptrs += BLOCK_K
+    if USE_TMA:
+        # Rows of the [E * 2I, H] view. Past column I the gate tile reads up rows and the up tile the next
+        # expert's rows (or TMA's zero fill past the end): those columns are never stored.
+        gate_row = expert * (2 * inter) + pid_n * BLOCK_N
+        for k0 in range(0, hidden, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=((k0 + ks) < hidden)[None, :], other=0.0)
+            g = w13_desc.load([gate_row, k0])  # [BN, BK], zero past H
+            u = w13_desc.load([gate_row + inter, k0])
+            acc_g = tl.dot(a, g.T, acc_g, input_precision=DOT_PRECISION)
+            acc_u = tl.dot(a, u.T, acc_u, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K
+    else:
+        w_base = w13_ptr + expert.to(tl.int64) * stride_we
+        g_ptrs = w_base + cols_ld[None, :].to(tl.int64) * stride_wn + ks[:, None]  # [BK, BN] = gate_e.T tile
+        u_ptrs = g_ptrs + up_shift  # [BK, BN] = up_e.T tile
+        for k0 in range(0, hidden, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                g = tl.load(g_ptrs)
+                u = tl.load(u_ptrs)
+            else:
+                k_ok = (k0 + ks) < hidden
+                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+                g = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
+                u = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
+            acc_g = tl.dot(a, g, acc_g, input_precision=DOT_PRECISION)
+            acc_u = tl.dot(a, u, acc_u, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K
+            u_ptrs += BLOCK_K
 
     h = acc_g * tl.sigmoid(acc_g) * acc_u  # silu(gate) * up, float32
     h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + cols[None, :]
@@ -143,6 +161,7 @@ def _gate_up_kernel(
 def _down_kernel(
     h_ptr,  # [R, I] expert-sorted rows
     w2_ptr,  # [E, H, I]; stride 1 along I
+    w2_desc,  # TMA descriptor of w2 viewed as [E * H, I], blocks [BLOCK_N, BLOCK_K] (USE_TMA only)
     out_ptr,  # [N, H] route-ordered (SCATTER) or [R, H] expert-sorted rows out, x's dtype
     offsets_ptr,  # [E] int32 cumulative row ends
     pair_ptr,  # [R] int32 sorted row -> route (SCATTER only)
@@ -164,6 +183,7 @@ def _down_kernel(
     BLOCK_E: tl.constexpr,  # next power of two >= E
     GROUP_M: tl.constexpr,  # M tiles per swizzle group
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32 rounding); 16-bit inputs ignore it
+    USE_TMA: tl.constexpr,  # weight tiles through the TMA descriptor instead of pointer loads
 ):
     pid_m, pid_n = _tile_ids(num_m_tiles, tl.cdiv(hidden, BLOCK_N), GROUP_M)
     expert, row_begin, row_end = _expert_tile(offsets_ptr, num_experts, num_rows, pid_m, BLOCK_M, BLOCK_E)
@@ -177,19 +197,31 @@ def _down_kernel(
     ks = tl.arange(0, BLOCK_K)
 
     a_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + ks[None, :]  # [BM, BK]
-    b_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + cols_ld[None, :].to(tl.int64) * stride_wn + ks[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, inter, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            k_ok = (k0 + ks) < inter
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+    if USE_TMA:
+        # Rows of the [E * H, I] view; past column H they belong to the next expert (never stored).
+        w_row = expert * hidden + pid_n * BLOCK_N
+        for k0 in range(0, inter, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=((k0 + ks) < inter)[None, :], other=0.0)
+            b = w2_desc.load([w_row, k0])  # [BN, BK], zero past I
+            acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K
+    else:
+        b_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + cols_ld[None, :].to(tl.int64) * stride_wn + ks[:, None]
+        for k0 in range(0, inter, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                k_ok = (k0 + ks) < inter
+                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
 
     if SCATTER:
         dest = tl.load(pair_ptr + rows, mask=row_ok, other=0)  # [BM] route of each row
@@ -228,6 +260,11 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _tma_ok(w: torch.Tensor) -> bool:
+    """Whether weights ``w`` can be read through a 2-D TMA descriptor (contiguous, 16-byte aligned rows)."""
+    return w.is_contiguous() and (w.shape[-1] * w.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0
+
+
 def _m_tiles(rows: int, num_experts: int, block_m: int) -> int:
     """Most expert-local M tiles any split of ``rows`` rows over ``num_experts`` experts can need."""
     return min(rows, triton.cdiv(rows, block_m) + num_experts)
@@ -240,14 +277,16 @@ def _gate_up(x, w13, offsets, sorted_pair, top_k, num_rows, cfg: GemmConfig) -> 
     m_tiles = _m_tiles(num_rows, num_experts, cfg.block_m)
     grid = (m_tiles * triton.cdiv(inter, cfg.block_n),)
     gather = sorted_pair is not None
+    use_tma = cfg.tma and _tma_ok(w13)
+    w13_desc = TensorDescriptor.from_tensor(w13.view(-1, hidden), [cfg.block_n, cfg.block_k]) if use_tma else w13
     _gate_up_kernel[grid](
-        x, w13, h, offsets, sorted_pair if gather else offsets,
+        x, w13, w13_desc, h, offsets, sorted_pair if gather else offsets,
         num_rows, hidden, inter, num_experts, top_k,
         x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), inter * w13.stride(1), m_tiles,
         GATHER=gather, EVEN_K=hidden % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         BLOCK_E=triton.next_power_of_2(num_experts), GROUP_M=cfg.group_m, DOT_PRECISION=_precision(x.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        USE_TMA=use_tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return h
 
@@ -258,14 +297,16 @@ def _down(h, w2, offsets, sorted_pair, weights, out, cfg: GemmConfig) -> None:
     m_tiles = _m_tiles(num_rows, num_experts, cfg.block_m)
     grid = (m_tiles * triton.cdiv(hidden, cfg.block_n),)
     scatter = sorted_pair is not None
+    use_tma = cfg.tma and _tma_ok(w2)
+    w2_desc = TensorDescriptor.from_tensor(w2.view(-1, inter), [cfg.block_n, cfg.block_k]) if use_tma else w2
     _down_kernel[grid](
-        h, w2, out, offsets, sorted_pair if scatter else offsets, weights if scatter else h,
+        h, w2, w2_desc, out, offsets, sorted_pair if scatter else offsets, weights if scatter else h,
         num_rows, hidden, inter, num_experts,
         h.stride(0), w2.stride(0), w2.stride(1), out.stride(0), m_tiles,
         SCATTER=scatter, EVEN_K=inter % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         BLOCK_E=triton.next_power_of_2(num_experts), GROUP_M=cfg.group_m, DOT_PRECISION=_precision(h.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        USE_TMA=use_tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 

@@ -24,6 +24,7 @@ class GemmConfig(NamedTuple):
     group_m: int  # M tiles that run next to each other over the N tiles (L2 reuse of the weights)
     num_warps: int
     num_stages: int
+    tma: bool = False  # weight tiles through TMA descriptors (needs H and I rows 16-byte aligned, else pointers)
 
 
 BUCKETS = (("decode", 4.0), ("small", 32.0), ("medium", 128.0), ("large", float("inf")))
