@@ -26,9 +26,11 @@ nothing, rows past ``offsets[E-1]`` produce zeros, and decreasing offsets give u
 
 Backends: "torch" is the reference below (float32 math, no host synchronisation, E dense expert
 applications: the oracle, not a fast path); "triton" is the grouped-GEMM pipeline of
-``pykernels/triton/grouped_gemm.py``. ``backend=None`` picks Triton for CUDA tensors (the recorded
-benchmark ``bench/bench_moe.py`` has it ahead of the reference at every shape, by 10x or more) and the
-reference on the CPU; tile shapes per (H, I, rows) come from the table in ``pykernels/triton/moe_configs.py``.
+``pykernels/triton/grouped_gemm.py``. ``backend=None`` picks Triton for CUDA tensors (the reference does
+E times the routed work, so it cannot win at any shape) and the reference on the CPU. The per-shape choice
+is the tile configuration: ``pykernels/triton/moe_configs.py`` keys it by (GEMM, H, I, rows per expert) and
+holds the winners of the tuning sweep ``bench/tune_moe.py``; ``bench/bench_moe.py`` records the result
+against the torch._grouped_mm pipeline.
 """
 from __future__ import annotations
 
