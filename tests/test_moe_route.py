@@ -122,6 +122,17 @@ def test_backend_ties(device, dtype, backend):
 
 
 @pytest.mark.parametrize("device,dtype,backend", _backends())
+def test_nan_logits_keep_ids_in_range(device, dtype, backend):
+    logits = torch.randn(4, 16)
+    logits[1, 3] = float("nan")
+    logits[2] = float("nan")
+    for case in [(4, 16, 5, "greedy", 1, 1, 1.0, False), (4, 16, 5, "group_limited_greedy", 4, 2, 1.0, False)]:
+        w, ids = _route(logits.to(dtype).to(device), case, backend)
+        assert bool(((ids >= 0) & (ids < 16)).all())
+        assert bool(w[2].isnan().all())
+
+
+@pytest.mark.parametrize("device,dtype,backend", _backends())
 def test_no_tokens(device, dtype, backend):
     w, ids = pk.moe_route(torch.randn(0, 8, dtype=dtype, device=device), 2, backend=backend)
     assert w.shape == ids.shape == (0, 2)

@@ -1,7 +1,7 @@
 """Triton kernel of ``pykernels.moe_route``: one launch from router logits to (topk_weights, topk_ids).
 
 Each program owns ``BLOCK_T`` token rows and holds their ``E`` logits in registers (``[BLOCK_T, BLOCK_E]``):
-float32 softmax, then (group-limited) selection by repeated arg-max, then the weights. The math and the
+float32 softmax, then (group-limited) selection by repeated arg-max over packed (logit, id) keys, then the weights. The math and the
 tie rules are in ``pykernels/moe_route.py``; they are restated where the code implements them.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import triton.language as tl
 # room for the logits, the scores and the selection mask without spilling.
 _ELEMENTS_PER_PROGRAM = 2048
 _NUM_WARPS = 4
+INT64_MIN = tl.constexpr(-(2**63))
 
 
 @triton.jit
@@ -45,10 +46,9 @@ def _moe_route_kernel(
     x = tl.where(x == 0.0, 0.0, x)
     x = tl.where(col_ok[None, :], x, float("-inf"))
 
-    # s = softmax(x) over the E experts, in float32.
+    # s = softmax(x) over the E experts, in float32: s[e] = p[e] / sum(p).
     row_max = tl.max(x, axis=1)  # [BT]
-    p = tl.where(col_ok[None, :], tl.exp(x - row_max[:, None]), 0.0)
-    score = p / tl.sum(p, axis=1)[:, None]  # [BT, BE]
+    p = tl.where(col_ok[None, :], tl.exp(x - row_max[:, None]), 0.0)  # [BT, BE]
 
     # alive: experts still eligible. Ranking key: the logit (orders like the score, no rounding ties).
     alive = (cols[None, :] < num_experts) & (rows[:, None] >= 0)  # [BT, BE]
@@ -69,18 +69,26 @@ def _moe_route_kernel(
             kept = kept | (group_of[None, :] == pick[:, None])
         alive = alive & kept
 
-    # Repeated arg-max: the best alive logit, the lowest id among equal ones; ids come out best first.
+    # Repeated arg-max over one int64 key per expert, so one reduction picks both the best logit and the
+    # lowest id among equal ones: high 32 bits = the logit's bits mapped to a signed integer of the same
+    # order (negative floats: magnitude bits flipped), low 32 bits = BLOCK_E - 1 - id. Eliminated and
+    # padding lanes hold INT64_MIN, which no logit reaches (only the NaN 0xffffffff maps next to it).
+    xbits = x.to(tl.int32, bitcast=True)
+    order = xbits ^ ((xbits >> 31) & 0x7FFFFFFF)
+    key = (order.to(tl.int64) << 32) | (BLOCK_E - 1 - cols).to(tl.int64)[None, :]  # [BT, BE]
+    key = tl.where(alive, key, INT64_MIN)
+    denom = tl.sum(p, axis=1)  # [BT]
     kcols = tl.arange(0, BLOCK_K)  # [BK]
     top_w = tl.zeros((BLOCK_T, BLOCK_K), tl.float32)
     top_id = tl.zeros((BLOCK_T, BLOCK_K), tl.int32)
     for j in range(TOP_K):
-        best = tl.max(tl.where(alive, x, float("-inf")), axis=1)  # [BT]
-        pick = tl.min(tl.where(alive & (x == best[:, None]), cols[None, :], BLOCK_E), axis=1)  # [BT]
-        # NOTES: only a NaN logit leaves no lane equal to the max; keep the id in range anyway.
-        pick = tl.minimum(pick, num_experts - 1)
-        hit = cols[None, :] == pick[:, None]  # [BT, BE]
-        w = tl.sum(tl.where(hit, score, 0.0), axis=1)  # [BT]
-        alive = alive & (~hit)
+        best = tl.max(key, axis=1)  # [BT]
+        # NOTES: keys are unique, so exactly one lane wins; clamp anyway so a NaN row keeps ids in range.
+        pick = tl.minimum(tl.maximum(BLOCK_E - 1 - best.to(tl.int32), 0), num_experts - 1)
+        key = tl.where(cols[None, :] == pick[:, None], INT64_MIN, key)
+        hi = (best >> 32).to(tl.int32)
+        logit = (hi ^ ((hi >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)  # the mapping is its own inverse
+        w = tl.exp(logit - row_max) / denom  # = s[pick]
         top_w = tl.where((kcols == j)[None, :], w[:, None], top_w)
         top_id = tl.where((kcols == j)[None, :], pick[:, None], top_id)
 
