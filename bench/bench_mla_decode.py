@@ -113,6 +113,6 @@ def run(ctx) -> None:
             extra["config"] = vars(config)
         ctx.record(op="mla_decode", backend=backend, shape=shape, dtype=DTYPE_NAMES[dtype],
                    time_us=t_ours, bytes=cost.bytes, flops=cost.flops, peer=peer_arg, extra=extra)
-        del sets
+        sets.clear()  # free this shape's inputs before the next one is built
         if ctx.on_gpu:
             torch.cuda.empty_cache()

@@ -13,8 +13,9 @@ and every config is guarded: a compile failure or a shared-memory overflow is re
 sweep goes on. Timings are CUDA-graph replays rotating input sets past the L2. The table printed
 per shape gives µs, TB/s and % of the measured copy bandwidth, TFLOP/s and % of the bf16 matmul
 rate; the summary proposes, per row group, the config with the best geometric mean over its
-shapes (each at its best split count) and the ``waves`` value that reproduces those split counts:
-copy them into ``CONFIG_TABLE`` in pykernels/triton/mla_decode.py. Results are written to the
+shapes (each at its best split count) and the split model (programs_per_sm, PROGRAM_COST_TILES)
+whose picks come closest to that config's best split counts: copy them into ``CONFIG_TABLE`` and
+``PROGRAM_COST_TILES`` in pykernels/triton/mla_decode.py. Results are written to the
 JSON file after every shape, so a run stopped by the time budget still leaves what it measured.
 """
 from __future__ import annotations
@@ -40,13 +41,17 @@ SWEEP_BUDGET = Budget(warmup_s=0.005, min_reps=5, max_reps=30, seconds=0.03)
 TOP_CONFIGS = 3
 # A config whose output is further than this from the reference (relative, bf16) is wrong.
 MAX_REL_ERR = 1e-2
+# The split model's parameters fitted by the summary: (programs_per_sm, program_cost_tiles).
+SPLIT_MODELS = [(ppsm, cost) for ppsm in (1, 2) for cost in (0.5, 1.0, 2.0, 4.0)]
+# min_chunk of the table's configs (the sweep's own configs use block_n to honour explicit splits).
+TABLE_MIN_CHUNK = 256
 
 
 def _cfg(block_m, block_n, num_warps, num_stages, swap_ab=False):
     from pykernels.triton.mla_decode import MLADecodeConfig
 
     # min_chunk = block_n: the sweep's explicit split counts are taken as given.
-    return MLADecodeConfig(block_m, block_n, num_warps, num_stages, waves=2.0, min_chunk=block_n, swap_ab=swap_ab)
+    return MLADecodeConfig(block_m, block_n, num_warps, num_stages, swap_ab=swap_ab, min_chunk=block_n)
 
 
 def groups():
@@ -59,23 +64,20 @@ def groups():
             (1, 16, 32, 32768, [2, 4, 6, 8, 12, 16]),
             (1, 16, 1, 32768, [32, 64, 96, 128, 192, 256]),
         ], [
-            _cfg(16, 32, 4, 3), _cfg(16, 32, 4, 4), _cfg(16, 64, 4, 2), _cfg(16, 64, 4, 3), _cfg(16, 64, 8, 2),
-            _cfg(16, 128, 8, 1),
-            _cfg(16, 64, 4, 2, True), _cfg(16, 64, 4, 3, True), _cfg(16, 64, 8, 2, True), _cfg(16, 32, 4, 4, True),
-            _cfg(16, 128, 8, 1, True),
+            _cfg(16, 64, 4, 2, True), _cfg(16, 64, 8, 2, True), _cfg(16, 32, 4, 4, True), _cfg(16, 128, 4, 1, True),
+            _cfg(16, 64, 4, 2), _cfg(16, 32, 4, 4), _cfg(16, 64, 8, 2),
         ]),
         ("rows32", 0.2, [
             (2, 16, 64, 4096, [1, 2, 3, 4, 6, 8]),
         ], [
-            _cfg(32, 32, 4, 3), _cfg(32, 64, 4, 2), _cfg(32, 64, 8, 2), _cfg(32, 32, 8, 3),
             _cfg(32, 64, 4, 2, True), _cfg(32, 64, 8, 2, True), _cfg(32, 32, 4, 3, True),
+            _cfg(32, 32, 4, 3), _cfg(32, 64, 8, 2),
         ]),
         ("rows128", 0.3, [
             (1, 128, 64, 4096, [1, 2, 3, 4]),
         ], [
-            _cfg(64, 32, 8, 2), _cfg(64, 32, 8, 3), _cfg(64, 16, 8, 3), _cfg(64, 64, 8, 1), _cfg(64, 64, 8, 2),
-            _cfg(128, 16, 16, 2), _cfg(128, 32, 16, 1), _cfg(32, 64, 4, 2),
-            _cfg(64, 64, 8, 1, True), _cfg(64, 64, 8, 2, True),
+            _cfg(64, 32, 8, 2), _cfg(64, 32, 8, 3), _cfg(64, 16, 8, 3), _cfg(64, 64, 8, 1),
+            _cfg(128, 32, 16, 1), _cfg(128, 16, 16, 2), _cfg(64, 64, 8, 1, True),
         ]),
     ]
 
@@ -136,6 +138,7 @@ class Sweep:
         except Exception as e:  # noqa: BLE001 - compile failure, out of shared memory, ...: report, go on
             msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
             rec["error"] = msg
+            print(f"  .. {rec['name']} splits={splits}: {msg}", flush=True)
             if "illegal" in msg.lower() or "unspecified launch failure" in msg.lower():
                 self.dead = True
             return rec
@@ -143,14 +146,18 @@ class Sweep:
         rec.update(time_us=t, gbps=cost.bytes / (t * 1e3), tflops=cost.flops / (t * 1e6),
                    frac_copy=cost.bytes / (t * 1e3) / self.ceil.copy_gbps,
                    frac_mm=cost.flops / (t * 1e6) / self.ceil.mm_tflops)
+        print(f"  .. {rec['name']} splits={splits}: {t:.2f} µs, {100 * rec['frac_copy']:.1f}% copy,"
+              f" {100 * rec['frac_mm']:.1f}% mm  [{time.monotonic() - self.start:.0f} s]", flush=True)
         return rec
 
-    def heuristic_splits(self, shape, config) -> int:
+    def heuristic_splits(self, shape, config, programs_per_sm=1, program_cost_tiles=None) -> int:
+        """The split count choose_num_splits gives ``config`` (with the table's min_chunk)."""
         q_len, heads, batch, seqlen = shape
         row_blocks = math.ceil(q_len * heads / config.block_m)
         capacity = math.ceil(seqlen / BLOCK_SIZE) * BLOCK_SIZE
-        return self.tmla.choose_num_splits(batch, row_blocks, capacity, dataclasses.replace(config, min_chunk=256),
-                                           self.sms)
+        model = dataclasses.replace(config, min_chunk=TABLE_MIN_CHUNK, programs_per_sm=programs_per_sm)
+        cost = self.tmla.PROGRAM_COST_TILES if program_cost_tiles is None else program_cost_tiles
+        return self.tmla.choose_num_splits(batch, row_blocks, capacity, model, self.sms, program_cost_tiles=cost)
 
     def run_group(self, name, shapes, configs) -> list[dict]:
         group_results = []
@@ -172,7 +179,8 @@ class Sweep:
             seen = {(r["name"], r["splits"]) for r in rows}
             for best in ranked[:TOP_CONFIGS]:  # phase 2: the best configs over split counts
                 config = next(c for c in configs if config_name(c) == best["name"])
-                for splits in split_list:
+                model_picks = {self.heuristic_splits(shape, config, ppsm, cost) for ppsm, cost in SPLIT_MODELS}
+                for splits in sorted(set(split_list) | model_picks):
                     if (best["name"], splits) not in seen:
                         seen.add((best["name"], splits))
                         rows.append(self.measure(shape, inputs, ref, config, splits))
@@ -199,42 +207,47 @@ class Sweep:
                 print(f"  {r['name']:<26} {r['splits']:>6}  {r['error']}")
         sys.stdout.flush()
 
-    def summarise(self, name, rows) -> dict | None:
+    def summarise(self, name, shapes, rows) -> dict | None:
         """The config with the best geometric mean over the group's shapes (each at its best split
-        count, shapes where it did not run count as missing), and the waves that give those splits."""
+        count; a config missing a shape is not eligible), and the split model (programs_per_sm,
+        program_cost_tiles) whose picks come closest to that config's best split counts."""
         timed = [r for r in rows if "time_us" in r]
-        if not timed:
+        keys = [json.dumps({"b": b, "q_len": q, "h": h, "s": s}, sort_keys=True) for q, h, b, s, _ in shapes]
+        key_of = {id(r): json.dumps(r["shape"], sort_keys=True) for r in timed}
+        keys = [k for k in keys if any(key_of[id(r)] == k for r in timed)]
+        if not keys:
             return None
-        shapes = sorted({json.dumps(r["shape"], sort_keys=True) for r in timed})
-        best_time = {s: min(r["time_us"] for r in timed if json.dumps(r["shape"], sort_keys=True) == s) for s in shapes}
+        best = {k: min((r for r in timed if key_of[id(r)] == k), key=lambda r: r["time_us"]) for k in keys}
         scores = {}
         for cname in {r["name"] for r in timed}:
-            ratios, splits = [], {}
-            for s in shapes:
-                mine = [r for r in timed if r["name"] == cname and json.dumps(r["shape"], sort_keys=True) == s]
-                if not mine:
-                    break
-                fastest = min(mine, key=lambda r: r["time_us"])
-                ratios.append(fastest["time_us"] / best_time[s])
-                splits[s] = fastest["splits"]
-            else:
-                scores[cname] = (statistics.geometric_mean(ratios), splits)
+            mine = {k: [r for r in timed if r["name"] == cname and key_of[id(r)] == k] for k in keys}
+            if all(mine.values()):
+                fastest = {k: min(v, key=lambda r: r["time_us"]) for k, v in mine.items()}
+                scores[cname] = (statistics.geometric_mean([fastest[k]["time_us"] / best[k]["time_us"] for k in keys]),
+                                 mine, fastest)
         if not scores:
             return None
-        cname, (score, splits) = min(scores.items(), key=lambda kv: kv[1][0])
-        config = next(r["config"] for r in timed if r["name"] == cname)
-        waves = []
-        for s, n in splits.items():
-            shape = json.loads(s)
-            row_blocks = math.ceil(shape["q_len"] * shape["h"] / config["block_m"])
-            waves.append(n * shape["b"] * row_blocks / self.sms)
-        best = {s: min((r for r in timed if json.dumps(r["shape"], sort_keys=True) == s), key=lambda r: r["time_us"])
-                for s in shapes}
+        cname, (score, mine, fastest) = min(scores.items(), key=lambda kv: kv[1][0])
+        config = fastest[keys[0]]["config"]
+        cfg = self.tmla.MLADecodeConfig(**config)
+        # Fit the split model: the pair whose picks lose least against this config's best splits.
+        fits = []
+        for ppsm, cost in SPLIT_MODELS:
+            loss, picks = 0.0, {}
+            for (q, h, b, s, _), k in zip(shapes, keys):
+                pick = self.heuristic_splits((q, h, b, s), cfg, ppsm, cost)
+                at_pick = [r["time_us"] for r in mine[k] if r["splits"] == pick]
+                picks[k] = pick
+                loss += math.log(at_pick[0] / fastest[k]["time_us"]) if at_pick else math.inf
+            fits.append((loss, ppsm, cost, picks))
+        loss, ppsm, cost, picks = min(fits, key=lambda f: (f[0], f[1], abs(f[2] - self.tmla.PROGRAM_COST_TILES)))
         return {
             "group": name, "config": config, "name": cname, "slowdown_vs_best_per_shape": score,
-            "splits_per_shape": splits, "suggested_waves": statistics.median(waves),
-            "best_per_shape": {s: {k: best[s][k] for k in ("name", "splits", "time_us", "frac_copy", "frac_mm")}
-                               for s in shapes},
+            "best_splits_per_shape": {k: fastest[k]["splits"] for k in keys},
+            "split_model": {"programs_per_sm": ppsm, "program_cost_tiles": cost, "picks": picks,
+                            "slowdown": math.exp(loss / len(keys)) if math.isfinite(loss) else None},
+            "best_per_shape": {k: {f: best[k][f] for f in ("name", "splits", "time_us", "frac_copy", "frac_mm")}
+                               for k in keys},
         }
 
 
@@ -262,21 +275,24 @@ def main(argv=None) -> int:
         except Exception:  # noqa: BLE001 - a broken group must not lose the others' results
             traceback.print_exc()
             rows = [r for r in sweep.results if r.get("group") == name]
-        s = sweep.summarise(name, rows)
+        s = sweep.summarise(name, [sh[:5] for sh in shapes], rows)
         if s is not None:
             summary.append(s)
         sweep.write(summary)
     print(f"\n== summary ({time.monotonic() - sweep.start:.0f} s; copy {sweep.ceil.copy_gbps:.0f} GB/s,"
           f" mm {sweep.ceil.mm_tflops:.0f} TFLOP/s)")
     for s in summary:
-        c = s["config"]
-        print(f"  {s['group']}: {s['name']} (x{s['slowdown_vs_best_per_shape']:.3f} of the best per shape), "
-              f"waves ~{s['suggested_waves']:.2f}")
+        c, m = s["config"], s["split_model"]
+        slow = "-" if m["slowdown"] is None else f"x{m['slowdown']:.3f}"
+        print(f"  {s['group']}: {s['name']} (x{s['slowdown_vs_best_per_shape']:.3f} of the best per shape)")
         print(f"    MLADecodeConfig(block_m={c['block_m']}, block_n={c['block_n']}, num_warps={c['num_warps']}, "
-              f"num_stages={c['num_stages']}, waves={s['suggested_waves']:.2f}, min_chunk=256, swap_ab={c['swap_ab']})")
+              f"num_stages={c['num_stages']}, swap_ab={c['swap_ab']}, programs_per_sm={m['programs_per_sm']})")
+        print(f"    split model: programs_per_sm={m['programs_per_sm']}, PROGRAM_COST_TILES={m['program_cost_tiles']}"
+              f" ({slow} of this config's best splits)")
         for shape, b in s["best_per_shape"].items():
-            print(f"    best at {shape}: {b['name']} splits={b['splits']} {b['time_us']:.2f} µs "
-                  f"{100 * b['frac_copy']:.1f}% copy {100 * b['frac_mm']:.1f}% mm")
+            print(f"    {shape}: best {b['name']} splits={b['splits']} {b['time_us']:.2f} µs "
+                  f"{100 * b['frac_copy']:.1f}% copy {100 * b['frac_mm']:.1f}% mm; this config's best splits "
+                  f"{s['best_splits_per_shape'][shape]}, model picks {m['picks'][shape]}")
     sweep.write(summary)
     return 0
 

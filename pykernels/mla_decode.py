@@ -104,7 +104,8 @@ def mla_decode(
         raise ValueError(f"head_dim_v: expected at most q's head_dim {head_dim}, got {head_dim_v}")
     if softmax_scale is None:
         softmax_scale = head_dim**-0.5
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
+    is_number = isinstance(softmax_scale, (int, float)) and not isinstance(softmax_scale, bool)
+    if not is_number or not math.isfinite(softmax_scale):
         raise ValueError(f"softmax_scale: expected a finite float or None, got {softmax_scale!r}")
     check_choice("causal", causal, (False, True))
     if value_checks_enabled(cache_seqlens) and value_checks_enabled(block_table):
@@ -116,7 +117,9 @@ def mla_decode(
 
         check_supported(head_dim, head_dim_v)
         if q.device.type != "cuda" and q.dtype == torch.bfloat16:
-            raise TypeError("q: Triton's CPU interpreter computes bfloat16 wrongly; use float16/float32 or backend='torch'")
+            raise TypeError(
+                "q: Triton's CPU interpreter computes bfloat16 wrongly; use float16/float32 or backend='torch'"
+            )
     return torch.ops.pykernels.mla_decode(
         q, k_cache, block_table, cache_seqlens, head_dim_v, float(softmax_scale), bool(causal), chosen
     )

@@ -82,7 +82,8 @@ def assert_close(out, lse, ref_out, ref_lse, dtype):
     err = (out.float() - ref_out).norm() / ref_out.norm().clamp_min(1e-30)
     assert err <= out_tol, f"out: relative error {err:.3e} > {out_tol}"
     empty = torch.isinf(ref_lse)
-    assert torch.equal(torch.isinf(lse), empty) and bool((lse[empty] < 0).all()), "lse: -inf exactly where nothing is seen"
+    assert torch.equal(torch.isinf(lse), empty) and bool((lse[empty] < 0).all()), \
+        "lse: -inf exactly where nothing is seen"
     if (~empty).any():
         lerr = (lse[~empty] - ref_lse[~empty]).abs().max()
         assert lerr <= lse_tol, f"lse: absolute error {lerr:.3e} > {lse_tol}"
@@ -276,15 +277,15 @@ def _gpu_configs():
 
     return {
         "table": None,
-        "rows16_keys_major": MLADecodeConfig(16, 64, 4, 2, 2.0, 64, swap_ab=True),
-        "rows64_n32_w8": MLADecodeConfig(64, 32, 8, 2, 2.0, 32),
-        "rows32_n32_keys_major_w8": MLADecodeConfig(32, 32, 8, 3, 2.0, 32, swap_ab=True),
+        "rows16_rows_major": MLADecodeConfig(16, 64, 4, 2, swap_ab=False, min_chunk=64),
+        "rows64_n32_w8": MLADecodeConfig(64, 32, 8, 2, swap_ab=False, min_chunk=32),
+        "rows32_n32_keys_major_w8": MLADecodeConfig(32, 32, 8, 3, swap_ab=True, min_chunk=32),
     }
 
 
 @gpu
 @pytest.mark.parametrize("dtype, config", [(torch.bfloat16, c) for c in
-                                           ("table", "rows16_keys_major", "rows64_n32_w8", "rows32_n32_keys_major_w8")]
+                                           ("table", "rows16_rows_major", "rows64_n32_w8", "rows32_n32_keys_major_w8")]
                          + [(torch.float16, "table")])
 @pytest.mark.parametrize("case", INTERPRETER_CASES, ids=lambda c: f"b{c[0]}q{c[1]}h{c[2]}bs{c[3]}c{int(c[5])}s{c[6]}")
 def test_triton_gpu_edges(case, dtype, config):
@@ -336,7 +337,9 @@ def test_triton_gpu_large(case, lengths):
 @gpu
 def test_backend_none_on_cuda_is_triton_and_peaked_softmax():
     run_against_reference(4, 1, 16, 64, [1, 63, 64, 1000], False, torch.bfloat16, "cuda", None, softmax_scale=0.4)
-    assert _backend.resolve("mla_decode", None, torch.device("cuda"), ("torch", "triton"), ("triton", "torch")) == "triton"
+    from pykernels.mla_decode import CUDA_PREFERENCE, SUPPORTED_BACKENDS
+
+    assert _backend.resolve("mla_decode", None, torch.device("cuda"), SUPPORTED_BACKENDS, CUDA_PREFERENCE) == "triton"
 
 
 @gpu

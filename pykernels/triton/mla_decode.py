@@ -2,7 +2,7 @@
 
 Two kernels:
 
-1. ``_mla_decode_split_kernel``, one program per (batch, row block, split). A *row* is one
+1. ``_mla_decode_split_kernel``, one program per (row block, batch, split). A *row* is one
    (query position, head) pair: the ``q_len * num_heads`` rows of a sequence are flattened
    (row = i * num_heads + h, the order of ``out[b]``) and cut into blocks of ``BLOCK_M``, so all 16
    heads of a DeepSeek-V2-Lite query (and 2 x 16 rows for q_len = 2) share one program and every
@@ -49,36 +49,48 @@ _LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # converts base-2 LSE to 
 class MLADecodeConfig:
     """Launch parameters of the split kernel (see the table below)."""
 
-    block_m: int  # rows (query position x head pairs) per program: the M of both dots
-    block_n: int  # cache rows per tile: the N of q.k and the K of p.v
+    block_m: int  # rows (query position x head pairs) per program
+    block_n: int  # cache rows per tile
     num_warps: int
     num_stages: int  # software-pipelining depth of the cache-tile loads
-    waves: float  # the split heuristic aims at waves * SM count programs
-    min_chunk: int  # fewest cache rows one split takes (rounded up to block_n)
-    swap_ab: bool = False  # cache tile as the M of the dots (see _attend_keys_major)
+    swap_ab: bool  # cache tile as the M of the dots (_attend_keys_major), else the rows (_attend_rows_major)
+    programs_per_sm: int = 1  # programs resident per SM (shared memory / registers): the split model's slots
+    min_chunk: int = 256  # fewest cache rows one split takes (rounded up to block_n)
 
 
-# Chosen configs, by rows per sequence (q_len * num_heads) and element size. The lead updates this
-# table from `python -m bench.tune_mla_decode` (H200). Reasons:
-# - up to 64 rows: the op is bound by reading the cache; one program takes all rows of a sequence
-#   (h16 q_len 1 -> 16 rows, q_len 2 -> 32), so each cache row is read once; BLOCK_N = 64 with two
-#   stages keeps ~74 KB of loads in flight per program, enough to cover HBM latency at 1 program/SM.
-# - more rows (h128): compute bound; 64 rows per program reuse each K tile across 64 heads; 8 warps
-#   hold the [64, 512] float32 accumulator in 128 registers per thread; BLOCK_N = 32 leaves shared
-#   memory for q (64 x 576) and two K stages.
-# - splits: ~2 waves of programs over the SMs, but no split shorter than min_chunk rows (each split
-#   costs a 2 KB float32 partial per row written and re-read by the combine).
-# fp32 (allowed for testing) halves block_n to fit the same shared memory.
+# Chosen configs, by rows per sequence (q_len * num_heads), for 2-byte elements. The lead updates
+# this table from `python -m bench.tune_mla_decode` (H200). Reasons:
+# - up to 32 rows (h16, q_len 1 or 2): bound by reading the cache. One program takes all rows of a
+#   sequence, so each cache row is read once. Keys-major: the 64-row cache tile is the M of both
+#   dots, a Hopper warpgroup-sized product (wgmma) fed from shared memory, while 16 or 32 query
+#   rows are only its N; the accumulator acc^T [512, rows] is 64 (128) float32 registers per
+#   thread with 4 warps. Two stages of 64 x 576 tiles (147 KB) + q^T keep ~74 KB of loads in
+#   flight per SM, enough to cover HBM latency at one program per SM.
+# - 33 to 64 rows (h16 with q_len 3-4, h32-h64) and more (h128): compute grows with the rows; 64
+#   rows per program reuse each K tile across 64 (query, head) rows; 8 warps hold acc [64, 512] in
+#   128 float32 registers per thread; BLOCK_N = 32 leaves shared memory for q (64 x 576) and two
+#   K stages. h128 has two row blocks; they run side by side (row block is the fastest grid axis),
+#   so the second read of a K tile comes from the L2.
+# fp32 (allowed for testing) halves block_n and pipelines one stage to fit the same shared memory.
 CONFIG_TABLE: tuple[tuple[int, MLADecodeConfig], ...] = (
-    # (max rows, config) for 2-byte elements; first match wins
-    (16, MLADecodeConfig(block_m=16, block_n=64, num_warps=4, num_stages=2, waves=2.0, min_chunk=256)),
-    (32, MLADecodeConfig(block_m=32, block_n=64, num_warps=4, num_stages=2, waves=2.0, min_chunk=256)),
-    (64, MLADecodeConfig(block_m=64, block_n=32, num_warps=8, num_stages=2, waves=2.0, min_chunk=256)),
-    (1 << 30, MLADecodeConfig(block_m=64, block_n=32, num_warps=8, num_stages=2, waves=2.0, min_chunk=512)),
+    # (max rows, config); first match wins
+    (16, MLADecodeConfig(block_m=16, block_n=64, num_warps=4, num_stages=2, swap_ab=True)),
+    (32, MLADecodeConfig(block_m=32, block_n=64, num_warps=4, num_stages=2, swap_ab=True)),
+    (64, MLADecodeConfig(block_m=64, block_n=32, num_warps=8, num_stages=2, swap_ab=False)),
+    (1 << 30, MLADecodeConfig(block_m=64, block_n=32, num_warps=8, num_stages=2, swap_ab=False)),
 )
 
 # Under the interpreter: small tiles keep the CPU tests fast (shape coverage matters there, not speed).
-INTERPRETER_CONFIG = MLADecodeConfig(block_m=16, block_n=16, num_warps=4, num_stages=1, waves=1.0, min_chunk=16)
+INTERPRETER_CONFIG = MLADecodeConfig(block_m=16, block_n=16, num_warps=4, num_stages=1, swap_ab=False,
+                                     min_chunk=16)
+
+# Split model (choose_num_splits), in units of one tile's time:
+# a program's fixed cost (launch slot, q load, prologue/epilogue, pipeline fill) is ~2 tiles;
+PROGRAM_COST_TILES = 2.0
+# the combine kernel's launch and its dependent wait are ~2 tiles (~4 µs) whenever there are splits.
+COMBINE_LAUNCH_TILES = 2.0
+# The largest split count the model considers (b = 1 fills 132 SMs with ~128).
+MAX_SPLITS = 512
 
 # The combine kernel: each program merges 128 value columns of one row, loading the partials of
 # 16 splits at once (16 x 128 float32 = 8 KB in flight per program, 16 values per thread with 4
@@ -113,19 +125,42 @@ def num_sms(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def choose_num_splits(batch: int, row_blocks: int, capacity: int, config: MLADecodeConfig, sms: int) -> int:
-    """Splits per (sequence, row block), from host-known values only.
+@functools.lru_cache(maxsize=4096)
+def choose_num_splits(batch: int, row_blocks: int, capacity: int, config: MLADecodeConfig, sms: int,
+                      head_dim: int = 576, head_dim_v: int = 512,
+                      program_cost_tiles: float = PROGRAM_COST_TILES) -> int:
+    """Splits per (sequence, row block), from host-known values only (no cache_seqlens).
 
-    Aim at ``config.waves * sms`` programs, never more splits than ``capacity`` (the longest length
-    the block table allows) holds chunks of ``config.min_chunk`` rows. One long sequence (b = 1,
-    s = 32K) gets ~2 programs per SM; a large batch of long ones gets one split.
+    ``capacity`` = max_blocks_per_seq * block_size, the longest length the block table allows; the
+    model assumes every sequence is that long. With P = batch * row_blocks programs per split,
+    ``slots = sms * config.programs_per_sm`` and ``tiles = capacity / block_n``, it takes the split
+    count s minimising, in tile times::
+
+        ceil(P * s / slots) * (ceil(tiles / s) + program_cost_tiles)            waves x program time
+        + [s > 1] * (COMBINE_LAUNCH_TILES + partial_tiles * P * s / slots)      the combine
+
+    where ``partial_tiles`` is a split's float32 partial (written and read back) over a tile's
+    bytes. Wave quantisation is what it weighs: b = 64 at 16 heads gets 2 splits (128 programs on
+    132 SMs) rather than 3 (192: two waves, the second half empty); b = 1, s = 32K gets ~128 splits;
+    b = 128 gets 1. Splits never get shorter than ``config.min_chunk`` rows. ``program_cost_tiles``
+    (default PROGRAM_COST_TILES) is exposed for the tuning sweep, which fits it.
     """
     programs = batch * row_blocks
     if programs == 0 or capacity == 0:
         return 1
-    want = math.ceil(config.waves * sms / programs)
-    min_chunk = triton.cdiv(config.min_chunk, config.block_n) * config.block_n
-    return max(1, min(want, triton.cdiv(capacity, min_chunk)))
+    slots = sms * config.programs_per_sm
+    tiles = triton.cdiv(capacity, config.block_n)
+    min_chunk_tiles = triton.cdiv(config.min_chunk, config.block_n)
+    max_splits = max(1, min(MAX_SPLITS, tiles // min_chunk_tiles))
+    partial_tiles = (config.block_m * head_dim_v * 4 * 2) / (config.block_n * head_dim * 2)
+
+    def modelled(s: int) -> float:
+        t = math.ceil(programs * s / slots) * (math.ceil(tiles / s) + program_cost_tiles)
+        if s > 1:
+            t += COMBINE_LAUNCH_TILES + partial_tiles * programs * s / slots
+        return t
+
+    return min(range(1, max_splits + 1), key=modelled)
 
 
 @triton.jit
@@ -237,8 +272,8 @@ def _mla_decode_split_kernel(
     SWAP_AB: tl.constexpr,  # cache tile as the M of the dots (_attend_keys_major), else the rows
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32), "tf32" otherwise (ignored for 16-bit)
 ):
-    b = tl.program_id(0)
-    row_block = tl.program_id(1)
+    row_block = tl.program_id(0)  # fastest axis: the row blocks of one (sequence, split) run together
+    b = tl.program_id(1)
     split = tl.program_id(2)
     rows_total = q_len * num_heads
 
@@ -379,19 +414,20 @@ def mla_decode_triton(
     if num_splits is None:
         num_splits = choose_num_splits(batch, row_blocks, max_blocks * page, config, num_sms(q.device))
     split = num_splits > 1
+    min_chunk = triton.cdiv(config.min_chunk, config.block_n) * config.block_n
     if split:
         o_part = torch.empty((batch, num_splits, rows, head_dim_v), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((batch, num_splits, rows), dtype=torch.float32, device=q.device)
     else:
         o_part = lse_part = lse  # unused by the kernel when SPLIT is False
 
-    _mla_decode_split_kernel[(batch, row_blocks, num_splits)](
+    _mla_decode_split_kernel[(row_blocks, batch, num_splits)](
         q, k_cache, block_table, cache_seqlens, o_part, lse_part, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1),
         block_table.stride(0), block_table.stride(1),
         softmax_scale * _LOG2E,
-        q_len, num_heads, num_blocks, max_blocks, num_splits, triton.cdiv(config.min_chunk, config.block_n) * config.block_n,
+        q_len, num_heads, num_blocks, max_blocks, num_splits, min_chunk,
         DV=head_dim_v,
         DR=head_dim - head_dim_v,
         PAGE=page,
