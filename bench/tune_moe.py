@@ -6,7 +6,7 @@ Cases: the performance bar's shapes at top-6 (Lite E 64 / H 2048 / I 1408; 236B 
 tensor-parallel shards of the 236B experts, I 768 and 192) at T = 1, 8, 64, 128 (decode) and 8192 (prefill).
 Each case belongs to a key ``(gemm, H, I, bucket)`` of pykernels/triton/moe_configs.py (bucket from rows per
 expert). For each case and each candidate config of its bucket, the gate_up GEMM (gather + fused silu * up)
-and the down GEMM (weighted scatter) are timed alone (weights through pointer loads or TMA descriptors), on a permutation computed beforehand, and checked
+and the down GEMM (weighted scatter) are timed alone (weights through pointer loads, TMA descriptors, or gate_up as one wide dot), on a permutation computed beforehand, and checked
 against a bf16 torch per-expert loop (relative error <= 1e-2; a wrong config is reported, never chosen).
 Every config is guarded: a compile failure or a shared-memory overflow is reported and the sweep goes on.
 
@@ -58,27 +58,29 @@ def candidates(gemm: str, bucket: str):
     """Configs tried for a (gemm, bucket): the table's default first, then the alternatives."""
     from pykernels.triton.moe_configs import DEFAULTS, GemmConfig as C
 
+    # Each list: pointer loads first, then TMA weight loads (tma=True), then gate_up as one wide dot.
     if bucket == "large":
         extra = {
             "gate_up": [C(128, 64, 64, 8, 8, 3), C(128, 128, 64, 8, 8, 3), C(64, 128, 64, 8, 4, 4),
-                        C(128, 64, 64, 8, 4, 4), C(64, 64, 64, 8, 4, 4), C(128, 64, 128, 8, 8, 3),
-                        C(128, 128, 32, 8, 8, 4), C(64, 128, 64, 16, 8, 3),
-                        C(128, 64, 64, 8, 8, 3, True), C(128, 128, 64, 8, 8, 3, True), C(64, 128, 64, 8, 4, 4, True)],
+                        C(128, 64, 128, 8, 8, 3), C(64, 64, 64, 8, 4, 4),
+                        C(128, 64, 64, 8, 8, 3, True), C(128, 128, 64, 8, 8, 3, True),
+                        C(128, 64, 64, 8, 8, 3, False, True), C(128, 128, 64, 8, 8, 3, False, True)],
             "down": [C(128, 128, 64, 8, 8, 3), C(128, 256, 64, 8, 8, 3), C(64, 128, 64, 8, 4, 4),
-                     C(128, 64, 64, 8, 4, 4), C(128, 128, 32, 8, 4, 4), C(64, 256, 64, 8, 8, 3),
-                     C(128, 128, 128, 8, 8, 2),
-                     C(128, 128, 64, 8, 8, 3, True), C(128, 256, 64, 8, 8, 3, True), C(64, 128, 64, 8, 4, 4, True)],
+                     C(128, 64, 64, 8, 4, 4), C(128, 128, 128, 8, 8, 2),
+                     C(128, 128, 64, 8, 8, 3, True), C(128, 256, 64, 8, 8, 3, True)],
         }[gemm]
     elif bucket == "medium":
         extra = [C(64, 64, 64, 8, 4, 4), C(64, 128, 64, 8, 4, 3), C(32, 64, 128, 4, 4, 4), C(128, 64, 64, 8, 8, 3)]
     elif bucket == "small":
-        extra = [C(16, 64, 128, 1, 4, 4), C(32, 64, 128, 1, 4, 4), C(32, 32, 256, 1, 4, 4), C(64, 64, 128, 1, 4, 3),
-                 C(16, 32, 256, 1, 4, 4), C(64, 64, 64, 1, 4, 4), C(32, 128, 64, 1, 4, 4),
-                 C(32, 64, 128, 1, 4, 4, True), C(16, 64, 128, 1, 4, 4, True)]
+        extra = [C(16, 64, 128, 1, 4, 4), C(32, 32, 256, 1, 4, 4), C(64, 64, 128, 1, 4, 3), C(16, 32, 256, 1, 4, 4),
+                 C(32, 64, 128, 1, 4, 4, True)]
+        if gemm == "gate_up":
+            extra += [C(32, 64, 128, 1, 4, 4, False, True)]
     else:
-        extra = [C(16, 32, 256, 1, 4, 3), C(16, 32, 256, 1, 4, 5), C(16, 64, 128, 1, 4, 4), C(16, 16, 256, 1, 4, 4),
-                 C(16, 64, 256, 1, 4, 3), C(16, 32, 128, 1, 4, 6), C(16, 128, 128, 1, 8, 3), C(16, 16, 512, 1, 4, 3),
-                 C(16, 32, 256, 1, 4, 4, True), C(16, 64, 128, 1, 4, 4, True), C(16, 32, 128, 1, 4, 6, True)]
+        extra = [C(16, 32, 256, 1, 4, 3), C(16, 64, 128, 1, 4, 4), C(16, 16, 256, 1, 4, 4), C(16, 32, 128, 1, 4, 6),
+                 C(16, 16, 512, 1, 4, 3), C(16, 32, 256, 1, 4, 4, True), C(16, 64, 128, 1, 4, 4, True)]
+        if gemm == "gate_up":
+            extra += [C(16, 32, 256, 1, 4, 4, False, True)]
     first = DEFAULTS[(gemm, bucket)]
     return [first] + [c for c in dict.fromkeys(extra) if c != first]
 

@@ -141,12 +141,12 @@ def test_triton_skips_out_of_range_ids(device, dtype):
 
 
 @pytest.mark.parametrize("device,dtype", _fast_devices())
-@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
-def test_triton_tiles_and_rows_past_the_end(device, dtype, tma):
+@pytest.mark.parametrize("variant", ["pointers", "tma", "single dot"])
+def test_triton_tiles_and_rows_past_the_end(device, dtype, variant):
     """Several M tiles per expert (forced 16-row tiles, 40 rows on one expert); rows past offsets[E-1] give 0."""
     from pykernels.triton.grouped_gemm import grouped_ffn_triton, moe_ffn_triton
 
-    cfg = moe_configs.GemmConfig(16, 16, 16, 2, 4, 2, tma)
+    cfg = moe_configs.GemmConfig(16, 16, 16, 2, 4, 2, variant == "tma", variant == "single dot")
     x, w13, w2, tw, ids = _case_inputs((40, 6, 32, 24, 2, "random"), dtype, device)
     ids[:, 0] = 3
     y = moe_ffn_triton(x, w13, w2, tw, ids, gate_up_config=cfg, down_config=cfg)
@@ -272,9 +272,11 @@ def test_gpu_model_shapes(shape):
 
 
 def _all_configs():
-    """The table's configs, and each again with TMA weight loads (what the tuning sweep may pick)."""
+    """The table's configs, and each again with the other weight-load variants (what the sweep may pick)."""
     configs = set(moe_configs.DEFAULTS.values()) | set(moe_configs.TABLE.values())
-    return sorted(configs | {c._replace(tma=not c.tma) for c in configs})
+    variants = {c._replace(tma=not c.tma, single_dot=False) for c in configs}
+    variants |= {c._replace(tma=False, single_dot=not c.single_dot) for c in configs}
+    return sorted(configs | variants)
 
 
 @pytest.mark.gpu

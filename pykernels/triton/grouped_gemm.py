@@ -99,6 +99,7 @@ def _gate_up_kernel(
     GROUP_M: tl.constexpr,  # M tiles per swizzle group
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32 rounding); 16-bit inputs ignore it
     USE_TMA: tl.constexpr,  # weight tiles through the TMA descriptor instead of pointer loads
+    SINGLE_DOT: tl.constexpr,  # (pointer loads only) gate and up tiles as one [BK, 2 * BN] operand, one dot
 ):
     pid_m, pid_n = _tile_ids(num_m_tiles, tl.cdiv(inter, BLOCK_N), GROUP_M)
     expert, row_begin, row_end = _expert_tile(offsets_ptr, num_experts, num_rows, pid_m, BLOCK_M, BLOCK_E)
@@ -132,6 +133,25 @@ def _gate_up_kernel(
             acc_g = tl.dot(a, g.T, acc_g, input_precision=DOT_PRECISION)
             acc_u = tl.dot(a, u.T, acc_u, input_precision=DOT_PRECISION)
             a_ptrs += BLOCK_K
+    elif SINGLE_DOT:
+        # Columns j < BN of the operand are gate rows, j >= BN the up rows of the same I-columns: one
+        # wide MMA per step reads the A tile once; the epilogue splits the accumulator in two.
+        j = tl.arange(0, 2 * BLOCK_N)  # [2BN]
+        w_rows = (pid_n * BLOCK_N + j % BLOCK_N) % inter + (j // BLOCK_N) * inter
+        b_ptrs = w13_ptr + expert.to(tl.int64) * stride_we + w_rows[None, :].to(tl.int64) * stride_wn + ks[:, None]
+        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                k_ok = (k0 + ks) < hidden
+                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
     else:
         w_base = w13_ptr + expert.to(tl.int64) * stride_we
         g_ptrs = w_base + cols_ld[None, :].to(tl.int64) * stride_wn + ks[:, None]  # [BK, BN] = gate_e.T tile
@@ -278,6 +298,7 @@ def _gate_up(x, w13, offsets, sorted_pair, top_k, num_rows, cfg: GemmConfig) -> 
     grid = (m_tiles * triton.cdiv(inter, cfg.block_n),)
     gather = sorted_pair is not None
     use_tma = cfg.tma and _tma_ok(w13)
+    single_dot = cfg.single_dot and not use_tma
     w13_desc = TensorDescriptor.from_tensor(w13.view(-1, hidden), [cfg.block_n, cfg.block_k]) if use_tma else w13
     _gate_up_kernel[grid](
         x, w13, w13_desc, h, offsets, sorted_pair if gather else offsets,
@@ -286,7 +307,7 @@ def _gate_up(x, w13, offsets, sorted_pair, top_k, num_rows, cfg: GemmConfig) -> 
         GATHER=gather, EVEN_K=hidden % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         BLOCK_E=triton.next_power_of_2(num_experts), GROUP_M=cfg.group_m, DOT_PRECISION=_precision(x.dtype),
-        USE_TMA=use_tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        USE_TMA=use_tma, SINGLE_DOT=single_dot, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return h
 

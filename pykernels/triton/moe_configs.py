@@ -25,6 +25,7 @@ class GemmConfig(NamedTuple):
     num_warps: int
     num_stages: int
     tma: bool = False  # weight tiles through TMA descriptors (needs H and I rows 16-byte aligned, else pointers)
+    single_dot: bool = False  # gate_up with pointer loads: gate and up as one [BK, 2*BN] operand (down ignores it)
 
 
 BUCKETS = (("decode", 4.0), ("small", 32.0), ("medium", 128.0), ("large", float("inf")))
