@@ -159,6 +159,22 @@ def test_triton_tiles_and_rows_past_the_end(device, dtype, variant):
     assert _rel(y, grouped_ffn_reference(xs.float(), w13.float(), w2.float(), short)) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("device,dtype", _fast_devices())
+def test_triton_strided_rows_int64_ids_half_weights(device, dtype):
+    """x with a row stride > H, int64 topk_ids, routing weights in x's dtype."""
+    x, w13, w2, tw, ids = _case_inputs((9, 5, 40, 24, 2, "random"), dtype, device)
+    wide = torch.randn(9, 56, dtype=dtype, device=device)
+    wide[:, :40] = x
+    y = pk.moe_ffn(wide[:, :40], w13, w2, tw.to(dtype), ids.long(), backend="triton")
+    assert y.is_contiguous()
+    assert _rel(y, moe_ffn_reference(x.float(), w13.float(), w2.float(), tw.to(dtype), ids)) <= TOL[dtype]
+    xs, offsets = _sorted_rows(x, ids, 5)
+    wide = torch.randn(xs.shape[0], 48, dtype=dtype, device=device)
+    wide[:, :40] = xs
+    y = pk.grouped_ffn(wide[:, :40], w13, w2, offsets, backend="triton")
+    assert _rel(y, grouped_ffn_reference(xs.float(), w13.float(), w2.float(), offsets)) <= TOL[dtype]
+
+
 def test_no_tokens():
     x = torch.randn(0, 16)
     w13, w2 = _weights(4, 16, 8, torch.float32, "cpu")

@@ -353,7 +353,7 @@ def moe_ffn_triton(
     num_experts, two_i, _ = w13.shape
     top_k = topk_ids.shape[1]
     num_pairs = num_tokens * top_k
-    y = torch.empty_like(x)
+    y = torch.empty((num_tokens, hidden), dtype=x.dtype, device=x.device)
     if num_tokens == 0:
         return y
     cfg_gu, cfg_down = _configs(hidden, two_i // 2, num_pairs, num_experts, gate_up_config, down_config)
@@ -380,7 +380,7 @@ def grouped_ffn_triton(
     num_rows, hidden = x_sorted.shape
     num_experts, two_i, _ = w13.shape
     # NOTES: zeros, not empty: rows past offsets[E-1] belong to no expert and are never written.
-    y = torch.zeros_like(x_sorted)
+    y = torch.zeros((num_rows, hidden), dtype=x_sorted.dtype, device=x_sorted.device)
     if num_rows == 0:
         return y
     cfg_gu, cfg_down = _configs(hidden, two_i // 2, num_rows, num_experts, gate_up_config, down_config)
