@@ -1,6 +1,7 @@
 """Triton grouped-GEMM expert FFN: the backend of ``pykernels.moe_ffn`` and ``pykernels.grouped_ffn``.
 
-Pipeline of ``moe_ffn`` (4 launches for a decode step, 5 for prefill; no host synchronisation)::
+Pipeline of ``moe_ffn`` (4 launches up to ``moe_permute.CHUNK`` routes, i.e. 85 tokens at top-6, 5 beyond;
+no host synchronisation)::
 
     offsets, sorted_pair = permute(topk_ids)                 moe_permute.py: expert-sorted order of the routes
     h[r]   = silu(x[t(r)] @ gate_e.T) * (x[t(r)] @ up_e.T)   _gate_up_kernel, r in expert e's rows,
@@ -21,6 +22,11 @@ The gate/up GEMM computes the gate and the up columns of the same I-columns in o
 accumulators over one A tile), so silu(gate) * up happens in registers: the 2I-wide intermediate never
 goes to memory. Every output element is one fixed-order dot product and the sum over top-k runs in a
 fixed order: the same input gives bit-identical output.
+
+Weight tiles come in one of three ways (``GemmConfig.tma`` / ``single_dot``, chosen per shape by the table):
+pointer loads with two dots (gate, up); TMA descriptors over the weights viewed 2-D (zero fill past the
+edges, no masks); or, for gate_up, one pointer-loaded [BLOCK_K, 2 * BLOCK_N] operand holding the gate and
+the up rows side by side and one wide dot whose accumulator the epilogue splits.
 
 NOTES: rows of masked or out-of-range work read row 0 (a valid address) and are never stored; weights
 are addressed with 64-bit offsets (w13 of the 236B model has 2.5e9 elements).
