@@ -298,16 +298,18 @@ def _all_configs():
 @pytest.mark.gpu
 @pytest.mark.parametrize("cfg", _all_configs(), ids=str)
 def test_gpu_every_table_config(cfg):
-    """Every configuration the table can pick compiles and is right (odd H and I, several tiles per expert)."""
+    """Every configuration the table can pick, and its weight-load variants, compiles and is right (H and I not
+    multiples of the tiles, several tiles per expert); grouped_ffn's kernels for the table's own configs."""
     from pykernels.triton.grouped_gemm import grouped_ffn_triton, moe_ffn_triton
 
     x, w13, w2, tw, ids = _gpu_inputs(300, 8, 1000, 360, 4)  # 16-byte rows: TMA applies
     _poison_allocator()
     y = moe_ffn_triton(x, w13, w2, tw, ids, gate_up_config=cfg, down_config=cfg)
     assert _rel(y, moe_ffn_reference(x, w13, w2, tw, ids)) <= TOL[torch.bfloat16]
-    xs, offsets = _sorted_rows(x, ids, 8)
-    y = grouped_ffn_triton(xs, w13, w2, offsets, gate_up_config=cfg, down_config=cfg)
-    assert _rel(y, grouped_ffn_reference(xs, w13, w2, offsets)) <= TOL[torch.bfloat16]
+    if cfg in moe_configs.TABLE.values() or cfg in moe_configs.DEFAULTS.values():
+        xs, offsets = _sorted_rows(x, ids, 8)
+        y = grouped_ffn_triton(xs, w13, w2, offsets, gate_up_config=cfg, down_config=cfg)
+        assert _rel(y, grouped_ffn_reference(xs, w13, w2, offsets)) <= TOL[torch.bfloat16]
 
 
 @pytest.mark.gpu
