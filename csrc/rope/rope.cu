@@ -122,66 +122,85 @@ struct RopeArgs {
   bool copy_bad_rows;
 };
 
-// Rotate one unit: kVec values at src + e (interleaved) or kVec values at src + e and src + e + d/2 (halves).
-// pos_ok == false rotates by nothing (cos 1, sin 0) so the values are copied unchanged. kAlign: the
-// access width of q/k (16 bytes on the aligned path, one element on the fallback path); the cos/sin
-// accesses are as wide as the unit's slice of the table.
+// The values of one unit: kVec values at src + e (interleaved: kVec / 2 pairs), or kVec values at src + e
+// and their partners at src + e + d/2 (halves, in `hi`). kAlign: the access width of q/k (16 bytes on the
+// aligned path, one element on the fallback path).
+template <typename T, int kVec>
+struct UnitValues {
+  Vec<T, kVec> lo, hi;
+};
+
 template <typename T, bool kInterleaved, int kVec, int kAlign>
-__device__ __forceinline__ void rotate_unit(const T* src, T* dst, int unit, const float* cs_row, bool pos_ok,
-                                            int half) {
-  using V = Vec<T, kVec>;
-  if constexpr (kInterleaved) {
-    constexpr int kPairs = kVec / 2;
-    constexpr int kTable = kWideAccess<float, kPairs>;
-    const int e = unit * kVec;
-    const V x = load_vec<kAlign, T, kVec>(src + e);
-    Vec<float, kPairs> c, s;
-    if (pos_ok) {
-      c = load_vec<kTable, float, kPairs>(cs_row + e / 2);
-      s = load_vec<kTable, float, kPairs>(cs_row + half + e / 2);
-    } else {
-#pragma unroll
-      for (int p = 0; p < kPairs; ++p) c.v[p] = 1.f, s.v[p] = 0.f;
-    }
-    V out;
-#pragma unroll
-    for (int p = 0; p < kPairs; ++p) {
-      const float a = to_float(x.v[2 * p]), b = to_float(x.v[2 * p + 1]);
-      out.v[2 * p] = from_float<T>(a * c.v[p] - b * s.v[p]);
-      out.v[2 * p + 1] = from_float<T>(b * c.v[p] + a * s.v[p]);
-    }
-    store_vec<kAlign>(dst + e, out);
+__device__ __forceinline__ UnitValues<T, kVec> load_unit(const T* src, int unit, int half) {
+  UnitValues<T, kVec> x;
+  const int e = unit * kVec;
+  x.lo = load_vec<kAlign, T, kVec>(src + e);
+  if constexpr (!kInterleaved) x.hi = load_vec<kAlign, T, kVec>(src + half + e);
+  return x;
+}
+
+// Rotate the unit's values by the cos/sin of the table row cs_row and store them at dst (same layout).
+// pos_ok == false rotates by nothing (cos 1, sin 0): the values are stored unchanged. The cos/sin accesses
+// are as wide as the unit's slice of the table.
+template <typename T, bool kInterleaved, int kVec, int kAlign>
+__device__ __forceinline__ void rotate_store(const UnitValues<T, kVec>& x, T* dst, int unit, const float* cs_row,
+                                             bool pos_ok, int half) {
+  constexpr int kPairs = kInterleaved ? kVec / 2 : kVec;  // pairs in the unit
+  constexpr int kTable = kWideAccess<float, kPairs>;
+  const int e = unit * kVec;
+  const int first_pair = kInterleaved ? e / 2 : e;
+  Vec<float, kPairs> c, s;
+  if (pos_ok) {
+    c = load_vec<kTable, float, kPairs>(cs_row + first_pair);
+    s = load_vec<kTable, float, kPairs>(cs_row + half + first_pair);
   } else {
-    const int j = unit * kVec;
-    constexpr int kTable = kWideAccess<float, kVec>;
-    const V xa = load_vec<kAlign, T, kVec>(src + j);
-    const V xb = load_vec<kAlign, T, kVec>(src + half + j);
-    Vec<float, kVec> c, s;
-    if (pos_ok) {
-      c = load_vec<kTable, float, kVec>(cs_row + j);
-      s = load_vec<kTable, float, kVec>(cs_row + half + j);
-    } else {
 #pragma unroll
-      for (int p = 0; p < kVec; ++p) c.v[p] = 1.f, s.v[p] = 0.f;
-    }
-    V oa, ob;
-#pragma unroll
-    for (int p = 0; p < kVec; ++p) {
-      const float a = to_float(xa.v[p]), b = to_float(xb.v[p]);
-      oa.v[p] = from_float<T>(a * c.v[p] - b * s.v[p]);
-      ob.v[p] = from_float<T>(b * c.v[p] + a * s.v[p]);
-    }
-    store_vec<kAlign>(dst + j, oa);
-    store_vec<kAlign>(dst + half + j, ob);
+    for (int p = 0; p < kPairs; ++p) c.v[p] = 1.f, s.v[p] = 0.f;
   }
+  UnitValues<T, kVec> out;
+#pragma unroll
+  for (int p = 0; p < kPairs; ++p) {
+    const float a = kInterleaved ? to_float(x.lo.v[2 * p]) : to_float(x.lo.v[p]);
+    const float b = kInterleaved ? to_float(x.lo.v[2 * p + 1]) : to_float(x.hi.v[p]);
+    const T ra = from_float<T>(a * c.v[p] - b * s.v[p]), rb = from_float<T>(b * c.v[p] + a * s.v[p]);
+    if constexpr (kInterleaved) {
+      out.lo.v[2 * p] = ra;
+      out.lo.v[2 * p + 1] = rb;
+    } else {
+      out.lo.v[p] = ra;
+      out.hi.v[p] = rb;
+    }
+  }
+  store_vec<kAlign>(dst + e, out.lo);
+  if constexpr (!kInterleaved) store_vec<kAlign>(dst + half + e, out.hi);
 }
 
 __device__ __forceinline__ std::int64_t load_index(const void* p, bool is_int32, std::int64_t i) {
   return is_int32 ? static_cast<std::int64_t>(static_cast<const int*>(p)[i]) : static_cast<const std::int64_t*>(p)[i];
 }
 
+// Where token t's k row goes: row slots[t] (or t), whether to write it, and the error bits it raises.
+struct Destination {
+  std::int64_t row;
+  bool write;
+  int err;
+};
+
+__device__ __forceinline__ Destination destination(const RopeArgs& args, std::int64_t t, bool pos_ok) {
+  Destination dst{t, pos_ok || args.copy_bad_rows, pos_ok ? 0 : kErrPosition};
+  if (args.slots != nullptr) {
+    dst.row = load_index(args.slots, args.slots_int32, t);
+    if (dst.row < -1 || dst.row >= args.k_dst_rows) dst.err |= kErrSlot;
+    dst.write = pos_ok && dst.row >= 0 && dst.row < args.k_dst_rows;
+  }
+  return dst;
+}
+
 // kVec: values per rotation unit (see the file comment); kCopy: latent values per copy unit; kAlign: the
 // alignment every q/k/latent access may assume.
+// NOTES: every thread loads its q/k/latent values before the token's position and slot: they do not depend
+// on them, so the two loads overlap and a decode step waits for two memory round trips (values + index,
+// then the cos/sin row), not three.
 template <typename T, bool kInterleaved, int kVec, int kCopy, int kAlign>
 __global__ void __launch_bounds__(kThreads) rope_rows_kernel(const RopeArgs args) {
   const int d = args.rotary_dim, half = d / 2;
@@ -192,40 +211,36 @@ __global__ void __launch_bounds__(kThreads) rope_rows_kernel(const RopeArgs args
   if (u >= q_units + row_units + copy_units) return;
 
   for (std::int64_t t = blockIdx.y; t < args.tokens; t += gridDim.y) {
-    const std::int64_t pos = load_index(args.positions, args.positions_int32, t);
-    const bool pos_ok = pos >= 0 && pos < args.max_position;
-    const float* cs_row = args.cos_sin + (pos_ok ? pos : 0) * d;
-
     if (u < q_units) {
-      if (!pos_ok && !args.copy_bad_rows) continue;  // rope_and_cache leaves a bad row as it is
       const int h = u / row_units, unit = u - h * row_units;
       const T* src = static_cast<const T*>(args.q_src) + t * args.q_src_stride_t + h * args.q_src_stride_h;
       T* dst = static_cast<T*>(args.q_dst) + t * args.q_dst_stride_t + h * args.q_dst_stride_h;
-      rotate_unit<T, kInterleaved, kVec, kAlign>(src, dst, unit, cs_row, pos_ok, half);
-      continue;
-    }
-
-    // k and latent units: find the destination row.
-    std::int64_t row = t;
-    bool write = pos_ok || args.copy_bad_rows;
-    int err = pos_ok ? 0 : kErrPosition;
-    if (args.slots != nullptr) {
-      row = load_index(args.slots, args.slots_int32, t);
-      if (row < -1 || row >= args.k_dst_rows) err |= kErrSlot;
-      write = pos_ok && row >= 0 && row < args.k_dst_rows;
-    }
-    T* dst_row = static_cast<T*>(args.k_dst) + (write ? row : 0) * args.k_dst_stride_t;
-    if (u < q_units + row_units) {
+      const UnitValues<T, kVec> x = load_unit<T, kInterleaved, kVec, kAlign>(src, unit, half);
+      const std::int64_t pos = load_index(args.positions, args.positions_int32, t);
+      const bool pos_ok = pos >= 0 && pos < args.max_position;
+      if (!pos_ok && !args.copy_bad_rows) continue;  // rope_and_cache leaves a bad row as it is
+      rotate_store<T, kInterleaved, kVec, kAlign>(x, dst, unit, args.cos_sin + (pos_ok ? pos : 0) * d, pos_ok,
+                                                  half);
+    } else if (u < q_units + row_units) {
       const int unit = u - q_units;
-      if (unit == 0 && err != 0) atomicOr(args.flag, err);
-      if (!write) continue;
       const T* src = static_cast<const T*>(args.k_src) + t * args.k_src_stride_t;
-      rotate_unit<T, kInterleaved, kVec, kAlign>(src, dst_row + args.latent_dim, unit, cs_row, pos_ok, half);
+      const UnitValues<T, kVec> x = load_unit<T, kInterleaved, kVec, kAlign>(src, unit, half);
+      const std::int64_t pos = load_index(args.positions, args.positions_int32, t);
+      const bool pos_ok = pos >= 0 && pos < args.max_position;
+      const Destination to = destination(args, t, pos_ok);
+      if (unit == 0 && to.err != 0) atomicOr(args.flag, to.err);
+      if (!to.write) continue;
+      T* dst = static_cast<T*>(args.k_dst) + to.row * args.k_dst_stride_t + args.latent_dim;
+      rotate_store<T, kInterleaved, kVec, kAlign>(x, dst, unit, args.cos_sin + (pos_ok ? pos : 0) * d, pos_ok,
+                                                  half);
     } else {
-      if (!write) continue;
       const int e = (u - q_units - row_units) * kCopy;
       const T* src = static_cast<const T*>(args.latent) + t * args.latent_stride_t;
-      store_vec<kAlign>(dst_row + e, load_vec<kAlign, T, kCopy>(src + e));
+      const Vec<T, kCopy> v = load_vec<kAlign, T, kCopy>(src + e);
+      const std::int64_t pos = load_index(args.positions, args.positions_int32, t);
+      const Destination to = destination(args, t, pos >= 0 && pos < args.max_position);
+      if (!to.write) continue;
+      store_vec<kAlign>(static_cast<T*>(args.k_dst) + to.row * args.k_dst_stride_t + e, v);
     }
   }
 }

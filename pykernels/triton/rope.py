@@ -23,38 +23,46 @@ NUM_WARPS = 4
 # Latent values copied per loop iteration of the k program (512 = DeepSeek's kv_lora_rank: one pass).
 BLOCK_L_MAX = 512
 
-ERR_POSITION = 1  # same bits as pykernels.rope
-ERR_SLOT = 2
+ERR_POSITION = tl.constexpr(1)  # error-flag bits, the same as pykernels.rope's
+ERR_SLOT = tl.constexpr(2)
 
 
 @triton.jit
-def _rotate_rows(src, src_rows, dst, dst_rows, load_mask, store_mask, cos, sin,
-                 D: tl.constexpr,  # rotary_dim (even)
-                 HALF_BLOCK: tl.constexpr,  # next power of two >= D // 2
-                 INTERLEAVED: tl.constexpr):  # True: pairs (2i, 2i+1); False: pairs (i, i + D/2)
-    """Rotate rows ``src + src_rows[r]`` (d values each) into ``dst + dst_rows[r]``; cos, sin ``[HALF_BLOCK]``."""
+def _load_pairs(src, rows, mask,
+                D: tl.constexpr,  # rotary_dim (even)
+                HALF_BLOCK: tl.constexpr,  # next power of two >= D // 2
+                INTERLEAVED: tl.constexpr):  # True: pairs (2i, 2i+1); False: pairs (i, i + D/2)
+    """The pairs (a, b) of the rows ``src + rows[r]`` (d values each), float32 ``[R, HALF_BLOCK]`` each."""
     if INTERLEAVED:
         cols = tl.arange(0, 2 * HALF_BLOCK)  # [2 * HALF_BLOCK]: value 2i + parity
-        mask = load_mask[:, None] & (cols[None, :] < D)
-        x = tl.load(src + src_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        a, b = tl.split(tl.reshape(x, (x.shape[0], HALF_BLOCK, 2)))  # [R, HALF_BLOCK] each
-        out_a = a * cos[None, :] - b * sin[None, :]
-        out_b = b * cos[None, :] + a * sin[None, :]
-        out = tl.reshape(tl.join(out_a, out_b), (x.shape[0], 2 * HALF_BLOCK))
-        smask = store_mask[:, None] & (cols[None, :] < D)
-        tl.store(dst + dst_rows[:, None] + cols[None, :], out.to(dst.dtype.element_ty), mask=smask)
+        x = tl.load(src + rows[:, None] + cols[None, :], mask=mask[:, None] & (cols[None, :] < D), other=0.0)
+        a, b = tl.split(tl.reshape(x.to(tl.float32), (x.shape[0], HALF_BLOCK, 2)))
     else:
         i = tl.arange(0, HALF_BLOCK)  # [HALF_BLOCK]: pair i = (i, i + D/2)
-        mask = load_mask[:, None] & (i[None, :] < D // 2)
-        offs = src_rows[:, None] + i[None, :]
-        a = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(src + offs + D // 2, mask=mask, other=0.0).to(tl.float32)
-        out_a = a * cos[None, :] - b * sin[None, :]
-        out_b = b * cos[None, :] + a * sin[None, :]
-        smask = store_mask[:, None] & (i[None, :] < D // 2)
-        doffs = dst_rows[:, None] + i[None, :]
-        tl.store(dst + doffs, out_a.to(dst.dtype.element_ty), mask=smask)
-        tl.store(dst + doffs + D // 2, out_b.to(dst.dtype.element_ty), mask=smask)
+        offs = rows[:, None] + i[None, :]
+        m = mask[:, None] & (i[None, :] < D // 2)
+        a = tl.load(src + offs, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(src + offs + D // 2, mask=m, other=0.0).to(tl.float32)
+    return a, b
+
+
+@triton.jit
+def _rotate_store(a, b, cos, sin, dst, rows, mask,
+                  D: tl.constexpr, HALF_BLOCK: tl.constexpr, INTERLEAVED: tl.constexpr):  # as in _load_pairs
+    """Rotate pairs (a, b) by cos, sin ``[HALF_BLOCK]`` and store them at ``dst + rows[r]`` in the same layout."""
+    out_a = a * cos[None, :] - b * sin[None, :]
+    out_b = b * cos[None, :] + a * sin[None, :]
+    if INTERLEAVED:
+        cols = tl.arange(0, 2 * HALF_BLOCK)
+        out = tl.reshape(tl.join(out_a, out_b), (a.shape[0], 2 * HALF_BLOCK))
+        tl.store(dst + rows[:, None] + cols[None, :], out.to(dst.dtype.element_ty),
+                 mask=mask[:, None] & (cols[None, :] < D))
+    else:
+        i = tl.arange(0, HALF_BLOCK)
+        offs = rows[:, None] + i[None, :]
+        m = mask[:, None] & (i[None, :] < D // 2)
+        tl.store(dst + offs, out_a.to(dst.dtype.element_ty), mask=m)
+        tl.store(dst + offs + D // 2, out_b.to(dst.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -62,42 +70,52 @@ def _rope_rows_kernel(
     q_src, q_dst, k_src, k_dst, latent, positions, cos_sin, slots, flag,
     q_src_stride_t, q_src_stride_h, q_dst_stride_t, q_dst_stride_h,  # element strides of q rows
     k_src_stride_t, k_dst_stride_t, latent_stride_t,  # element strides of k rows, k_dst rows, latent rows
-    H, L, max_position, k_dst_rows,  # heads, latent width, table rows, rows of k_dst (slot bound)
+    H, max_position, k_dst_rows,  # heads, table rows, rows of k_dst (slot bound)
+    L: tl.constexpr,  # latent width (0 for apply_rotary): a constant, so the latent copy is vectorised
     D: tl.constexpr,  # rotary_dim
     HALF_BLOCK: tl.constexpr,  # next power of two >= D // 2
     BLOCK_H: tl.constexpr,  # heads per q program
     BLOCK_L: tl.constexpr,  # latent values per copy iteration
-    INTERLEAVED: tl.constexpr,  # pair layout, see _rotate_rows
+    INTERLEAVED: tl.constexpr,  # pair layout, see _load_pairs
     USE_SLOTS: tl.constexpr,  # k goes to k_dst row slots[t] (rope_and_cache) instead of row t (apply_rotary)
     HAS_LATENT: tl.constexpr,  # copy latent[t, :L] to the start of k's destination row
     COPY_BAD_ROWS: tl.constexpr,  # a bad position still writes its rows, unrotated (apply_rotary's outputs)
 ):
+    # NOTES: the q/k values are loaded before the position, which they do not depend on, so the two
+    # loads overlap (decode: two memory round trips, not three). A bad position reads table row 0 and
+    # rotates by nothing (cos 1, sin 0). Masks are built as `index < where(ok, limit, 0)` rather than
+    # `mask & ok` with a scalar ok: same result, and Triton's CPU interpreter mishandles a scalar boolean
+    # broadcast into a mask.
     t = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
-    pos = tl.load(positions + t).to(tl.int64)
-    pos_ok = (pos >= 0) & (pos < max_position)
-    # NOTES: a bad position reads table row 0 and rotates by nothing (cos 1, sin 0).
-    row = tl.where(pos_ok, pos, 0) * D
-    i = tl.arange(0, HALF_BLOCK)
-    cos = tl.load(cos_sin + row + i, mask=i < D // 2, other=1.0)
-    sin = tl.load(cos_sin + row + D // 2 + i, mask=i < D // 2, other=0.0)
-    cos = tl.where(pos_ok, cos, 1.0)
-    sin = tl.where(pos_ok, sin, 0.0)
-    # NOTES: masks are built as `index < where(ok, limit, 0)` rather than `mask & ok` with a scalar ok:
-    # same result, and Triton's CPU interpreter mishandles a scalar boolean broadcast into a mask.
     n_q_programs = tl.cdiv(H, BLOCK_H)
+    i = tl.arange(0, HALF_BLOCK)
     if j < n_q_programs:
         h = j * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
         h_ok = h < H
+        a, b = _load_pairs(q_src, t * q_src_stride_t + h * q_src_stride_h, h_ok, D, HALF_BLOCK, INTERLEAVED)
+        pos = tl.load(positions + t).to(tl.int64)
+        pos_ok = (pos >= 0) & (pos < max_position)
+        row = tl.where(pos_ok, pos, 0) * D
+        cos = tl.where(pos_ok, tl.load(cos_sin + row + i, mask=i < D // 2, other=1.0), 1.0)
+        sin = tl.where(pos_ok, tl.load(cos_sin + row + D // 2 + i, mask=i < D // 2, other=0.0), 0.0)
         if COPY_BAD_ROWS:
             store = h_ok
         else:
             store = h < tl.where(pos_ok, H, 0)
-        _rotate_rows(q_src, t * q_src_stride_t + h * q_src_stride_h, q_dst, t * q_dst_stride_t + h * q_dst_stride_h,
-                     h_ok, store, cos, sin, D, HALF_BLOCK, INTERLEAVED)
+        _rotate_store(a, b, cos, sin, q_dst, t * q_dst_stride_t + h * q_dst_stride_h, store, D, HALF_BLOCK,
+                      INTERLEAVED)
     else:
         one = tl.arange(0, 1)  # a one-row tile for k
-        k_row = one == 0  # [1] all true
+        ka, kb = _load_pairs(k_src, one * 0 + t * k_src_stride_t, one == 0, D, HALF_BLOCK, INTERLEAVED)
+        if HAS_LATENT:
+            c = tl.arange(0, BLOCK_L)
+            v = tl.load(latent + t * latent_stride_t + c, mask=c < L)  # the first BLOCK_L latent values
+        pos = tl.load(positions + t).to(tl.int64)
+        pos_ok = (pos >= 0) & (pos < max_position)
+        row = tl.where(pos_ok, pos, 0) * D
+        cos = tl.where(pos_ok, tl.load(cos_sin + row + i, mask=i < D // 2, other=1.0), 1.0)
+        sin = tl.where(pos_ok, tl.load(cos_sin + row + D // 2 + i, mask=i < D // 2, other=0.0), 0.0)
         err = tl.where(pos_ok, 0, ERR_POSITION)
         if USE_SLOTS:
             slot = tl.load(slots + t).to(tl.int64)
@@ -108,18 +126,17 @@ def _rope_rows_kernel(
         else:
             dst_base = t * k_dst_stride_t
             if COPY_BAD_ROWS:
-                k_store = k_row
+                k_store = one == 0
             else:
                 k_store = one < tl.where(pos_ok, 1, 0)
-        _rotate_rows(k_src, one * 0 + t * k_src_stride_t, k_dst, one * 0 + dst_base + L, k_row, k_store,
-                     cos, sin, D, HALF_BLOCK, INTERLEAVED)
+        _rotate_store(ka, kb, cos, sin, k_dst, one * 0 + dst_base + L, k_store, D, HALF_BLOCK, INTERLEAVED)
         if HAS_LATENT:
             tl.static_assert(USE_SLOTS, "the latent row goes to a cache slot")
-            c = tl.arange(0, BLOCK_L)
-            store_end = tl.where(write, L, 0)
-            for start in range(0, L, BLOCK_L):
+            write_all = tl.zeros_like(c) < tl.where(write, 1, 0)  # [BLOCK_L] = write
+            tl.store(k_dst + dst_base + c, v, mask=(c < L) & write_all)
+            for start in tl.static_range(BLOCK_L, L, BLOCK_L):  # latent rows wider than BLOCK_L
                 v = tl.load(latent + t * latent_stride_t + start + c, mask=(start + c) < L)
-                tl.store(k_dst + dst_base + start + c, v, mask=(start + c) < store_end)
+                tl.store(k_dst + dst_base + start + c, v, mask=((start + c) < L) & write_all)
         if err != 0:
             tl.atomic_or(flag, err)
 
@@ -144,8 +161,8 @@ def rope_rows(q_src: torch.Tensor, q_dst: torch.Tensor, k_src: torch.Tensor, k_d
         slots if slots is not None else positions, flag,
         q_src.stride(0), q_src.stride(1), q_dst.stride(0), q_dst.stride(1),
         k_src.stride(0), k_dst.stride(0), latent.stride(0) if latent is not None else 0,
-        H, L, cos_sin_cache.shape[0], k_dst.shape[0],
-        D=d, HALF_BLOCK=triton.next_power_of_2(d // 2), BLOCK_H=block_h,
+        H, cos_sin_cache.shape[0], k_dst.shape[0],
+        L=L, D=d, HALF_BLOCK=triton.next_power_of_2(d // 2), BLOCK_H=block_h,
         BLOCK_L=min(BLOCK_L_MAX, triton.next_power_of_2(max(L, 1))),
         INTERLEAVED=interleaved, USE_SLOTS=slots is not None, HAS_LATENT=latent is not None,
         COPY_BAD_ROWS=copy_bad_rows, num_warps=NUM_WARPS,
