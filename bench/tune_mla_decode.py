@@ -123,7 +123,8 @@ class Sweep:
         scale = HEAD_DIM**-0.5
 
         def fn(i):
-            return self.tmla.mla_decode_triton(*inputs[i], HEAD_DIM_V, scale, causal, config=config, num_splits=splits)
+            return self.tmla.mla_decode_triton(*inputs[i], HEAD_DIM_V, scale, causal, config=config, num_splits=splits,
+                                           fallback=False)
 
         try:
             out, lse = fn(0)

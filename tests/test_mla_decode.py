@@ -155,7 +155,7 @@ def test_triton_interpreter_fp16(case, swap_ab):
     q, k_cache, block_table, seqlens = make_case(batch, q_len, heads, block_size, lens, dtype=torch.float16, seed=3)
     config = dataclasses.replace(tmla.INTERPRETER_CONFIG, swap_ab=swap_ab)
     out, lse = tmla.mla_decode_triton(q, k_cache, block_table, seqlens, HEAD_DIM_V, HEAD_DIM**-0.5, causal,
-                                      config=config, num_splits=splits)
+                                      config=config, num_splits=splits, fallback=False)
     ref_out, ref_lse = mla_decode_reference(q.float(), k_cache.float(), block_table, seqlens, HEAD_DIM_V,
                                             HEAD_DIM**-0.5, causal)
     assert_close(out, lse, ref_out, ref_lse, torch.float16)
@@ -188,6 +188,22 @@ def test_triton_interpreter_random_shapes():
         lens = [int(x) for x in torch.randint(q_len, 3 * block_size, (batch,), generator=gen)]
         run_against_reference(batch, q_len, heads, block_size, lens, q_len > 1, torch.float16, "cpu", "triton",
                               seed=10 + trial)
+
+
+@interpreter_only
+def test_triton_config_that_fails_is_replaced_once(monkeypatch):
+    from pykernels.triton import mla_decode as tmla
+
+    monkeypatch.setattr(tmla, "_REPLACED", {})
+    broken = tmla.MLADecodeConfig(block_m=16, block_n=24, num_warps=4, num_stages=1, swap_ab=True)  # 24: no arange
+    q, k_cache, block_table, seqlens = make_case(2, 1, 4, 16, [9, 40], dtype=torch.float16, seed=15)
+    with pytest.raises(Exception):
+        tmla.mla_decode_triton(q, k_cache, block_table, seqlens, HEAD_DIM_V, 0.1, False, config=broken, fallback=False)
+    with pytest.warns(RuntimeWarning, match="using MLADecodeConfig"):
+        out, lse = tmla.mla_decode_triton(q, k_cache, block_table, seqlens, HEAD_DIM_V, 0.1, False, config=broken)
+    assert tmla._REPLACED == {broken: tmla.fallback_config(broken)}
+    ref_out, ref_lse = mla_decode_reference(q.float(), k_cache.float(), block_table, seqlens, HEAD_DIM_V, 0.1, False)
+    assert_close(out, lse, ref_out, ref_lse, torch.float16)
 
 
 @interpreter_only
@@ -295,7 +311,7 @@ def test_triton_gpu_edges(case, dtype, config):
     q, k_cache, block_table, seqlens = make_case(batch, q_len, heads, block_size, lens, dtype=dtype,
                                                  device="cuda", seed=3)
     out, lse = tmla.mla_decode_triton(q, k_cache, block_table, seqlens, HEAD_DIM_V, HEAD_DIM**-0.5, causal,
-                                      config=_gpu_configs()[config], num_splits=splits)
+                                      config=_gpu_configs()[config], num_splits=splits, fallback=False)
     ref_out, ref_lse = mla_decode_reference(q.float(), k_cache.float(), block_table, seqlens, HEAD_DIM_V,
                                             HEAD_DIM**-0.5, causal)
     assert_close(out, lse, ref_out, ref_lse, dtype)

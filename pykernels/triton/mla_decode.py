@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -382,6 +383,17 @@ def check_supported(head_dim: int, head_dim_v: int) -> None:
         )
 
 
+def fallback_config(config: MLADecodeConfig) -> MLADecodeConfig:
+    """A conservative rows-major config with the same rows per program: small tiles, one stage
+    (q + one K tile stay under 120 KB of shared memory at 64 rows)."""
+    return MLADecodeConfig(block_m=config.block_m, block_n=32, num_warps=8 if config.block_m >= 64 else 4,
+                           num_stages=1, swap_ab=False, min_chunk=config.min_chunk)
+
+
+# Configs that failed to compile or launch on this machine, and what replaced them (see mla_decode_triton).
+_REPLACED: dict[MLADecodeConfig, MLADecodeConfig] = {}
+
+
 def mla_decode_triton(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -393,23 +405,45 @@ def mla_decode_triton(
     *,
     config: MLADecodeConfig | None = None,
     num_splits: int | None = None,
+    fallback: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the kernels on validated inputs (see pykernels.mla_decode); returns ``(out, lse)``.
 
     ``config`` and ``num_splits`` override the table and the heuristic (the tuning sweep uses them).
+    With ``fallback``, a config that fails to compile or launch here (out of shared memory, a
+    layout this Triton version rejects) is replaced by ``fallback_config(config)`` for the rest of
+    the process, with a warning; without it the error propagates (tests and the sweep).
     """
     batch, q_len, num_heads, head_dim = q.shape
     check_supported(head_dim, head_dim_v)
-    num_blocks, page = k_cache.shape[0], k_cache.shape[1]
-    max_blocks = block_table.shape[1]
-    rows = q_len * num_heads
     out = torch.empty((batch, q_len, num_heads, head_dim_v), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, num_heads, q_len), dtype=torch.float32, device=q.device)
     if batch == 0:
         return out, lse
-
     if config is None:
-        config = default_config(rows, q.element_size())
+        config = default_config(q_len * num_heads, q.element_size())
+    config = _REPLACED.get(config, config) if fallback else config
+    args = (q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, out, lse)
+    try:
+        _launch(*args, config, num_splits)
+    except Exception as error:  # noqa: BLE001 - compile/launch failures of a config; re-raised below
+        replacement = fallback_config(config)
+        if not fallback or replacement == config:
+            raise
+        warnings.warn(f"pykernels.mla_decode: {config} failed here ({type(error).__name__}: "
+                      f"{str(error).strip()[:200]}); using {replacement} from now on", RuntimeWarning, stacklevel=2)
+        _REPLACED[config] = replacement
+        _launch(*args, replacement, num_splits)
+    return out, lse
+
+
+def _launch(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, out, lse,
+            config: MLADecodeConfig, num_splits: int | None) -> None:
+    """The split kernel, and the combine kernel when there is more than one split."""
+    batch, q_len, num_heads, head_dim = q.shape
+    num_blocks, page = k_cache.shape[0], k_cache.shape[1]
+    max_blocks = block_table.shape[1]
+    rows = q_len * num_heads
     row_blocks = triton.cdiv(rows, config.block_m)
     if num_splits is None:
         num_splits = choose_num_splits(batch, row_blocks, max_blocks * page, config, num_sms(q.device))
@@ -452,4 +486,3 @@ def mla_decode_triton(
             TILE_S=min(_COMBINE_TILE_S, block_s),
             num_warps=_COMBINE_WARPS,
         )
-    return out, lse
