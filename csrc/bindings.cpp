@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include "device/device.h"
+#include "ep/ep.h"
 #include "rope/rope.h"
 
 namespace py = pybind11;
@@ -41,6 +42,20 @@ PYBIND11_MODULE(_C, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("empty_kernel", &pk::empty_kernel, py::arg("stream"), "Launch an empty kernel <<<1, 32>>> (launch-overhead reference).",
         py::call_guard<py::gil_scoped_release>());
+
+  // pk.ep NVLink backend (pykernels/ep/nvlink.py); the launches release the GIL.
+  m.def("ep_alloc_shared", &pk::ep::alloc_shared, py::arg("device"), py::arg("bytes"));
+  m.def("ep_free_shared", &pk::ep::free_shared, py::arg("device"), py::arg("ptr"));
+  m.def("ep_ipc_handle", [](int device, std::uintptr_t ptr) { return py::bytes(pk::ep::ipc_handle(device, ptr)); },
+        py::arg("device"), py::arg("ptr"));
+  m.def("ep_ipc_open", &pk::ep::ipc_open, py::arg("device"), py::arg("handle"));
+  m.def("ep_ipc_close", &pk::ep::ipc_close, py::arg("device"), py::arg("ptr"));
+  m.def("ep_alloc_error_flags", &pk::ep::alloc_error_flags);
+  m.def("ep_free_error_flags", &pk::ep::free_error_flags, py::arg("host_ptr"));
+  m.def("ep_dispatch_send", &pk::ep::dispatch_send, py::call_guard<py::gil_scoped_release>());
+  m.def("ep_dispatch_recv", &pk::ep::dispatch_recv, py::call_guard<py::gil_scoped_release>());
+  m.def("ep_combine_send", &pk::ep::combine_send, py::call_guard<py::gil_scoped_release>());
+  m.def("ep_combine_recv", &pk::ep::combine_recv, py::call_guard<py::gil_scoped_release>());
 
   m.attr("cuda_version") = CUDART_VERSION;
   m.attr("cuda_architectures") = PYKERNELS_CUDA_ARCHITECTURES;

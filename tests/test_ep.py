@@ -420,7 +420,7 @@ def test_size_hint():
 
     s = ep.Buffer.size_hint(2, 5120, 160, 4096, max_top_k=6)
     assert s.max_recv_token_rows == 8192 and s.max_recv_expert_rows == 8192 * 6
-    assert s.dispatch_row_bytes == 5120 * 2 + 48 and s.combine_row_bytes == 10240
+    assert s.dispatch_row_bytes == 5120 * 2 + 6 * 12 + 8 and s.combine_row_bytes == 10240   # 12 B per slot, to 16 B
     assert s.nvlink_bytes > 2 * 2 * 4096 * (s.dispatch_row_bytes + s.combine_row_bytes)
     with pytest.raises(ValueError, match="^num_experts:"):
         ep.Buffer.size_hint(3, 5120, 160, 4096)

@@ -64,8 +64,8 @@ class BufferSizes:
     ``max_recv_token_rows``: token rows a rank can receive in one dispatch, ``W · max_tokens_per_rank``.
     ``max_recv_expert_rows``: rows of ``recv_x`` at most, ``W · max_tokens_per_rank · min(K, E_local)``;
     the low-latency mode always returns this many (the tail past ``tokens_per_expert.sum()`` is padding).
-    ``dispatch_row_bytes``: one token row on the NVLink wire: hidden values + K int32 ids + K float32
-    weights, rounded up to 16 bytes. ``nvlink_bytes``: the CUDA-IPC memory each rank shares (two
+    ``dispatch_row_bytes``: one token row on the NVLink wire: hidden values + per slot an int32 local
+    expert, an int32 index and a float32 weight, rounded up to 16 bytes. ``nvlink_bytes``: the CUDA-IPC memory each rank shares (two
     alternating sets of dispatch and combine slots, one per source rank, plus signals).
     """
 
@@ -181,9 +181,10 @@ class Buffer:
         elem = torch.empty((), dtype=dtype).element_size()
         local = num_experts // num_ranks
         token_rows = num_ranks * max_tokens_per_rank
-        dispatch_row = _round_up(hidden * elem + 8 * max_top_k, 16)
+        from pykernels.ep.nvlink import dispatch_row_bytes, shared_bytes
+
+        dispatch_row = dispatch_row_bytes(hidden * elem, max_top_k)
         combine_row = _round_up(hidden * elem, 16)
-        from pykernels.ep.nvlink import shared_bytes
 
         return BufferSizes(
             max_recv_token_rows=token_rows,
@@ -221,7 +222,9 @@ class Buffer:
             return "torch"
         from pykernels.ep import nvlink
 
-        why = nvlink.unusable_reason(self.device)
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        why = nvlink.unusable_reason(self.device, self.world_size, self.hidden * elem, self.num_local_experts,
+                                     self.max_top_k)
         # Every rank must take the same decision: gather each rank's host and its reason not to.
         views: list = [None] * self.world_size
         dist.all_gather_object(views, (_local_host(), why), group=self.group)
@@ -339,6 +342,13 @@ class Buffer:
 
             return torch_backend.combine(self, expert_out, handle)
         return self._nvlink.combine(expert_out, handle, return_hook)
+
+    def check_errors(self) -> None:
+        """Raise the error a kernel of an earlier nvlink call reported (a peer that timed out): the
+        low-latency mode never waits on the host, so this (or the next call) is where it surfaces.
+        Reads host-mapped memory, no synchronisation; a no-op for the torch backend."""
+        if self._nvlink is not None:
+            self._nvlink.check_errors()
 
     def close(self) -> None:
         """Release the NVLink buffers (after every rank's last combine); a no-op for the torch backend."""
