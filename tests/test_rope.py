@@ -440,10 +440,11 @@ def _error_flag_backends():
 @pytest.mark.parametrize("backend,device", _error_flag_backends())
 def test_bad_rows_are_skipped_and_flagged(backend, device):
     rope_mod.check_errors()  # start clean
-    rope, positions, slots, (q0, q, kv, k, cache) = _run_without_value_checks("rope_and_cache", backend, device)
+    rope, positions, _, (q0, q, kv, _, cache) = _run_without_value_checks("rope_and_cache", backend, device)
     rows = cache.view(8, 576)
     assert torch.equal(q[1:3], q0[1:3])  # bad positions: q rows untouched
-    assert rel(q[0, :, 512:].cpu(), oracle_rotate(q0[:1, :, 512:], positions[:1], rope)[0]) < 1e-5
+    good = torch.tensor([0, 3, 4])  # good positions (rows 3, 4 have bad slots: q is still rotated)
+    assert rel(q[good, :, 512:].cpu(), oracle_rotate(q0[good, :, 512:], positions[good.to(positions.device)], rope)) < 1e-5
     assert torch.equal(rows[0, :512], kv[0])  # the one good row was written
     assert rows[1:].isnan().all()  # every other row skipped (bad position or bad slot), nothing out of bounds
     with pytest.raises(ValueError, match="positions.*slot_mapping"):
@@ -578,12 +579,11 @@ def test_cuda_bad_values_flagged_without_sync(monkeypatch):
 
 @pytest.mark.gpu
 def test_backend_none_on_cuda_is_a_kernel():
-    rope = make_rope(device="cuda")
-    q, kv_latent, k_pe, positions, cache, slots = _decode_inputs(2, 16)
-    assert rope_mod._pick_backend("rope_and_cache", None, q.device, True) in ("cuda", "triton")
+    device = torch.device("cuda", torch.cuda.current_device())
+    assert rope_mod._pick_backend("rope_and_cache", None, device, True) in ("cuda", "triton")
     if _ext.available():
-        assert rope_mod._pick_backend("rope_and_cache", None, q.device, True) == "cuda"
-        assert rope_mod._pick_backend("rope_and_cache", None, q.device, False) == "triton"
+        assert rope_mod._pick_backend("rope_and_cache", None, device, True) == "cuda"
+        assert rope_mod._pick_backend("rope_and_cache", None, device, False) == "triton"  # unaligned rows
 
 
 @pytest.mark.gpu
@@ -673,7 +673,7 @@ def test_triton_kernel_compiles_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, cwd=root, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, check=False)
     if done.returncode == 77:
         pytest.skip(done.stdout.strip() or "this Triton cannot compile for sm_90 here")
     assert done.returncode == 0, done.stdout + done.stderr
