@@ -119,10 +119,15 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# Off the GPU (Triton's interpreter runs programs one after another) the split model sees this
+# many "SMs": a few splits, so the combine path is exercised without hundreds of serial programs.
+INTERPRETER_SMS = 8
+
+
 def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (132 on an H200); a nominal 132 off the GPU."""
+    """Streaming multiprocessors of ``device`` (132 on an H200); INTERPRETER_SMS off the GPU."""
     if device.type != "cuda":
-        return 132
+        return INTERPRETER_SMS
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
