@@ -97,11 +97,14 @@ __device__ __forceinline__ bool wait_flag(const std::uint64_t* flag, std::uint64
   return true;
 }
 
-// Record the first error (code, and the rank waited for) where the host can read it without a sync.
+// Record an error (code, and the rank waited for) in host-mapped memory, which the host reads without
+// a sync. Plain volatile stores: atomics on host memory need platform support that PCIe hosts lack.
+// Several blocks may write; any of their codes tells the host the call failed.
 __device__ __forceinline__ void raise_error(int* error, int code, int peer) {
-  if (atomicCAS_system(error, 0, code) == 0) {
-    atomicExch_system(error + 1, peer);
-  }
+  volatile int* e = error;
+  e[1] = peer;
+  __threadfence_system();
+  e[0] = code;
   __threadfence_system();
 }
 

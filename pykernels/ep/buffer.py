@@ -62,8 +62,9 @@ class BufferSizes:
     """Static sizes a configuration needs (``Buffer.size_hint``); all counts are per rank.
 
     ``max_recv_token_rows``: token rows a rank can receive in one dispatch, ``W · max_tokens_per_rank``.
-    ``max_recv_expert_rows``: rows of ``recv_x`` at most, ``W · max_tokens_per_rank · min(K, E_local)``;
-    the low-latency mode always returns this many (the tail past ``tokens_per_expert.sum()`` is padding).
+    ``max_recv_expert_rows``: rows of ``recv_x`` at most, ``W · max_tokens_per_rank · max_top_k``; the
+    low-latency mode returns ``W · max_tokens_per_rank · K`` rows for a call with K slots (the tail past
+    ``tokens_per_expert.sum()`` is padding).
     ``dispatch_row_bytes``: one token row on the NVLink wire: hidden values + per slot an int32 local
     expert, an int32 index and a float32 weight, rounded up to 16 bytes. ``nvlink_bytes``: the CUDA-IPC memory each rank shares (two
     alternating sets of dispatch and combine slots, one per source rank, plus signals).
@@ -188,7 +189,7 @@ class Buffer:
 
         return BufferSizes(
             max_recv_token_rows=token_rows,
-            max_recv_expert_rows=token_rows * min(max_top_k, local),
+            max_recv_expert_rows=token_rows * max_top_k,
             dispatch_row_bytes=dispatch_row,
             combine_row_bytes=combine_row,
             nvlink_bytes=shared_bytes(num_ranks, local, max_tokens_per_rank, dispatch_row, combine_row),
@@ -293,7 +294,7 @@ class Buffer:
                 K is the same on every rank.
             topk_weights: float32 ``[T, K]``.
             low_latency: nvlink only: fixed capacity, no host synchronisation, CUDA-graph capturable;
-                ``recv_x`` then has ``sizes.max_recv_expert_rows`` rows, the valid ones first.
+                ``recv_x`` then has ``W · max_tokens_per_rank · K`` rows, the valid ones first.
             return_hook: nvlink only: return after the sends are issued, with a ``hook`` as 6th
                 element; calling ``hook()`` issues the receive (the outputs are valid after it).
 

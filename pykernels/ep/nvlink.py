@@ -14,8 +14,7 @@ data with kernels only (csrc/ep/, the protocol is described in csrc/ep/ep.h):
 
 Normal mode (prefill): the receive kernel runs twice, first to wait and count (the host reads the
 number of rows, one synchronisation, so recv_x has exactly R rows), then to expand. Low-latency mode
-(decode): recv_x has a fixed capacity (``W · max_tokens_per_rank · min(K, E_local)`` rows, valid rows
-first), nothing waits on the host, and dispatch and combine can be captured in CUDA graphs; with
+(decode): recv_x has a fixed capacity (``W · max_tokens_per_rank · K`` rows, valid rows first), nothing waits on the host, and dispatch and combine can be captured in CUDA graphs; with
 ``return_hook=True`` the receive kernel is left to a hook, so other work can run between the two.
 
 A rank that does not arrive makes the receive kernels give up after ``timeout_s``: they leave an
@@ -212,7 +211,7 @@ class NvlinkState:
                                self.error_dev, stream)
 
         if low_latency:
-            R = W * cap * min(K, El)                                           # fixed capacity
+            R = W * cap * K                                                    # fixed capacity
             recv_x = x.new_empty(R, buf.hidden)
             recv_ids = torch.empty(R, dtype=torch.int32, device=dev)
             recv_w = torch.empty(R, dtype=torch.float32, device=dev)
