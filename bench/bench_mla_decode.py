@@ -107,6 +107,7 @@ def run(ctx) -> None:
             from pykernels.triton import mla_decode as tmla
 
             config = tmla.default_config(q_len * heads, sets[0][0].element_size())
+            config = tmla._REPLACED.get(config, config)  # what ran, if the table's config failed here
             row_blocks = math.ceil(q_len * heads / config.block_m)
             extra["num_splits"] = tmla.choose_num_splits(batch, row_blocks, math.ceil(seqlen / BLOCK_SIZE) * BLOCK_SIZE,
                                                          config, tmla.num_sms(device))

@@ -10,12 +10,14 @@ Two kernels:
    sequence in tiles of ``BLOCK_N`` cache rows; each tile is loaded once as ``[BLOCK_N, DV]`` (the
    first 512 columns) + ``[BLOCK_N, DR]`` (the 64 rope columns) and serves both as K in
    ``s = q . k`` and (its first 512 columns) as V in ``acc += p . v``. Online softmax in float32 in
-   base 2 (the softmax scale is folded into log2(e)); both products accumulate in float32.
-   With one split it writes ``out`` and ``lse`` directly; with several it writes each split's
-   normalised output and base-2 LSE to float32 scratch.
+   base 2 (the softmax scale is folded into log2(e)); both products accumulate in float32. Two
+   loop bodies: rows-major (rows are the M of both dots) and keys-major (the cache tile is the M,
+   for few rows; see _attend_keys_major). With one split the program writes ``out`` and ``lse``
+   directly; with several it writes each split's normalised output and base-2 LSE to float32
+   scratch.
 
-2. ``_mla_decode_combine_kernel``, one program per (batch, row, 128 value columns): merges the splits by their LSE in
-   float32: ``out = sum_s w_s o_s / sum_s w_s`` with ``w_s = 2^(lse_s - max lse)``.
+2. ``_mla_decode_combine_kernel``, one program per (row, batch, 128 value columns): merges the
+   splits by their LSE in float32: ``out = sum_s w_s o_s / sum_s w_s``, ``w_s = 2^(lse_s - max lse)``.
 
 Split count: chosen on the host from shapes only (batch, row blocks, ``max_blocks_per_seq *
 block_size``, SM count), so the op has no host synchronisation and can be captured in a CUDA
@@ -344,8 +346,8 @@ def _mla_decode_combine_kernel(
     BLOCK_S: tl.constexpr,  # num_splits rounded up to a power of two: all LSEs are read at once
     TILE_S: tl.constexpr,  # splits whose partials are loaded together (<= BLOCK_S)
 ):
-    b = tl.program_id(0)
-    row = tl.program_id(1)  # flattened (i, h)
+    row = tl.program_id(0)  # flattened (i, h)
+    b = tl.program_id(1)
     col_block = tl.program_id(2)
     rows_total = q_len * num_heads
     cols = col_block * BLOCK_DV + tl.arange(0, BLOCK_DV)  # [BLOCK_DV]
@@ -482,7 +484,7 @@ def _launch(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, c
     if split:
         block_s = triton.next_power_of_2(num_splits)
         block_dv = min(_COMBINE_BLOCK_DV, head_dim_v)
-        _mla_decode_combine_kernel[(batch, rows, head_dim_v // block_dv)](
+        _mla_decode_combine_kernel[(rows, batch, head_dim_v // block_dv)](
             o_part, lse_part, out, lse,
             q_len, num_heads, num_splits,
             DV=head_dim_v,
