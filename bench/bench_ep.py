@@ -315,7 +315,9 @@ def _measure_buffer(buf, sets, cfg: Config, base: dict, low_latency: bool, dev, 
     t_c, ranks_c = _slowest(_time(lambda i: buf.combine(outs[i][0], outs[i][4]), dev, reps, inner, graph), dev, world)
     row_bytes = cfg.H * 2
     wire = base["token_rows_remote"] * row_bytes
-    common = dict(base, backend=buf.backend, mode="low_latency" if low_latency else "normal", graph=graph,
+    # The low-latency mode gets its own backend label: at T <= DECODE_TOKENS both modes are recorded.
+    common = dict(base, backend=f"{buf.backend}-ll" if low_latency else buf.backend,
+                  mode="low_latency" if low_latency else "normal", graph=graph,
                   wire_bytes=wire, peer_name=peer_name)
     return [dict(common, op="ep.dispatch", time_us=t_d, rank_medians_us=ranks_d, peer_us=peer_d),
             dict(common, op="ep.combine", time_us=t_c, rank_medians_us=ranks_c, peer_us=peer_c)]
