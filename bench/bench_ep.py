@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import tempfile
 import time
 import traceback
@@ -120,6 +119,8 @@ def _record_all(ctx, results: list[dict]) -> None:
 def _spawn(world: int, pg: str, quick: bool) -> list[dict]:
     import torch.multiprocessing as mp
 
+    from bench.ceilings import _free_port
+
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ep.json"
         pctx = mp.start_processes(_spawned, args=(world, _free_port(), pg, quick, str(out)), nprocs=world,
@@ -139,12 +140,6 @@ def _spawned(rank: int, world: int, port: int, pg: str, quick: bool, out: str) -
     results = _measure(rank, world, rank, pg, quick)
     if rank == 0:
         Path(out).write_text(json.dumps(results))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _measure(rank: int, world: int, local_rank: int, pg: str, quick: bool) -> list[dict]:
