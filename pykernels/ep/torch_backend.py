@@ -11,12 +11,17 @@ makes three collectives and one host synchronisation; each combine one collectiv
              sends one row per token back; the source adds the rows of each token's ranks.
 
 Payloads travel as byte views, so any dtype works with gloo. Every collective is issued with
-``async_op=True`` and waited for with the buffer's timeout, so a rank that never arrives or died turns
-into ``EPTimeoutError`` on the others instead of a hang.
+``async_op=True`` and waited for on the host with the buffer's timeout (gloo: a timed ``wait``; NCCL:
+polling ``is_completed``), so a rank that never arrives or died turns into ``EPTimeoutError`` on the
+others instead of a hang. The host therefore waits for each dispatch and combine to finish. After a
+timeout over NCCL the collective is still pending on the GPU: the process group is unusable, and torch's
+NCCL watchdog (``TORCH_NCCL_ASYNC_ERROR_HANDLING``) may end the process once the group's own timeout
+passes.
 """
 from __future__ import annotations
 
 import datetime
+import time
 
 import torch
 import torch.distributed as dist
@@ -31,19 +36,39 @@ def _all_to_all(buf: Buffer, out: torch.Tensor, inp: torch.Tensor, out_splits: l
                                   group=buf.group, async_op=True), what
 
 
+# CUDA collectives are polled (a timed NCCL ``wait`` sleeps in 1 ms steps): yield the CPU between
+# polls for this long, then sleep POLL_SLEEP_S between them (a collective that slow is not latency-bound).
+POLL_SPIN_S = 2e-3
+POLL_SLEEP_S = 5e-4
+
+
 def _wait(buf: Buffer, *pending) -> None:
     for work, what in pending:
         try:
-            work.wait(timeout=datetime.timedelta(seconds=buf.timeout_s))
-        except RuntimeError as error:
+            if buf.device.type == "cuda":
+                _poll(buf, work)
+                work.wait()                  # the current stream waits for the collective's stream
+            else:
+                work.wait(timeout=datetime.timedelta(seconds=buf.timeout_s))
+        except (RuntimeError, TimeoutError) as error:
             text = str(error)
-            if "timed out" in text.lower() or "timeout" in text.lower():
+            if isinstance(error, TimeoutError) or "timed out" in text.lower() or "timeout" in text.lower():
                 raise EPTimeoutError(
                     f"pk.ep {what}: rank {buf.rank} waited {buf.timeout_s:g} s (the buffer's timeout_s) for the "
                     f"other ranks of the group; one of them did not call it or died. The process group may be "
                     f"unusable now. ({text})") from error
             raise EPError(f"pk.ep {what} failed on rank {buf.rank}, most likely because another rank died: "
                           f"{text}") from error
+
+
+def _poll(buf: Buffer, work) -> None:
+    """Return when ``work`` has completed (or failed: ``wait`` then raises); TimeoutError after timeout_s."""
+    start = time.monotonic()
+    while not work.is_completed():
+        elapsed = time.monotonic() - start
+        if elapsed > buf.timeout_s:
+            raise TimeoutError(f"not complete after {elapsed:.1f} s")
+        time.sleep(0 if elapsed < POLL_SPIN_S else POLL_SLEEP_S)
 
 
 def dispatch(buf: Buffer, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
