@@ -24,7 +24,7 @@ __global__ void __launch_bounds__(kThreads)
   const std::uint64_t seq = ws.seq[kCombineSend];
   const int parity = static_cast<int>(seq & 1);
   const int chunks = row_bytes / kChunk;
-  if (threadIdx.x < W) s_rows[threadIdx.x] = src_count[threadIdx.x];
+  if (threadIdx.x < W) s_rows[threadIdx.x] = min(max(src_count[threadIdx.x], 0), L.capacity);
   __syncthreads();
   long long received = 0;
   for (int s = 0; s < W; ++s) received += s_rows[s];

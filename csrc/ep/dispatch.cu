@@ -156,7 +156,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     if (threadIdx.x < W) {
       const int* c = reinterpret_cast<const int*>(base + L.counts(parity, threadIdx.x));
-      s_rows[threadIdx.x] = ld_received_int(c);
+      s_rows[threadIdx.x] = min(max(ld_received_int(c), 0), L.capacity);  // a bad count never leaves the area
       if (s_rows[threadIdx.x] > 0 && ld_received_int(c + 1) != K) {
         raise_error(error, kErrTopkMismatch, threadIdx.x);
         s_failed = true;
