@@ -134,7 +134,9 @@ class Buffer:
 
     NOTES: all ranks must call ``dispatch``/``combine`` the same number of times, in the same order;
     every call on the current stream of ``device``. After an ``EPError`` the buffer (and for the torch
-    backend the process group) is unusable: a collective may still be pending.
+    backend the process group) is unusable: a collective may still be pending. ``close()`` (collective)
+    frees the NVLink memory. dispatch/combine are not torch.library custom ops (they are collective and
+    keep state); the nvlink low-latency mode is captured in CUDA graphs directly.
     """
 
     def __init__(self, group: dist.ProcessGroup | None, hidden: int, num_experts: int, max_tokens_per_rank: int,
