@@ -1,6 +1,7 @@
 """Tuning sweep for the grouped-GEMM expert FFN's tile configurations (GPU only, < 4 minutes).
 
     python -m bench.tune_moe --out tune-moe.json [--budget-s 210] [--only lite]
+    python -m bench.tune_moe --out compile.json --compile-only     # no GPU: shared memory, registers, spills
 
 Cases: the performance bar's shapes at top-6 (Lite E 64 / H 2048 / I 1408; 236B E 160 / H 5120 / I 1536;
 tensor-parallel shards of the 236B experts, I 768 and 192) at T = 1, 8, 64, 128 (decode) and 8192 (prefill).
@@ -150,7 +151,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="JSON file to write")
     p.add_argument("--budget-s", type=float, default=210.0, help="stop starting new configs after this many seconds")
     p.add_argument("--only", help="run only the cases whose label contains this (lite, 236b, tp2, tp8)")
+    p.add_argument("--compile-only", action="store_true",
+                   help="no GPU needed: compile every candidate for sm_90a and report shared memory, registers, spills")
     args = p.parse_args(argv)
+    if args.compile_only:
+        return compile_report(args.out)
     if not torch.cuda.is_available():
         print("tune_moe: needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -218,6 +223,82 @@ def main(argv=None) -> int:
     for line in report["best"].values():
         print("    " + line["paste"])
     return 0
+
+
+# Hopper's opt-in shared memory per block (227 KiB): a config above it fails at launch.
+SM90_MAX_SHARED = 232448
+
+
+def compile_report(out_path: str) -> int:
+    """Compile each candidate's gate_up and down kernels (bf16, moe_ffn's gather/scatter variant, H and I
+    multiples of 16 as at the model's shapes) for sm_90a without a GPU; write shared bytes, registers and
+    stack/local bytes (spills, from the bundled cuobjdump) per config; exit 1 when one overflows shared
+    memory or spills."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from pykernels.triton import grouped_gemm
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    aligned = {"x_ptr", "w13_ptr", "h_ptr", "offsets_ptr", "pair_ptr", "w2_ptr", "out_ptr", "weights_ptr",
+               "hidden", "inter", "stride_xm", "stride_we", "stride_wn", "stride_hm", "stride_om", "up_shift"}
+    ints = ("num_rows", "hidden", "inter", "num_experts", "top_k", "stride_xm", "stride_wn", "stride_hm",
+            "stride_om", "up_shift", "num_m_tiles")
+    configs = {(gemm, c) for gemm in ("gate_up", "down") for b in ("decode", "small", "medium", "large")
+               for c in candidates(gemm, b)}
+    rows, bad = [], 0
+    for gemm, cfg in sorted(configs):
+        kernel = grouped_gemm._gate_up_kernel if gemm == "gate_up" else grouped_gemm._down_kernel
+        desc = f"tensordesc<bf16[{cfg.block_n}, {cfg.block_k}]>" if cfg.tma else "*bf16"
+        consts = dict(EVEN_K=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_E=256,
+                      GROUP_M=cfg.group_m, DOT_PRECISION="tf32", USE_TMA=cfg.tma)
+        if gemm == "gate_up":
+            consts.update(GATHER=True, SINGLE_DOT=cfg.single_dot and not cfg.tma)
+        else:
+            consts.update(SCATTER=True)
+        sig = {}
+        for name in kernel.arg_names:
+            if name in consts:
+                sig[name] = "constexpr"
+            elif name.endswith("_desc"):
+                sig[name] = desc
+            elif name == "stride_we":
+                sig[name] = "i64"
+            elif name in ints:
+                sig[name] = "i32"
+            else:
+                sig[name] = "*fp32" if name == "weights_ptr" else "*bf16"
+        sig.update({n: "*i32" for n in ("offsets_ptr", "pair_ptr")})
+        attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in sig if n in aligned}
+        entry = {"gemm": gemm, "config": cfg._asdict()}
+        try:
+            compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
+                                      target=GPUTarget("cuda", 90, 32),
+                                      options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+            entry["shared"] = compiled.metadata.shared
+            with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+                f.write(compiled.asm["cubin"])
+            usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+            os.unlink(f.name)
+            fields = dict(item.split(":", 1) for line in usage.splitlines() if "REG:" in line for item in line.split())
+            entry.update(registers=int(fields["REG"]), stack=int(fields["STACK"]), local=int(fields["LOCAL"]))
+            entry["ok"] = entry["shared"] <= SM90_MAX_SHARED and entry["stack"] == 0 and entry["local"] == 0
+        except Exception as e:  # noqa: BLE001 - reported per config
+            entry.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+        bad += not entry["ok"]
+        rows.append(entry)
+        print(f"{gemm:7} {tuple(cfg)}: " + (f"shared {entry['shared']:6d}  registers {entry['registers']:3d}"
+                                            f"  stack {entry['stack']}  local {entry['local']}" if "local" in entry
+                                            else entry.get("error", "")) + ("" if entry["ok"] else "   <-- NOT OK"), flush=True)
+    with open(out_path, "w") as f:
+        json.dump({"triton": triton.__version__, "target": "sm_90a", "configs": rows}, f, indent=1)
+    print(f"{len(rows)} kernels, {bad} not ok; wrote {out_path}")
+    return 1 if bad else 0
 
 
 def _summarise(report, scores) -> None:
