@@ -34,7 +34,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu --fo
 for stage in "$@"; do
   case $stage in
     build) step build env PYKERNELS_BUILD_EXT=1 python3 -m pip install -v --no-build-isolation --no-deps -e . ;;
-    tests) step tests python3 -m pytest -m "gpu or multigpu" -q -x --timeout 600 tests ;;
+    tests) step tests python3 -m pytest -m "gpu or multigpu" -q --timeout 300 -p no:cacheprovider tests ;;
     tests:*) step "tests-${stage#tests:}" python3 -m pytest -q --timeout 600 tests -k "${stage#tests:}" ;;
     bench) step bench python3 -m bench --json "$OUT/bench.json" ;;
     bench:*) step "bench-${stage#bench:}" python3 -m bench ${stage#bench:} --json "$OUT/bench-${stage#bench:}.json" ;;

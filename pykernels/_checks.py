@@ -85,12 +85,12 @@ def value_checks_enabled(t: torch.Tensor) -> bool:
     graph is being captured or under ``torch.compile``. Kernels stay memory-safe without these checks:
     they mask out-of-range ids instead of reading or writing outside their buffers.
     """
+    if torch.compiler.is_compiling():
+        return False  # values are not known while tracing
     if t.device.type != "cuda":
         return True
     import os
 
     if os.environ.get("PYKERNELS_CHECK_VALUES", "0") != "1":
         return False
-    if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
-        return False
-    return True
+    return not torch.cuda.is_current_stream_capturing()
