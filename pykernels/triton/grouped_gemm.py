@@ -337,11 +337,13 @@ def _down(h, w2, offsets, sorted_pair, weights, out, cfg: GemmConfig) -> None:
     )
 
 
-def _configs(hidden, inter, rows, num_experts, gate_up_config, down_config) -> tuple[GemmConfig, GemmConfig]:
+def _configs(
+    hidden, inter, rows, num_experts, elem_bytes, gate_up_config, down_config
+) -> tuple[GemmConfig, GemmConfig]:
     if gate_up_config is None:
-        gate_up_config = moe_configs.pick("gate_up", hidden, inter, rows, num_experts)
+        gate_up_config = moe_configs.pick("gate_up", hidden, inter, rows, num_experts, elem_bytes)
     if down_config is None:
-        down_config = moe_configs.pick("down", hidden, inter, rows, num_experts)
+        down_config = moe_configs.pick("down", hidden, inter, rows, num_experts, elem_bytes)
     return gate_up_config, down_config
 
 
@@ -362,7 +364,9 @@ def moe_ffn_triton(
     y = torch.empty((num_tokens, hidden), dtype=x.dtype, device=x.device)
     if num_tokens == 0:
         return y
-    cfg_gu, cfg_down = _configs(hidden, two_i // 2, num_pairs, num_experts, gate_up_config, down_config)
+    cfg_gu, cfg_down = _configs(
+        hidden, two_i // 2, num_pairs, num_experts, x.element_size(), gate_up_config, down_config
+    )
     offsets, sorted_pair = permute(topk_ids, num_experts)
     h = _gate_up(x, w13, offsets, sorted_pair, top_k, num_pairs, cfg_gu)  # [N, I] sorted rows
     buf = torch.empty((num_pairs, hidden), dtype=x.dtype, device=x.device)  # [N, H] route order
@@ -389,7 +393,9 @@ def grouped_ffn_triton(
     y = torch.zeros((num_rows, hidden), dtype=x_sorted.dtype, device=x_sorted.device)
     if num_rows == 0:
         return y
-    cfg_gu, cfg_down = _configs(hidden, two_i // 2, num_rows, num_experts, gate_up_config, down_config)
+    cfg_gu, cfg_down = _configs(
+        hidden, two_i // 2, num_rows, num_experts, x_sorted.element_size(), gate_up_config, down_config
+    )
     h = _gate_up(x_sorted, w13, offsets, None, 1, num_rows, cfg_gu)  # [R, I]
     _down(h, w2, offsets, None, None, y, cfg_down)
     return y

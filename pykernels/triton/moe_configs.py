@@ -56,7 +56,15 @@ def bucket_of(rows: int, num_experts: int) -> str:
     return BUCKETS[-1][0]
 
 
-def pick(gemm: str, hidden: int, inter: int, rows: int, num_experts: int) -> GemmConfig:
-    """The tile configuration for one GEMM of the expert FFN."""
+def pick(gemm: str, hidden: int, inter: int, rows: int, num_experts: int, elem_bytes: int = 2) -> GemmConfig:
+    """The tile configuration for one GEMM of the expert FFN.
+
+    The table is tuned for 2-byte elements; wider ones (fp32) take a proportionally shorter K step so
+    that each pipeline stage keeps the same shared-memory footprint (fp32 with bf16 tiles overflows
+    Hopper's 227 KiB).
+    """
     bucket = bucket_of(rows, num_experts)
-    return TABLE.get((gemm, hidden, inter, bucket), DEFAULTS[(gemm, bucket)])
+    config = TABLE.get((gemm, hidden, inter, bucket), DEFAULTS[(gemm, bucket)])
+    if elem_bytes > 2:
+        config = config._replace(block_k=max(16, config.block_k * 2 // elem_bytes))
+    return config
