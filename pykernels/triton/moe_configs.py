@@ -45,7 +45,29 @@ DEFAULTS: dict[tuple[str, str], GemmConfig] = {
 
 # Measured winners per shape: (gemm, H, I, bucket) -> config. Lite: H 2048, I 1408; 236B: H 5120, I 1536;
 # tensor-parallel shards of the 236B experts: I 768 (TP2), 192 (TP8). Filled from bench/tune_moe.py.
-TABLE: dict[tuple[str, int, int, str], GemmConfig] = {}
+TABLE: dict[tuple[str, int, int, str], GemmConfig] = {
+    # H200, triton 3.6, `python -m bench.tune_moe` (2026-11-28; 107 s budget, best of each bucket's candidates)
+    ("gate_up", 2048, 1408, "large"): GemmConfig(128, 128, 64, 8, 8, 3, False, True),
+    ("down", 2048, 1408, "large"): GemmConfig(128, 256, 64, 8, 8, 3, True, False),
+    ("gate_up", 5120, 1536, "large"): GemmConfig(128, 128, 64, 8, 8, 3, False, True),
+    ("down", 5120, 1536, "large"): GemmConfig(128, 256, 64, 8, 8, 3, True, False),
+    ("gate_up", 2048, 1408, "decode"): GemmConfig(16, 64, 128, 1, 4, 4, True, False),
+    ("down", 2048, 1408, "decode"): GemmConfig(16, 64, 128, 1, 4, 4, False, False),
+    ("gate_up", 2048, 1408, "small"): GemmConfig(16, 64, 128, 1, 4, 4, False, False),
+    ("down", 2048, 1408, "small"): GemmConfig(16, 64, 128, 1, 4, 4, False, False),
+    ("gate_up", 5120, 1536, "decode"): GemmConfig(16, 64, 128, 1, 4, 4, True, False),
+    ("down", 5120, 1536, "decode"): GemmConfig(16, 64, 128, 1, 4, 4, False, False),
+    ("gate_up", 5120, 1536, "small"): GemmConfig(16, 64, 128, 1, 4, 4, False, False),
+    ("down", 5120, 1536, "small"): GemmConfig(16, 64, 128, 1, 4, 4, False, False),
+    ("gate_up", 5120, 768, "large"): GemmConfig(128, 128, 64, 8, 8, 3, True, False),
+    ("down", 5120, 768, "large"): GemmConfig(128, 256, 64, 8, 8, 3, True, False),
+    ("gate_up", 5120, 192, "large"): GemmConfig(64, 64, 64, 8, 4, 4, False, False),
+    ("down", 5120, 192, "large"): GemmConfig(128, 256, 64, 8, 8, 3, True, False),
+    ("gate_up", 5120, 768, "decode"): GemmConfig(16, 64, 128, 1, 4, 4, True, False),
+    ("down", 5120, 768, "decode"): GemmConfig(16, 64, 128, 1, 4, 4, False, False),
+    ("gate_up", 5120, 192, "decode"): GemmConfig(16, 32, 256, 1, 4, 4, False, True),
+    ("down", 5120, 192, "decode"): GemmConfig(16, 64, 128, 1, 4, 4, True, False),
+}
 
 
 def bucket_of(rows: int, num_experts: int) -> str:
