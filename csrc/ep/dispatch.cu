@@ -267,7 +267,10 @@ void dispatch_send(const LayoutVec& layout, std::uintptr_t peers, std::uintptr_t
   PK_CHECK(ids_bytes == 4 || ids_bytes == 8, "ids_bytes: expected 4 or 8, got ", ids_bytes);
   PK_CHECK(num_experts == static_cast<std::int64_t>(L.world) * L.local_experts, "num_experts: expected ",
            L.world * L.local_experts, ", got ", num_experts);
-  PK_CHECK(peers != 0 && workspace != 0 && pos_out != 0 && (tokens == 0 || (x != 0 && ids != 0 && weights != 0)),
+  // NOTES: with tokens == 0, x, ids, weights and pos_out are empty tensors, whose CUDA data_ptr() is 0;
+  // the kernel still launches (>= 1 block) to send zero counts and raise the flags the peers wait for.
+  PK_CHECK(peers != 0 && workspace != 0 &&
+               (tokens == 0 || (x != 0 && ids != 0 && weights != 0 && pos_out != 0)),
            "dispatch_send: null pointer");
   const Workspace ws = workspace_of(workspace);
   auto* s = as_stream(stream);
