@@ -162,6 +162,23 @@ def test_triton_interpreter_fp16(case, swap_ab):
 
 
 @interpreter_only
+@pytest.mark.parametrize("block_size", [16, 64, 256])
+def test_triton_interpreter_tile_and_block_size_differ(block_size):
+    """BLOCK_N = 128 tiles spanning several cache blocks (16, 64) or part of one (256): the sweep's
+    M16/N128/w4/s1/keys config, with lengths ending inside a tile and NaN past each end."""
+    from pykernels.triton import mla_decode as tmla
+
+    config = tmla.MLADecodeConfig(block_m=16, block_n=128, num_warps=4, num_stages=1, swap_ab=True, min_chunk=128)
+    lens = [1, 63, 129, 300]
+    q, k_cache, block_table, seqlens = make_case(4, 1, 16, block_size, lens, dtype=torch.float16, seed=5)
+    out, lse = tmla.mla_decode_triton(q, k_cache, block_table, seqlens, HEAD_DIM_V, HEAD_DIM**-0.5, False,
+                                      config=config, num_splits=2, fallback=False)
+    ref_out, ref_lse = mla_decode_reference(q.float(), k_cache.float(), block_table, seqlens, HEAD_DIM_V,
+                                            HEAD_DIM**-0.5, False)
+    assert_close(out, lse, ref_out, ref_lse, torch.float16)
+
+
+@interpreter_only
 def test_triton_interpreter_fp32_strided_inputs_and_peaked_softmax():
     # q is a slice of a wider tensor (row stride 640), the block table a strided column view.
     q, k_cache, block_table, seqlens = make_case(3, 2, 5, 16, [0, 9, 40], seed=4)
