@@ -83,6 +83,9 @@ CONFIG_TABLE: tuple[tuple[int, MLADecodeConfig], ...] = (
     (1 << 30, MLADecodeConfig(block_m=64, block_n=32, num_warps=8, num_stages=2, swap_ab=False)),
 )
 
+# Most block-table entries one program stages in registers at a time (128 x 64 = 8192 positions).
+BT_CHUNK_MAX = 128
+
 # Under the interpreter: small tiles keep the CPU tests fast (shape coverage matters there, not speed).
 INTERPRETER_CONFIG = MLADecodeConfig(block_m=16, block_n=16, num_warps=4, num_stages=1, swap_ab=False,
                                      min_chunk=16)
@@ -172,16 +175,37 @@ def choose_num_splits(batch: int, row_blocks: int, capacity: int, config: MLADec
 
 
 @triton.jit
-def _load_tile(K, bt_row, stride_btj, stride_kblock, stride_krow, tile, end, num_blocks,
-               DV: tl.constexpr, DR: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+def _block_table_chunk(bt_row, stride_btj, chunk_start, end, num_blocks,
+                       PAGE: tl.constexpr, BT_CHUNK: tl.constexpr):
+    """The block ids of cache positions [chunk_start, chunk_start + BT_CHUNK * PAGE) of one sequence, as a
+    register vector [BT_CHUNK] (entries at or past ``end`` are 0; ids clamped into the cache). Staging them
+    before the tile loop keeps the cache-tile addresses free of loads inside the loop, which is what lets
+    Triton's software pipeliner keep several tiles in flight (a block-table load inside the loop limits it
+    to one)."""
+    j = chunk_start // PAGE + tl.arange(0, BT_CHUNK)  # [BT_CHUNK] block-table columns
+    ids = tl.load(bt_row + j * stride_btj, mask=j * PAGE < end, other=0)
+    return tl.minimum(tl.maximum(ids, 0), num_blocks - 1)
+
+
+@triton.jit
+def _load_tile(K, bt_chunk, chunk_start, stride_kblock, stride_krow, tile, end,
+               DV: tl.constexpr, DR: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+               BT_CHUNK: tl.constexpr):
     """Cache rows [tile, tile + BLOCK_N) of one sequence: positions, which are < end, and the rows
     as ``[BLOCK_N, DV]`` (K's first columns, also V) + ``[BLOCK_N, DR]`` (rope columns); rows at or
-    past ``end`` are zeros and never read."""
+    past ``end`` are zeros and never read. ``bt_chunk`` holds the block ids from ``chunk_start``."""
     pos = tile + tl.arange(0, BLOCK_N)  # [N] cache positions
     pos_ok = pos < end
-    block_id = tl.load(bt_row + (pos // PAGE) * stride_btj, mask=pos_ok, other=0)  # [N]
-    block_id = tl.minimum(tl.maximum(block_id, 0), num_blocks - 1)
-    k_row = K + block_id.to(tl.int64) * stride_kblock + (pos % PAGE) * stride_krow  # [N] pointers
+    first_page = chunk_start // PAGE
+    if PAGE % BLOCK_N == 0:
+        # A tile lies inside one page (tiles start at multiples of BLOCK_N): one uniform block id.
+        slot = tl.arange(0, BT_CHUNK) == tile // PAGE - first_page
+        block_id = tl.sum(tl.where(slot, bt_chunk, 0), axis=0)
+        k_row = K + block_id.to(tl.int64) * stride_kblock + (pos % PAGE) * stride_krow  # [N] pointers
+    else:
+        page = tl.minimum(pos // PAGE - first_page, BT_CHUNK - 1)  # [N]
+        block_id = tl.gather(bt_chunk, page, axis=0)
+        k_row = K + block_id.to(tl.int64) * stride_kblock + (pos % PAGE) * stride_krow  # [N] pointers
     kv = tl.load(k_row[:, None] + tl.arange(0, DV)[None, :], mask=pos_ok[:, None], other=0.0)  # [N, DV]
     k_r = tl.load(k_row[:, None] + DV + tl.arange(0, DR)[None, :], mask=pos_ok[:, None], other=0.0)  # [N, DR]
     return pos, pos_ok, kv, k_r
@@ -191,31 +215,36 @@ def _load_tile(K, bt_row, stride_btj, stride_kblock, stride_krow, tile, end, num
 def _attend_rows_major(q_v, q_r, K, bt_row, stride_btj, stride_kblock, stride_krow, start, end, limit,
                        num_blocks, qk_scale,
                        DV: tl.constexpr, DR: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BT_CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online softmax over [start, end) with the rows as the M of both dots:
     ``s[M, N] = q . k^T`` then ``acc[M, DV] += p . v``. Returns (acc, m, l): the unnormalised output,
     the running max (base 2) and the running sum."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of s (base 2)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of 2^(s - m_i)
     acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)  # running sum of 2^(s - m_i) v
-    for tile in range(start, end, BLOCK_N):
-        pos, pos_ok, kv, k_r = _load_tile(K, bt_row, stride_btj, stride_kblock, stride_krow, tile, end,
-                                          num_blocks, DV, DR, PAGE, BLOCK_N)
-        s = tl.dot(q_v, tl.trans(kv), input_precision=DOT_PRECISION)  # [M, N]
-        s = tl.dot(q_r, tl.trans(k_r), s, input_precision=DOT_PRECISION)
-        s = s * qk_scale
-        visible = pos_ok[None, :] & (pos[None, :] < limit[:, None])  # [M, N]
-        s = tl.where(visible, s, float("-inf"))
+    # Whole tiles whose pages all fit one staged chunk of the block table (tiles start at multiples of
+    # BLOCK_N, not necessarily of PAGE, so a chunk of BT_CHUNK entries covers BT_CHUNK - 1 pages of tiles).
+    CHUNK_ROWS: tl.constexpr = (BT_CHUNK - 1) * PAGE // BLOCK_N * BLOCK_N
+    for chunk_start in range(start, end, CHUNK_ROWS):
+        bt_chunk = _block_table_chunk(bt_row, stride_btj, chunk_start, end, num_blocks, PAGE, BT_CHUNK)
+        for tile in range(chunk_start, tl.minimum(chunk_start + CHUNK_ROWS, end), BLOCK_N):
+            pos, pos_ok, kv, k_r = _load_tile(K, bt_chunk, chunk_start, stride_kblock, stride_krow, tile, end,
+                                                  DV, DR, PAGE, BLOCK_N, BT_CHUNK)
+            s = tl.dot(q_v, tl.trans(kv), input_precision=DOT_PRECISION)  # [M, N]
+            s = tl.dot(q_r, tl.trans(k_r), s, input_precision=DOT_PRECISION)
+            s = s * qk_scale
+            visible = pos_ok[None, :] & (pos[None, :] < limit[:, None])  # [M, N]
+            s = tl.where(visible, s, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [M]
-        # A row that has seen nothing yet keeps m = -inf; subtract 0 instead so 2^(s - m) is 0, not NaN.
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_sub)  # [M] rescales the old sums
-        p = tl.exp2(s - m_sub[:, None])  # [M, N]
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(kv.dtype), kv, acc, input_precision=DOT_PRECISION)  # [M, DV]
-        m_i = m_new
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [M]
+            # A row that has seen nothing yet keeps m = -inf; subtract 0 instead so 2^(s - m) is 0, not NaN.
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_sub)  # [M] rescales the old sums
+            p = tl.exp2(s - m_sub[:, None])  # [M, N]
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(kv.dtype), kv, acc, input_precision=DOT_PRECISION)  # [M, DV]
+            m_i = m_new
     return acc, m_i, l_i
 
 
@@ -223,7 +252,7 @@ def _attend_rows_major(q_v, q_r, K, bt_row, stride_btj, stride_kblock, stride_kr
 def _attend_keys_major(q_v, q_r, K, bt_row, stride_btj, stride_kblock, stride_krow, start, end, limit,
                        num_blocks, qk_scale,
                        DV: tl.constexpr, DR: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BT_CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """The same online softmax with the operands swapped, for few rows: the cache tile is the M of
     both dots (``s^T[N, M] = k . q^T``, ``acc^T[DV, M] += v^T . p^T``), so a 16-row query still gives
     64-row (Hopper warpgroup-sized) products and K/V feed them straight from shared memory.
@@ -233,23 +262,28 @@ def _attend_keys_major(q_v, q_r, K, bt_row, stride_btj, stride_kblock, stride_kr
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_t = tl.zeros([DV, BLOCK_M], dtype=tl.float32)  # [DV, M]
-    for tile in range(start, end, BLOCK_N):
-        pos, pos_ok, kv, k_r = _load_tile(K, bt_row, stride_btj, stride_kblock, stride_krow, tile, end,
-                                          num_blocks, DV, DR, PAGE, BLOCK_N)
-        s_t = tl.dot(kv, q_vt, input_precision=DOT_PRECISION)  # [N, M]
-        s_t = tl.dot(k_r, q_rt, s_t, input_precision=DOT_PRECISION)
-        s_t = s_t * qk_scale
-        visible = pos_ok[:, None] & (pos[:, None] < limit[None, :])  # [N, M]
-        s_t = tl.where(visible, s_t, float("-inf"))
+    # Whole tiles whose pages all fit one staged chunk of the block table (tiles start at multiples of
+    # BLOCK_N, not necessarily of PAGE, so a chunk of BT_CHUNK entries covers BT_CHUNK - 1 pages of tiles).
+    CHUNK_ROWS: tl.constexpr = (BT_CHUNK - 1) * PAGE // BLOCK_N * BLOCK_N
+    for chunk_start in range(start, end, CHUNK_ROWS):
+        bt_chunk = _block_table_chunk(bt_row, stride_btj, chunk_start, end, num_blocks, PAGE, BT_CHUNK)
+        for tile in range(chunk_start, tl.minimum(chunk_start + CHUNK_ROWS, end), BLOCK_N):
+            pos, pos_ok, kv, k_r = _load_tile(K, bt_chunk, chunk_start, stride_kblock, stride_krow, tile, end,
+                                                  DV, DR, PAGE, BLOCK_N, BT_CHUNK)
+            s_t = tl.dot(kv, q_vt, input_precision=DOT_PRECISION)  # [N, M]
+            s_t = tl.dot(k_r, q_rt, s_t, input_precision=DOT_PRECISION)
+            s_t = s_t * qk_scale
+            visible = pos_ok[:, None] & (pos[:, None] < limit[None, :])  # [N, M]
+            s_t = tl.where(visible, s_t, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(s_t, axis=0))  # [M]
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_sub)
-        p_t = tl.exp2(s_t - m_sub[None, :])  # [N, M]
-        l_i = l_i * alpha + tl.sum(p_t, axis=0)
-        acc_t = acc_t * alpha[None, :]
-        acc_t = tl.dot(tl.trans(kv), p_t.to(kv.dtype), acc_t, input_precision=DOT_PRECISION)  # [DV, M]
-        m_i = m_new
+            m_new = tl.maximum(m_i, tl.max(s_t, axis=0))  # [M]
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_sub)
+            p_t = tl.exp2(s_t - m_sub[None, :])  # [N, M]
+            l_i = l_i * alpha + tl.sum(p_t, axis=0)
+            acc_t = acc_t * alpha[None, :]
+            acc_t = tl.dot(tl.trans(kv), p_t.to(kv.dtype), acc_t, input_precision=DOT_PRECISION)  # [DV, M]
+            m_i = m_new
     return tl.trans(acc_t), m_i, l_i
 
 
@@ -275,6 +309,7 @@ def _mla_decode_split_kernel(
     PAGE: tl.constexpr,  # cache block size (rows per block)
     BLOCK_M: tl.constexpr,  # rows (query position x head) per program
     BLOCK_N: tl.constexpr,  # cache rows per tile
+    BT_CHUNK: tl.constexpr,  # block-table entries staged in registers per pass of the tile loop
     CAUSAL: tl.constexpr,  # query i sees positions < n - q_len + i + 1
     SPLIT: tl.constexpr,  # write float32 partials for the combine kernel, else the final out/lse
     SWAP_AB: tl.constexpr,  # cache tile as the M of the dots (_attend_keys_major), else the rows
@@ -314,10 +349,12 @@ def _mla_decode_split_kernel(
     bt_row = BLOCK_TABLE + b.to(tl.int64) * stride_btb
     if SWAP_AB:
         acc, m_i, l_i = _attend_keys_major(q_v, q_r, K, bt_row, stride_btj, stride_kblock, stride_krow, start, end,
-                                           limit, num_blocks, qk_scale, DV, DR, PAGE, BLOCK_M, BLOCK_N, DOT_PRECISION)
+                                           limit, num_blocks, qk_scale, DV, DR, PAGE, BLOCK_M, BLOCK_N, BT_CHUNK,
+                                           DOT_PRECISION)
     else:
         acc, m_i, l_i = _attend_rows_major(q_v, q_r, K, bt_row, stride_btj, stride_kblock, stride_krow, start, end,
-                                           limit, num_blocks, qk_scale, DV, DR, PAGE, BLOCK_M, BLOCK_N, DOT_PRECISION)
+                                           limit, num_blocks, qk_scale, DV, DR, PAGE, BLOCK_M, BLOCK_N, BT_CHUNK,
+                                           DOT_PRECISION)
 
     seen_any = l_i > 0.0
     o = acc / tl.where(seen_any, l_i, 1.0)[:, None]  # [M, DV]; 0 for rows that saw nothing
@@ -456,6 +493,10 @@ def _launch(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, c
         num_splits = choose_num_splits(batch, row_blocks, max_blocks * page, config, num_sms(q.device))
     split = num_splits > 1
     min_chunk = triton.cdiv(config.min_chunk, config.block_n) * config.block_n
+    # Stage a whole split's block ids at once where they fit BT_CHUNK_MAX entries (one pass of the tile loop).
+    split_len = max(triton.cdiv(max_blocks * page, num_splits), min_chunk, config.block_n)
+    bt_chunk = min(triton.next_power_of_2(triton.cdiv(split_len, page) + 2), BT_CHUNK_MAX)
+    bt_chunk = max(bt_chunk, triton.next_power_of_2(triton.cdiv(config.block_n, page) + 1))
     if split:
         o_part = torch.empty((batch, num_splits, rows, head_dim_v), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((batch, num_splits, rows), dtype=torch.float32, device=q.device)
@@ -474,6 +515,7 @@ def _launch(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, c
         PAGE=page,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
+        BT_CHUNK=bt_chunk,
         CAUSAL=causal,
         SPLIT=split,
         SWAP_AB=config.swap_ab,
