@@ -102,22 +102,22 @@ def test_backend_matches_reference(device, dtype, backend, case):
 
 
 @pytest.mark.parametrize("device,dtype,backend", _backends())
-def test_backend_ties(device, dtype, backend):
+def test_backend_ties(device, dtype, backend, T=12):
     """Whole rows of equal logits, equal groups, -0.0 against +0.0, -inf: ids follow the lower-id rule."""
     torch.manual_seed(2)
     E = 16
-    logits = torch.randint(-2, 3, (12, E)).float()  # many exact ties
+    logits = torch.randint(-2, 3, (T, E)).float()  # many exact ties
     logits[0] = 0.0
     logits[1, ::3] = -0.0
     logits[2] = float("-inf")
     logits[2, 7] = 1.0
     logits[3, :4] = logits[3, 12:]  # group 0 and group 3 equal
     logits = logits.to(dtype).to(device)
-    for case in [(12, E, 5, "greedy", 1, 1, 1.0, False), (12, E, 5, "group_limited_greedy", 4, 2, 16.0, False),
-                 (12, E, 8, "group_limited_greedy", 4, 2, 1.0, True), (12, E, 2, "group_limited_greedy", 8, 1, 1.0, False)]:
+    for case in [(T, E, 5, "greedy", 1, 1, 1.0, False), (T, E, 5, "group_limited_greedy", 4, 2, 16.0, False),
+                 (T, E, 8, "group_limited_greedy", 4, 2, 1.0, True), (T, E, 2, "group_limited_greedy", 8, 1, 1.0, False)]:
         w, ids = _route(logits, case, backend)
         _assert_matches_reference(logits, case, w, ids)
-    w, ids = _route(logits, (12, E, 4, "greedy", 1, 1, 1.0, False), backend)
+    w, ids = _route(logits, (T, E, 4, "greedy", 1, 1, 1.0, False), backend)
     assert ids[0].tolist() == [0, 1, 2, 3]
 
 
@@ -136,6 +136,46 @@ def test_nan_logits_keep_ids_in_range(device, dtype, backend):
 def test_no_tokens(device, dtype, backend):
     w, ids = pk.moe_route(torch.randn(0, 8, dtype=dtype, device=device), 2, backend=backend)
     assert w.shape == ids.shape == (0, 2)
+
+
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="needs TRITON_INTERPRET=1 on the CPU")
+def test_triton_several_rows_per_program(monkeypatch):
+    """Prefill sizing (several rows a program, a partial last program) at interpreter-friendly sizes: fewer
+    target programs make the kernel pack 4 to 8 rows a program; model shapes, then the ties test."""
+    from pykernels.triton import moe_route as triton_route
+
+    monkeypatch.setattr(triton_route, "TARGET_PROGRAMS", 8)
+    for case in [(45, 64, 6, "greedy", 1, 1, 1.0, False), (27, 160, 6, "group_limited_greedy", 8, 3, 16.0, False)]:
+        block_t = triton_route.launch_shape(case[0], case[1], case[4])[0]
+        assert block_t > 1 and case[0] % block_t != 0
+        torch.manual_seed(6)
+        logits = torch.randn(case[0], case[1]) * 3
+        w, ids = _route(logits, case, "triton")
+        _assert_matches_reference(logits, case, w, ids)
+    test_backend_ties("cpu", torch.float32, "triton", T=30)
+
+
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="needs TRITON_INTERPRET=1 on the CPU")
+def test_triton_direct_call_and_op_agree():
+    """Eager calls launch the kernel directly; the torch.library op (taken under modes, tracing, grad) gives the same."""
+    from pykernels.moe_route import direct_call_ok
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch.manual_seed(5)
+    logits = torch.randn(19, 32, dtype=torch.float16)
+    assert direct_call_ok(logits)
+    direct = pk.moe_route(logits, 4, method="group_limited_greedy", n_group=4, topk_group=2, backend="triton")
+    via_op = torch.ops.pykernels.moe_route(logits, 4, 4, 2, 1.0, False, "triton")
+    assert torch.equal(direct[0], via_op[0]) and torch.equal(direct[1], via_op[1])
+    grad_logits = logits.float().requires_grad_()
+    assert not direct_call_ok(grad_logits)
+    w, ids = pk.moe_route(grad_logits, 4, method="group_limited_greedy", n_group=4, topk_group=2, backend="triton")
+    assert torch.equal(ids, direct[1])
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(logits)
+        assert not direct_call_ok(fake)
+        w, ids = pk.moe_route(fake, 4, backend="triton")
+        assert w.shape == ids.shape == (19, 4) and ids.dtype == torch.int32
 
 
 def test_strided_rows():
