@@ -52,11 +52,12 @@ SPLIT_MODELS = [(ppsm, cost) for ppsm in (1, 2) for cost in (0.5, 1.0, 2.0, 4.0)
 TABLE_MIN_CHUNK = 256
 
 
-def _cfg(block_m, block_n, num_warps, num_stages, swap_ab=False):
+def _cfg(block_m, block_n, num_warps, num_stages, swap_ab=False, ppsm=1):
     from pykernels.triton.mla_decode import MLADecodeConfig
 
     # min_chunk = block_n: the sweep's explicit split counts are taken as given.
-    return MLADecodeConfig(block_m, block_n, num_warps, num_stages, swap_ab=swap_ab, min_chunk=block_n)
+    return MLADecodeConfig(block_m, block_n, num_warps, num_stages, swap_ab=swap_ab, programs_per_sm=ppsm,
+                           min_chunk=block_n)
 
 
 def groups():
@@ -64,31 +65,30 @@ def groups():
     to try)], kernel configs). A group may run until its cumulative share of the budget has passed."""
     return [
         ("rows16", 0.5, [
-            (1, 16, 64, 4096, [1, 2, 3, 4, 6, 8]),
+            (1, 16, 64, 4096, [1, 2, 3, 4, 6]),
             (1, 16, 128, 8192, [1, 2, 3, 4]),
             (1, 16, 32, 32768, [2, 4, 6, 8, 12, 16]),
-            (1, 16, 1, 32768, [32, 64, 96, 128, 192, 256]),
+            (1, 16, 1, 32768, [64, 96, 128, 192, 256, 384]),
         ], [
-            _cfg(16, 64, 4, 2, True), _cfg(16, 32, 4, 4), _cfg(16, 32, 4, 5), _cfg(16, 64, 4, 3),
-            _cfg(16, 64, 8, 3), _cfg(16, 32, 8, 4), _cfg(16, 16, 4, 6), _cfg(16, 16, 4, 8),
+            _cfg(16, 64, 4, 2, True), _cfg(16, 64, 4, 3), _cfg(16, 64, 8, 3), _cfg(16, 32, 4, 3, ppsm=2),
+            _cfg(16, 32, 4, 4), _cfg(16, 16, 4, 4, ppsm=2),
         ]),
         ("rows32", 0.2, [
             (2, 16, 64, 4096, [1, 2, 3, 4, 6, 8]),
         ], [
-            _cfg(32, 64, 4, 2, True), _cfg(32, 32, 8, 4), _cfg(32, 64, 8, 3), _cfg(32, 32, 4, 4),
-            _cfg(32, 16, 4, 6),
+            _cfg(32, 64, 8, 3), _cfg(16, 64, 4, 3), _cfg(16, 32, 4, 3, ppsm=2), _cfg(32, 32, 8, 3, ppsm=2),
         ]),
         ("rows128", 0.3, [
             (1, 128, 64, 4096, [1, 2, 3, 4]),
         ], [
-            _cfg(64, 32, 8, 2), _cfg(64, 32, 8, 3), _cfg(64, 32, 8, 4), _cfg(64, 16, 8, 4), _cfg(64, 16, 8, 6),
-            _cfg(64, 16, 8, 5),
+            _cfg(64, 32, 8, 4), _cfg(64, 32, 8, 3), _cfg(32, 64, 8, 3), _cfg(32, 32, 8, 4), _cfg(16, 64, 4, 3),
         ]),
     ]
 
 
 def config_name(c) -> str:
-    return f"M{c.block_m}/N{c.block_n}/w{c.num_warps}/s{c.num_stages}/{'keys' if c.swap_ab else 'rows'}"
+    ppsm = f"/{c.programs_per_sm}perSM" if c.programs_per_sm != 1 else ""
+    return f"M{c.block_m}/N{c.block_n}/w{c.num_warps}/s{c.num_stages}/{'keys' if c.swap_ab else 'rows'}{ppsm}"
 
 
 class Sweep:

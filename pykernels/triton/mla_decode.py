@@ -61,26 +61,25 @@ class MLADecodeConfig:
     min_chunk: int = 256  # fewest cache rows one split takes (rounded up to block_n)
 
 
-# Chosen configs, by rows per sequence (q_len * num_heads), for 2-byte elements. The lead updates
-# this table from `python -m bench.tune_mla_decode` (H200). Reasons:
-# - up to 32 rows (h16, q_len 1 or 2): bound by reading the cache. One program takes all rows of a
-#   sequence, so each cache row is read once. Keys-major: the 64-row cache tile is the M of both
-#   dots, a Hopper warpgroup-sized product (wgmma) fed from shared memory, while 16 or 32 query
-#   rows are only its N; the accumulator acc^T [512, rows] is 64 (128) float32 registers per
-#   thread with 4 warps. Two stages of 64 x 576 tiles (147 KB) + q^T keep ~74 KB of loads in
-#   flight per SM, enough to cover HBM latency at one program per SM.
-# - 33 to 64 rows (h16 with q_len 3-4, h32-h64) and more (h128): compute grows with the rows; 64
-#   rows per program reuse each K tile across 64 (query, head) rows; 8 warps hold acc [64, 512] in
-#   128 float32 registers per thread; BLOCK_N = 32 leaves shared memory for q (64 x 576) and two
-#   K stages. h128 has two row blocks; they run side by side (row block is the fastest grid axis),
-#   so the second read of a K tile comes from the L2.
+# Chosen configs, by rows per sequence (q_len * num_heads), for 2-byte elements, from
+# `python -m bench.tune_mla_decode` on the H200 (bench/results/nvidia-h200/tune-mla_decode.json). All are
+# rows-major and software-pipelined: while a program computes on one cache tile, the next tiles' loads
+# are in flight (num_stages - 1 buffers; possible because the block ids are staged in registers first).
+# - up to 16 rows (h16, q_len 1): bound by reading the cache; all 16 rows of a sequence in one program so
+#   each cache row is read once. 32-row tiles x 3 stages (93 KB of shared memory) let two programs share
+#   an SM: four tiles in flight per SM (best at b64/s4096 and b32/s32K; 64-row tiles at one program per
+#   SM tie at b128/s8192 and lose elsewhere).
+# - 17 to 32 rows (h16 with q_len 2): 8 warps hold acc [32, 512]; 64-row tiles, two in flight.
+# - more (h16 with q_len 3-4, h32 ... h128): compute grows with the rows; 64 rows per program reuse each
+#   cache tile across 64 (query, head) rows; 8 warps (acc [64, 512] = 128 registers per thread), 32-row
+#   tiles, three in flight. h128 has two row blocks; they run side by side (row block is the fastest grid
+#   axis), so the second read of a tile comes from the L2.
 # fp32 (allowed for testing) halves block_n and pipelines one stage to fit the same shared memory.
 CONFIG_TABLE: tuple[tuple[int, MLADecodeConfig], ...] = (
     # (max rows, config); first match wins
-    (16, MLADecodeConfig(block_m=16, block_n=64, num_warps=4, num_stages=2, swap_ab=True)),
-    (32, MLADecodeConfig(block_m=32, block_n=64, num_warps=4, num_stages=2, swap_ab=True)),
-    (64, MLADecodeConfig(block_m=64, block_n=32, num_warps=8, num_stages=2, swap_ab=False)),
-    (1 << 30, MLADecodeConfig(block_m=64, block_n=32, num_warps=8, num_stages=2, swap_ab=False)),
+    (16, MLADecodeConfig(block_m=16, block_n=32, num_warps=4, num_stages=3, swap_ab=False, programs_per_sm=2)),
+    (32, MLADecodeConfig(block_m=32, block_n=64, num_warps=8, num_stages=3, swap_ab=False)),
+    (1 << 30, MLADecodeConfig(block_m=64, block_n=32, num_warps=8, num_stages=4, swap_ab=False)),
 )
 
 # Most block-table entries one program stages in registers at a time (128 x 64 = 8192 positions).
@@ -98,12 +97,13 @@ COMBINE_LAUNCH_TILES = 2.0
 # The largest split count the model considers (b = 1 fills 132 SMs with ~128).
 MAX_SPLITS = 512
 
-# The combine kernel: each program merges 128 value columns of one row, loading the partials of
-# 16 splits at once (16 x 128 float32 = 8 KB in flight per program, 16 values per thread with 4
-# warps), so even b = 1 with 128 splits (16 rows x 4 column blocks = 64 programs) streams its
-# 4 MB of partials instead of walking the splits one load at a time.
-_COMBINE_BLOCK_DV = 128
-_COMBINE_TILE_S = 16
+# The combine kernel: one program merges BLOCK_DV value columns of one row over TILE_S splits at a
+# time, issuing the LSE and partial loads of a tile together (no load waits on another), so a row
+# costs one memory round trip per tile, not one per split. At most _COMBINE_TILE_ELEMS float32 per
+# tile (32 values per thread with 4 warps); BLOCK_DV shrinks as splits grow so that b = 1 with 128
+# splits still spreads over 16 rows x 16 column blocks = 256 programs.
+_COMBINE_TILE_ELEMS = 4096
+_COMBINE_MIN_BLOCK_DV = 32
 _COMBINE_WARPS = 4
 
 
@@ -362,8 +362,8 @@ def _mla_decode_split_kernel(
     if SPLIT:
         part = (b * num_splits + split).to(tl.int64) * rows_total + rows  # [M]
         tl.store(LSE_PART + part, lse2, mask=row_ok)
-        # Splits that saw nothing leave their partial unwritten: the combine never reads it (weight 0).
-        tl.store(O_PART + part[:, None] * DV + cols_v[None, :], o, mask=(row_ok & seen_any)[:, None])
+        # Splits that saw nothing write zeros (weight 0 in the combine, which reads every partial).
+        tl.store(O_PART + part[:, None] * DV + cols_v[None, :], o, mask=row_ok[:, None])
     else:
         out_row = b.to(tl.int64) * rows_total + rows  # [M]: out is [B, QL, H, DV] contiguous
         tl.store(OUT + out_row[:, None] * DV + cols_v[None, :], o.to(OUT.dtype.element_ty), mask=row_ok[:, None])
@@ -391,7 +391,7 @@ def _mla_decode_combine_kernel(
 
     # Partial (b, split s, row) is at first + s * rows_total.
     first = b.to(tl.int64) * num_splits * rows_total + row
-    all_splits = tl.arange(0, BLOCK_S)
+    all_splits = tl.arange(0, BLOCK_S)  # the LSE pass reads every split's LSE at once
     lse_s = tl.load(LSE_PART + first + all_splits * rows_total, mask=all_splits < num_splits, other=float("-inf"))
     m = tl.max(lse_s, axis=0)
     m_sub = tl.where(m == float("-inf"), 0.0, m)  # every split empty: all weights 0, not NaN
@@ -400,11 +400,12 @@ def _mla_decode_combine_kernel(
     acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
     for s0 in range(0, num_splits, TILE_S):
         splits = s0 + tl.arange(0, TILE_S)  # [TILE_S]
+        live = splits < num_splits
         part = first + splits * rows_total
-        w = tl.exp2(tl.load(LSE_PART + part, mask=splits < num_splits, other=float("-inf")) - m_sub)  # [TILE_S]
-        # Empty (and padding) splits have weight 0 and were never written: not loaded.
-        o_s = tl.load(O_PART + part[:, None] * DV + cols[None, :], mask=(w > 0.0)[:, None], other=0.0)
-        acc += tl.sum(w[:, None] * o_s, axis=0)  # [BLOCK_DV]
+        lse_tile = tl.load(LSE_PART + part, mask=live, other=float("-inf"))  # [TILE_S]
+        # Every split wrote its partial (zeros when it saw nothing), so the load need not wait for the LSEs.
+        o_s = tl.load(O_PART + part[:, None] * DV + cols[None, :], mask=live[:, None], other=0.0)  # [TILE_S, BLOCK_DV]
+        acc += tl.sum(tl.exp2(lse_tile - m_sub)[:, None] * o_s, axis=0)  # [BLOCK_DV]
 
     o = acc / tl.where(denom > 0.0, denom, 1.0)
     tl.store(OUT + (b.to(tl.int64) * rows_total + row) * DV + cols, o.to(OUT.dtype.element_ty))
@@ -525,13 +526,13 @@ def _launch(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, c
     )
     if split:
         block_s = triton.next_power_of_2(num_splits)
-        block_dv = min(_COMBINE_BLOCK_DV, head_dim_v)
+        block_dv = min(max(_COMBINE_TILE_ELEMS // block_s, _COMBINE_MIN_BLOCK_DV), head_dim_v)
         _mla_decode_combine_kernel[(rows, batch, head_dim_v // block_dv)](
             o_part, lse_part, out, lse,
             q_len, num_heads, num_splits,
             DV=head_dim_v,
             BLOCK_DV=block_dv,
             BLOCK_S=block_s,
-            TILE_S=min(_COMBINE_TILE_S, block_s),
+            TILE_S=min(block_s, _COMBINE_TILE_ELEMS // block_dv),
             num_warps=_COMBINE_WARPS,
         )
