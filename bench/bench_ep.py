@@ -5,20 +5,35 @@
 
 Records ``ep.dispatch`` and ``ep.combine`` with shape {T, H, top_k, ranks} for every backend that
 works here ("torch" over NCCL; "nvlink", normal and low-latency modes), each with the peer measured in
-the same run: the plain way, one row per (token, expert) pair sorted by expert (argsort), counts
-exchanged with ``all_to_all_single`` and read by the host, then the rows with ``all_to_all_single``;
-its combine sends the pair rows back and sums them with their weights.
+the same run (FACTS' "argsort-permute + NCCL all_to_all_single": 86 µs at T=128, 600 µs at T=4096 for
+H5120 top-6 on 2×H200). What the peer includes (``extra.peer_includes`` says it in short):
+  dispatch: argsort of the T·top_k expert ids; gather of the (token, expert) pair rows into that
+            order; rows per destination rank (scatter_add: no host sync, unlike bincount);
+            all_to_all_single of those counts; ONE host read of the send and receive counts (inherent:
+            all_to_all_single with variable splits takes them as host lists); all_to_all_single of the
+            rows.
+  combine:  all_to_all_single of the pair rows back (split sizes known from the dispatch: no count
+            exchange, no host read); rows × their top-k weights index_add-ed into [T, H] float32; cast
+            to bf16.
+The dispatch peer is also timed with the split sizes already on the host (argsort, gather, the rows'
+all_to_all_single alone: no count exchange, no host read) as ``extra.peer_known_splits``; the
+difference to ``peer`` is what learning the split sizes costs.
 
 Bytes (profiles.cost_model.ep_dispatch / ep_combine): the (token, expert) pair rows whose expert lives
 on another rank, times H times 2, i.e. what an all-to-all of per-pair rows moves across the link. Both
 the op and the peer are measured against the same count, so GB/s compare like with like; the op sends
 fewer bytes (one row per token and destination rank), recorded as ``extra.wire_bytes``.
 
-Timing: every rank runs the same fixed number of samples (collectives must match), CUDA events around
-``inner`` calls; the record holds the slowest rank's median. The low-latency mode is timed as CUDA
-graph replays (how a decode step runs it); everything else eagerly. Routing: uniform random top-k over
-E experts, fresh per input set (2 sets alternate). On a CPU the suite runs the torch backend over gloo
-with two processes at a tiny shape (a smoke test of the code path); with one GPU it is skipped.
+Timing (op and peer alike): every rank runs the same fixed number of repetitions (collectives must
+match). Before each one the ranks align: a barrier (host), then a one-element all_reduce on the stream,
+so every rank's start event fires when the all_reduce completes, together; then CUDA events around
+``inner`` calls on each rank. A repetition's time is its slowest rank's, the record holds the median
+over repetitions (``extra.rank_medians_us``: each rank's own median). Rank skew from before the
+repetition is thus out of the timing; waiting inside it (a host read, a peer's late launch) is in. The
+low-latency mode is timed as CUDA graph replays (how a decode step runs it); everything else eagerly.
+Routing: uniform random top-k over E experts, fresh per input set (2 sets alternate). On a CPU the
+suite runs the torch backend over gloo with two processes at a tiny shape (a smoke test of the code
+path, wall clock); with one GPU it is skipped (noted in the output).
 """
 from __future__ import annotations
 
@@ -32,6 +47,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from bench.harness import peer_entry, record_name
 
 SUITE = "ep"
 
@@ -48,6 +65,15 @@ REPS, QUICK_REPS = 30, 6
 INNER_SMALL, INNER_LARGE = 10, 1
 SMALL_TOKENS = 512
 N_SETS = 2
+PEER_INCLUDES = {
+    "ep.dispatch": "argsort of the T*top_k expert ids; gather of the pair rows in that order; rows per "
+                   "destination rank (scatter_add, no host sync); all_to_all_single of the counts; one host "
+                   "read of the send and receive counts; all_to_all_single of the rows (variable splits)",
+    "ep.combine": "all_to_all_single of the pair rows back (splits known from the dispatch; no count "
+                  "exchange, no host read); rows x top-k weights index_add into [T, H] float32; cast to bf16",
+}
+TIMED_AS = ("per rank: barrier, then a 1-element all_reduce on the stream (ranks start together), {clock} "
+            "around `inner` calls; each repetition's slowest rank; median over repetitions")
 SPAWN_LIMIT_S = 480.0          # a hung group is killed and reported, not waited for forever
 
 
@@ -106,8 +132,17 @@ def _record_all(ctx, results: list[dict]) -> None:
         extra = {"experts": r["E"], "mode": r["mode"], "graph": r["graph"], "pg": r["pg"],
                  "wire_bytes": r["wire_bytes"], "token_rows_remote": r["token_rows_remote"],
                  "pairs_remote": r["pairs_remote"], "rank_medians_us": r["rank_medians_us"],
-                 "bytes_counted": "(token, expert) pairs with a remote expert x H x 2"}
-        peer = (r["peer_name"], r["peer_us"]) if r.get("peer_us") is not None else None
+                 "inner": r["inner"],
+                 "timed_as": TIMED_AS.format(clock="CUDA events" if r["pg"] == "nccl" else "the wall clock"),
+                 "bytes_counted": "(token, expert) pairs with a remote expert x H x 2",
+                 "peer_includes": PEER_INCLUDES[r["op"]], "peer_rank_medians_us": r["peer_rank_medians_us"]}
+        if r["peer_us"] is not None:
+            peer = (r["peer_name"], r["peer_us"])
+        else:
+            peer = (r["peer_name"], None, r["peer_error"])
+        if r["op"] == "ep.dispatch":
+            extra["peer_known_splits"] = peer_entry((f"{r['peer_name']}, split sizes known",
+                                                     r["peer_known_splits_us"], r["peer_error"]))
         ctx.record(op=r["op"], backend=r["backend"], shape=shape, dtype="bf16", time_us=r["time_us"],
                    bytes=cost.bytes, flops=cost.flops, peer=peer, extra=extra)
 
@@ -169,20 +204,33 @@ def _measure(rank: int, world: int, local_rank: int, pg: str, quick: bool) -> li
 
 
 def peer_dispatch(x: torch.Tensor, ids: torch.Tensor, E_local: int, world: int):
-    T, K = ids.shape
+    """Pair rows to their experts' ranks the plain way (see the module doc for what it includes).
+    x `[T, H]`, ids `[T, top_k]` -> received rows `[R, H]` and the state combine needs."""
+    K = ids.shape[1]
     flat = ids.flatten().long()                                             # [T·K]
     order = torch.argsort(flat)                                             # [T·K] slots by expert, so by rank
     rows = x[order // K]                                                    # [T·K, H]
-    send = torch.bincount(flat // E_local, minlength=world)                 # [W] pair rows per rank
-    recv = torch.empty_like(send)
+    dest = flat // E_local                                                  # [T·K] rank of each pair's expert
+    send = torch.zeros(world, dtype=torch.int64, device=x.device).scatter_add_(0, dest, torch.ones_like(dest))
+    recv = torch.empty_like(send)                                           # [W] pair rows from each rank
     dist.all_to_all_single(recv, send)
-    s, r = send.tolist(), recv.tolist()
+    s, r = torch.stack((send, recv)).tolist()                               # the one host read
     out = x.new_empty(sum(r), x.size(1))
     dist.all_to_all_single(out, rows, r, s)
     return out, (order, s, r)
 
 
+def peer_dispatch_known_splits(x: torch.Tensor, ids: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
+    """``peer_dispatch`` when the split sizes are already on the host: argsort-permute, rows all_to_all."""
+    K = ids.shape[1]
+    order = torch.argsort(ids.flatten().long())                             # [T·K]
+    out = x.new_empty(sum(recv), x.size(1))
+    dist.all_to_all_single(out, x[order // K], recv, send)
+    return out
+
+
 def peer_combine(expert_out: torch.Tensor, state, weights: torch.Tensor, T: int) -> torch.Tensor:
+    """The rows back to their tokens, weighted and summed over top-k: `[T, H]` in expert_out's dtype."""
     order, s, r = state
     K = weights.size(1)
     back = expert_out.new_empty(sum(s), expert_out.size(1))
@@ -201,20 +249,24 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _time(fn, dev: torch.device, reps: int, inner: int, graph: bool) -> float:
-    """Median µs of one call of ``fn(i)`` on this rank (i alternating over the input sets)."""
+def _align(dev: torch.device, flag: torch.Tensor) -> None:
+    """Start the ranks together: a barrier empties every rank's queue and meets on the host, then a
+    one-element all_reduce on the stream makes the next event on each rank fire at its completion."""
+    dist.barrier()
+    _sync(dev)
+    dist.all_reduce(flag)
+
+
+def _time(fn, dev: torch.device, world: int, reps: int, inner: int, graph: bool,
+          name: str) -> tuple[float, list[float]]:
+    """µs per call of ``fn(i)`` (i alternating over the input sets): the median over repetitions of
+    the slowest rank's time, and every rank's own median (see the module doc)."""
+    from pykernels.profiling import nvtx_range
+
     for i in range(WARMUP):
         fn(i % N_SETS)
     _sync(dev)
-    if dev.type != "cuda":
-        samples = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            for i in range(inner):
-                fn(i % N_SETS)
-            samples.append((time.perf_counter() - start) * 1e6 / inner)
-        return sorted(samples)[len(samples) // 2]
-    run_sample = lambda: [fn(i % N_SETS) for i in range(inner)]          # noqa: E731
+    run_sample = lambda: [fn(i % N_SETS) for i in range(inner)]
     if graph:
         g = torch.cuda.CUDAGraph()
         side = torch.cuda.Stream(dev)
@@ -228,22 +280,30 @@ def _time(fn, dev: torch.device, reps: int, inner: int, graph: bool) -> float:
         _sync(dev)
         dist.barrier()
         run_sample = g.replay
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for start, end in events:
-        start.record()
-        run_sample()
-        end.record()
-    _sync(dev)
-    return sorted(s.elapsed_time(e) * 1e3 / inner for s, e in events)[reps // 2]
-
-
-def _slowest(t_us: float, dev: torch.device, world: int) -> tuple[float, list[float]]:
-    """The slowest rank's median, and every rank's."""
-    mine = torch.tensor([t_us], dtype=torch.float64, device=dev)
+    flag = torch.zeros(1, device=dev)
+    samples = []
+    with nvtx_range(name):
+        for _ in range(reps):
+            _align(dev, flag)
+            if dev.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                run_sample()
+                end.record()
+                samples.append((start, end))
+            else:
+                t0 = time.perf_counter()
+                run_sample()
+                samples.append((time.perf_counter() - t0) * 1e6)
+        _sync(dev)
+    if dev.type == "cuda":
+        samples = [start.elapsed_time(end) * 1e3 for start, end in samples]
+    mine = torch.tensor(samples, dtype=torch.float64, device=dev) / inner  # [reps] this rank's µs per call
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine)
-    values = [float(v.item()) for v in every]
-    return max(values), values
+    per_rank = torch.stack(every)                                           # [world, reps]
+    slowest = per_rank.max(dim=0).values                                    # [reps]
+    return float(slowest.median()), [round(float(v), 3) for v in per_rank.median(dim=1).values]
 
 
 def _inputs(cfg: Config, rank: int, dev: torch.device, seed: int):
@@ -269,13 +329,21 @@ def _measure_config(cfg: Config, rank: int, world: int, dev: torch.device, pg: s
             "pairs_remote": _mean(pairs_remote, dev), "token_rows_remote": _mean(token_rows_remote, dev)}
 
     # The peer, in the same run.
-    peer_state = [peer_dispatch(x, ids, E_local, world) for x, ids, _ in sets]
-    peer_d, _ = _slowest(_time(lambda i: peer_dispatch(sets[i][0], sets[i][1], E_local, world), dev, reps, inner,
-                               False), dev, world)
-    peer_c, _ = _slowest(_time(lambda i: peer_combine(peer_state[i][0], peer_state[i][1], sets[i][2], cfg.T), dev,
-                               reps, inner, False), dev, world)
+    shape = {"T": cfg.T, "H": cfg.H, "top_k": cfg.K, "ranks": world}
     peer_name = "NCCL argsort + all_to_all_single" if pg == "nccl" else "gloo argsort + all_to_all_single"
-    del peer_state
+    peer = {"peer_name": peer_name}
+    try:
+        peer_state = [peer_dispatch(x, ids, E_local, world) for x, ids, _ in sets]
+        peer["d"] = _time(lambda i: peer_dispatch(sets[i][0], sets[i][1], E_local, world), dev, world, reps, inner,
+                          False, record_name("ep.dispatch", f"peer {peer_name}", shape))
+        peer["c"] = _time(lambda i: peer_combine(peer_state[i][0], peer_state[i][1], sets[i][2], cfg.T), dev, world,
+                          reps, inner, False, record_name("ep.combine", f"peer {peer_name}", shape))
+        splits = [state[1:] for _, state in peer_state]                   # (send, recv) host lists per set
+        peer["d_known"] = _time(lambda i: peer_dispatch_known_splits(sets[i][0], sets[i][1], *splits[i]), dev, world,
+                                reps, inner, False, record_name("ep.dispatch", f"peer {peer_name} known splits", shape))
+        peer_state.clear()                                                  # free the received rows
+    except Exception as e:  # noqa: BLE001 - reported missing in the records, the backends still run
+        peer["error"] = f"{type(e).__name__}: {e}"[:300]
 
     variants = [("torch", False)]
     if pg == "nccl":
@@ -292,8 +360,7 @@ def _measure_config(cfg: Config, rank: int, world: int, dev: torch.device, pg: s
             results.append({"what": what, "error": str(error)})
             continue
         try:
-            results += _measure_buffer(buf, sets, cfg, base, low_latency, dev, world, reps, inner,
-                                       peer_name, peer_d, peer_c)
+            results += _measure_buffer(buf, sets, cfg, base, shape, low_latency, dev, world, reps, inner, peer)
         except Exception:  # noqa: BLE001 - the other variants still run; the parent reports this one
             results.append({"what": what, "error": traceback.format_exc(limit=4)})
         finally:
@@ -301,21 +368,27 @@ def _measure_config(cfg: Config, rank: int, world: int, dev: torch.device, pg: s
     return results
 
 
-def _measure_buffer(buf, sets, cfg: Config, base: dict, low_latency: bool, dev, world: int, reps: int, inner: int,
-                    peer_name: str, peer_d: float, peer_c: float) -> list[dict]:
+def _measure_buffer(buf, sets, cfg: Config, base: dict, shape: dict, low_latency: bool, dev, world: int, reps: int,
+                    inner: int, peer: dict) -> list[dict]:
     kw = {"low_latency": True} if low_latency else {}
     outs = [buf.dispatch(x, ids, w, **kw) for x, ids, w in sets]
     graph = low_latency
-    t_d, ranks_d = _slowest(_time(lambda i: buf.dispatch(*sets[i], **kw), dev, reps, inner, graph), dev, world)
-    t_c, ranks_c = _slowest(_time(lambda i: buf.combine(outs[i][0], outs[i][4]), dev, reps, inner, graph), dev, world)
+    # The low-latency mode gets its own backend label: at T <= DECODE_TOKENS both modes are recorded.
+    backend = f"{buf.backend}-ll" if low_latency else buf.backend
+    t_d, ranks_d = _time(lambda i: buf.dispatch(*sets[i], **kw), dev, world, reps, inner, graph,
+                         record_name("ep.dispatch", backend, shape))
+    t_c, ranks_c = _time(lambda i: buf.combine(outs[i][0], outs[i][4]), dev, world, reps, inner, graph,
+                         record_name("ep.combine", backend, shape))
     row_bytes = cfg.H * 2
     wire = base["token_rows_remote"] * row_bytes
-    # The low-latency mode gets its own backend label: at T <= DECODE_TOKENS both modes are recorded.
-    common = dict(base, backend=f"{buf.backend}-ll" if low_latency else buf.backend,
-                  mode="low_latency" if low_latency else "normal", graph=graph,
-                  wire_bytes=wire, peer_name=peer_name)
-    return [dict(common, op="ep.dispatch", time_us=t_d, rank_medians_us=ranks_d, peer_us=peer_d),
-            dict(common, op="ep.combine", time_us=t_c, rank_medians_us=ranks_c, peer_us=peer_c)]
+    common = dict(base, backend=backend, mode="low_latency" if low_latency else "normal", graph=graph, inner=inner,
+                  wire_bytes=wire, peer_name=peer["peer_name"], peer_error=peer.get("error"))
+    no_peer = (None, None)
+    return [dict(common, op="ep.dispatch", time_us=t_d, rank_medians_us=ranks_d,
+                 peer_us=peer.get("d", no_peer)[0], peer_rank_medians_us=peer.get("d", no_peer)[1],
+                 peer_known_splits_us=peer.get("d_known", no_peer)[0]),
+            dict(common, op="ep.combine", time_us=t_c, rank_medians_us=ranks_c,
+                 peer_us=peer.get("c", no_peer)[0], peer_rank_medians_us=peer.get("c", no_peer)[1])]
 
 
 def _mean(value: int, dev: torch.device) -> int:

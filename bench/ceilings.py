@@ -2,8 +2,16 @@
 
 - copy: device-to-device ``dst.copy_(src)`` of a buffer far larger than the L2; bandwidth counts
   the bytes read plus the bytes written (2 × buffer). This is the achievable HBM bandwidth
-  (4.28 TB/s on an H200 against 4.8 on the datasheet).
-- mm_bf16: ``torch.mm`` of bf16 8192 × 8192 × 8192 (2·8192³ FLOPs), the achievable tensor-core rate.
+  (4.28 TB/s on an H200 against 4.8 on the datasheet). Warm-up: CEILING_WARMUP_S of copies first,
+  so the clocks have left their idle state whatever ran before.
+- mm_bf16: ``torch.mm`` of bf16 8192 × 8192 × 8192 (2·8192³ FLOPs), products back to back for the
+  run's budget (0.5 s in a full run) after CEILING_WARMUP_S of them: the *sustained* tensor-core
+  rate, which is what ``frac_mm_rate`` divides by (kernels are timed back to back too). Under that
+  load the H200 holds ~680 TFLOP/s.
+- mm_bf16_burst: the same product after BURST_IDLE_S of idle, BURST_WARMUP products, then
+  BURST_CALLS products each timed alone; the median. The rate a short burst reaches before power
+  and clocks settle (~790 TFLOP/s on an H200: the figure FACTS and the device notes quote).
+  Recorded for comparison; no fraction uses it.
 - Two GPUs or more: NVLink peer copy bandwidth (GPU 0 → GPU 1, one way, copy engine) and NCCL
   ``all_to_all_single`` at a few sizes, in spawned processes (one per GPU). NVLink multicast stays
   off: NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NVSHMEM_DISABLE_NVLS=1 are set
@@ -13,9 +21,11 @@ On the CPU the copy and the matmul are measured the same way at small sizes (lab
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -24,7 +34,7 @@ from typing import Any
 
 import torch
 
-from bench.harness import FULL, QUICK, time_cuda
+from bench.harness import FULL, QUICK, record_name, time_cuda
 
 # 1 GiB per buffer on a GPU: > 16× the largest L2 we meet (60 MiB on H200), so no reuse.
 GPU_COPY_BYTES = 2**30
@@ -32,6 +42,15 @@ CPU_COPY_BYTES = 64 * 2**20
 GPU_MM_N = 8192
 # bf16 matmul on a CPU without bf16 instructions runs at a few GFLOP/s: 512³ takes ~40 ms.
 CPU_MM_N = 512
+# Warm-up before the copy and the sustained matmul on a GPU: long enough for the SM clock to ramp up
+# from idle (345 MHz idle, ~1980 MHz under load on an H200) and for the first-use costs to pass.
+CEILING_WARMUP_S = 0.25
+# The burst: idle this long (the power and clock state recovers), a few products to leave the idle
+# clocks, then products timed one by one. CPU runs skip the idle gap and time fewer products.
+BURST_IDLE_S = 2.0
+BURST_WARMUP = 3
+BURST_CALLS = 10
+CPU_BURST_CALLS = 3
 # NVLink/NCCL message sizes: latency-bound, middle, bandwidth-bound.
 LINK_SIZES = (2**20, 16 * 2**20, 256 * 2**20)
 QUICK_LINK_SIZES = (2**20, 64 * 2**20)
@@ -47,9 +66,12 @@ class Ceilings:
     copy_gbps: float
     copy_time_us: float
     copy_buffer_bytes: int    # one buffer; the copy moves twice this
-    mm_tflops: float
+    mm_tflops: float          # sustained: what frac_mm_rate divides by
     mm_time_us: float
     mm_n: int
+    mm_burst_tflops: float    # a short burst after an idle gap (reported, not used in fractions)
+    mm_burst_time_us: float
+    warmup_s: float           # warm-up before the copy and the sustained matmul
 
 
 _CACHE: dict[str, Ceilings] = {}
@@ -65,27 +87,66 @@ def measure(ctx) -> Ceilings:
 
 def _measure(ctx) -> Ceilings:
     gen = torch.Generator(device=ctx.device).manual_seed(0)
+    budget = ctx.budget
+    if ctx.on_gpu:
+        budget = dataclasses.replace(budget, warmup_s=max(budget.warmup_s, CEILING_WARMUP_S))
     nbytes = GPU_COPY_BYTES if ctx.on_gpu else CPU_COPY_BYTES
-    copy_us = _time_copy(ctx, nbytes, gen)
+    copy_us = _time_copy(ctx, nbytes, gen, budget)
     n = GPU_MM_N if ctx.on_gpu else CPU_MM_N
-    mm_us = _time_mm(ctx, n, gen)
+    mm_us, burst_us = _time_mm(ctx, n, gen, budget)
     if ctx.on_gpu:
         torch.cuda.empty_cache()
     return Ceilings(device=ctx.device_name, copy_gbps=2 * nbytes / (copy_us * 1e3), copy_time_us=copy_us,
-                    copy_buffer_bytes=nbytes, mm_tflops=2 * n**3 / (mm_us * 1e6), mm_time_us=mm_us, mm_n=n)
+                    copy_buffer_bytes=nbytes, mm_tflops=2 * n**3 / (mm_us * 1e6), mm_time_us=mm_us, mm_n=n,
+                    mm_burst_tflops=2 * n**3 / (burst_us * 1e6), mm_burst_time_us=burst_us,
+                    warmup_s=budget.warmup_s)
 
 
-def _time_copy(ctx, nbytes: int, gen: torch.Generator) -> float:
+def _time_copy(ctx, nbytes: int, gen: torch.Generator, budget) -> float:
     src = torch.rand(nbytes // 4, device=ctx.device, generator=gen)
     dst = torch.empty_like(src)
-    return ctx.time(lambda i: dst.copy_(src))
+    return ctx.time(lambda i: dst.copy_(src), budget=budget,
+                    name=record_name("ceiling.copy", "torch", {"bytes": nbytes}))
 
 
-def _time_mm(ctx, n: int, gen: torch.Generator) -> float:
+def _time_mm(ctx, n: int, gen: torch.Generator, budget) -> tuple[float, float]:
+    """µs of one product: sustained (back to back), then in a burst after an idle gap."""
     a = torch.randn(n, n, device=ctx.device, dtype=torch.bfloat16, generator=gen)
     b = torch.randn(n, n, device=ctx.device, dtype=torch.bfloat16, generator=gen)
     c = torch.empty(n, n, device=ctx.device, dtype=torch.bfloat16)
-    return ctx.time(lambda i: torch.mm(a, b, out=c))
+    shape = {"m": n, "n": n, "k": n}
+    sustained = ctx.time(lambda i: torch.mm(a, b, out=c), budget=budget,
+                         name=record_name("ceiling.mm_bf16", "torch", shape))
+    burst = _time_burst(ctx, lambda: torch.mm(a, b, out=c), record_name("ceiling.mm_bf16_burst", "torch", shape))
+    return sustained, burst
+
+
+def _time_burst(ctx, fn, name: str) -> float:
+    """Median µs of ``fn()`` timed call by call right after an idle gap (see the module doc)."""
+    from pykernels.profiling import nvtx_range
+
+    if not ctx.on_gpu:
+        fn()
+        times = []
+        for _ in range(CPU_BURST_CALLS):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e6)
+        return statistics.median(times)
+    with torch.cuda.device(ctx.device):
+        torch.cuda.synchronize()
+        time.sleep(BURST_IDLE_S)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(BURST_CALLS)]
+        with nvtx_range(name):
+            for _ in range(BURST_WARMUP):
+                fn()
+            for start, end in events:
+                start.record()
+                fn()
+                end.record()
+            torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) * 1e3 for start, end in events)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +167,8 @@ def peer_copy(sizes: tuple[int, ...], quick: bool, src: int = 0, dst: int = 1) -
 def _time_peer_copy(size: int, src: int, dst: int, budget) -> float:
     a = torch.rand(size // 4, device=f"cuda:{src}")
     b = torch.empty(size // 4, device=f"cuda:{dst}")
-    return time_cuda(lambda i: b.copy_(a), budget=budget, device=torch.device("cuda", src)).median_us
+    return time_cuda(lambda i: b.copy_(a), budget=budget, device=torch.device("cuda", src),
+                     name=record_name("ceiling.nvlink_peer_copy", "torch", {"bytes": size})).median_us
 
 
 def nccl_all_to_all(sizes: tuple[int, ...], quick: bool, world_size: int | None = None,

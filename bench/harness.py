@@ -3,9 +3,11 @@
 A suite (bench/bench_<suite>.py) defines ``SUITE = "<name>"`` and ``run(ctx)``; inside it:
 
     n = ctx.sets_for(bytes_per_set)              # input sets to rotate so they exceed the L2
-    t = ctx.time(lambda i: op(*inputs[i]), n_sets=n, graph=False)   # median µs of one call
-    ctx.record(op="mla_decode", backend="triton", shape={"b": 64, ...}, dtype="bf16", time_us=t,
-               bytes=cost.bytes, flops=cost.flops, peer=("torch bmm", t_peer))
+    t = ctx.time(lambda i: op(*inputs[i]), n_sets=n, graph=False,     # median µs of one call
+                 name=record_name("mla_decode", "triton", shape))     # its NVTX range
+    peer = ctx.time_peer("torch bmm", lambda i: peer_op(*inputs[i]), n_sets=n)  # or missing, with why
+    ctx.record(op="mla_decode", backend="triton", shape=shape, dtype="bf16", time_us=t,
+               bytes=cost.bytes, flops=cost.flops, peer=peer)
 
 Timing on a GPU: CUDA events around each sample of ``inner`` consecutive calls (``inner`` chosen so
 a sample lasts ≥ ~100 µs and the event overhead vanishes), inputs rotated over ``n_sets`` sets, a
@@ -14,6 +16,11 @@ samples. ``graph=True`` captures ``inner`` calls in one CUDA graph and times its
 measure of a small decode-path launch, which runs inside a graph in a serving engine. On the CPU the
 same loop runs with a wall clock (``time.perf_counter``), and records say ``"timer": "cpu-wall"``;
 there is no CPU graph, so ``graph=True`` times plain calls there.
+
+Nsight: the timed samples of every ``ctx.time`` run inside an NVTX range (pykernels.profiling,
+emitted only with ``PYKERNELS_NVTX=1``), named by ``name=`` as its record is named:
+``record_name(op, backend, shape)`` = ``"mla_decode/triton/b=64 q_len=1 h=16 s=4096"``, a peer as
+``"mla_decode/peer torch bmm+softmax/b=64 ..."``. Without a name it is ``"<suite>/<function>"``.
 """
 from __future__ import annotations
 
@@ -71,6 +78,10 @@ L2_SPAN = 2
 MAX_SETS = 16
 # The CPU has no reported last-level cache size in torch; 32 MiB covers the server parts we meet.
 CPU_CACHE_BYTES = 32 * 2**20
+# What ``frac_mm_rate`` (and ``ideal_us``) divide by: the sustained bf16 matmul rate (ceiling.mm_bf16,
+# products back to back for a FULL budget), not the higher rate of a short burst after an idle gap
+# (ceiling.mm_bf16_burst, recorded beside it): kernels are timed the sustained way too.
+MM_RATE_USED = "ceiling.mm_bf16 (sustained)"
 
 
 @dataclass(frozen=True)
@@ -129,25 +140,34 @@ def _warm_up(fn: Callable[[int], Any], n_sets: int, budget: Budget, sync: Callab
         batch = min(2 * batch, MAX_WARMUP_BATCH)
 
 
-def time_cpu(fn: Callable[[int], Any], n_sets: int = 1, budget: Budget = FULL) -> Timing:
+def _nvtx(name: str | None):
+    """The NVTX range the timed samples run in (a shared no-op object while profiling is off)."""
+    # Imported here: `python -m bench table` does not need pykernels.
+    from pykernels.profiling import nvtx_range
+
+    return nvtx_range(name or "bench")
+
+
+def time_cpu(fn: Callable[[int], Any], n_sets: int = 1, budget: Budget = FULL, name: str | None = None) -> Timing:
     """Median wall-clock µs per call of ``fn(i)``, i rotating over range(n_sets)."""
     per_call = _warm_up(fn, n_sets, budget, lambda: None)
     inner, reps = _plan(per_call, budget, CPU_SAMPLE_TARGET_US)
     samples, i = [], 0
-    for _ in range(reps):
-        t0 = _time.perf_counter()
-        for _ in range(inner):
-            fn(i % n_sets)
-            i += 1
-        samples.append((_time.perf_counter() - t0) * 1e6 / inner)
+    with _nvtx(name):
+        for _ in range(reps):
+            t0 = _time.perf_counter()
+            for _ in range(inner):
+                fn(i % n_sets)
+                i += 1
+            samples.append((_time.perf_counter() - t0) * 1e6 / inner)
     return _stats(samples, inner, n_sets, "cpu-wall")
 
 
 def time_cuda(fn: Callable[[int], Any], n_sets: int = 1, graph: bool = False, budget: Budget = FULL,
-              device: torch.device | None = None) -> Timing:
+              device: torch.device | None = None, name: str | None = None) -> Timing:
     """Median µs per call of ``fn(i)`` on the current stream of ``device``, timed with CUDA events
     around samples of ``inner`` calls; with ``graph=True`` the ``inner`` calls are captured once in
-    a CUDA graph and each sample is one replay."""
+    a CUDA graph and each sample is one replay. The timed samples run in the NVTX range ``name``."""
     device = device or torch.device("cuda", torch.cuda.current_device())
     with torch.cuda.device(device):
         sync = torch.cuda.synchronize
@@ -176,11 +196,12 @@ def time_cuda(fn: Callable[[int], Any], n_sets: int = 1, graph: bool = False, bu
                     fn((k * inner + j) % n_sets)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(reps)]
-        for k, (start, end) in enumerate(events):
-            start.record()
-            sample(k)
-            end.record()
-        sync()
+        with _nvtx(name):
+            for k, (start, end) in enumerate(events):
+                start.record()
+                sample(k)
+                end.record()
+            sync()
         samples = [start.elapsed_time(end) * 1e3 / inner for start, end in events]
     return _stats(samples, inner, n_sets, "cuda-graph" if graph else "cuda-events")
 
@@ -332,16 +353,35 @@ class Context:
             cache = CPU_CACHE_BYTES
         return max(1, min(MAX_SETS, math.ceil(L2_SPAN * cache / bytes_per_set)))
 
-    def time(self, fn: Callable[[int], Any], n_sets: int = 1, graph: bool = False) -> float:
-        """Median µs of one call of ``fn(i)``, i rotating over range(n_sets) (see the module doc)."""
+    def time(self, fn: Callable[[int], Any], n_sets: int = 1, graph: bool = False, *, name: str | None = None,
+             budget: Budget | None = None) -> float:
+        """Median µs of one call of ``fn(i)``, i rotating over range(n_sets) (see the module doc).
+
+        ``name``: the NVTX range of the timed samples, best ``record_name(op, backend, shape)`` of
+        the record the time goes to (default ``"<suite>/<function>"``). ``budget``: instead of the
+        run's (FULL, or QUICK with --quick)."""
         if n_sets < 1:
             raise ValueError(f"n_sets: expected >= 1, got {n_sets}")
+        name = name or f"{self.suite or 'bench'}/{getattr(fn, '__qualname__', type(fn).__name__)}"
+        budget = budget or self.budget
         if self.on_gpu:
-            t = time_cuda(fn, n_sets, graph, self.budget, self.device)
+            t = time_cuda(fn, n_sets, graph, budget, self.device, name=name)
         else:
-            t = time_cpu(fn, n_sets, self.budget)
+            t = time_cpu(fn, n_sets, budget, name=name)
         self._timings.append(t)
         return t.median_us
+
+    def time_peer(self, peer: str, fn: Callable[[int], Any], n_sets: int = 1, graph: bool = False, *,
+                  name: str | None = None) -> tuple:
+        """A peer's ``record(peer=...)`` argument: ``(peer, µs)``, or ``(peer, None, reason)`` when it
+        cannot run here (out of memory, or any error: the record then reports it missing, with why)."""
+        try:
+            return peer, self.time(fn, n_sets, graph, name=name)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            return peer, None, "out of memory"
+        except Exception as e:  # noqa: BLE001 - a peer that fails is reported missing, not fatal
+            return peer, None, f"{type(e).__name__}: {e}"[:300]
 
     def want(self, shape: dict[str, Any]) -> bool:
         """Whether ``shape`` passes the run's --shapes filters (a suite may skip the work when not)."""
@@ -455,7 +495,8 @@ class Context:
             "device_slug": self.slug,
             "timer": timing.timer if timing else ("cuda-events" if self.on_gpu else "cpu-wall"),
             "timing": timing.as_dict() if timing else None,
-            "ceilings": {"copy_gbps": _round(c.copy_gbps, 4), "mm_tflops": _round(c.mm_tflops, 4)},
+            "ceilings": {"copy_gbps": _round(c.copy_gbps, 4), "mm_tflops": _round(c.mm_tflops, 4),
+                         "mm_tflops_burst": _round(c.mm_burst_tflops, 4), "frac_mm_rate_of": MM_RATE_USED},
             "nvml": nvml,
             "torch": torch.__version__,
             "triton": _triton_version(),
@@ -483,6 +524,11 @@ class Context:
         return t * 1e6 if t is not None else None
 
 
+def record_name(op: str, backend: str, shape: dict[str, Any]) -> str:
+    """``"op/backend/k=v k=v"``: how a record is named on a timeline (the NVTX range of its timing)."""
+    return f"{op}/{backend}/{_results.format_shape(shape)}"
+
+
 def _nvml_index(device: torch.device) -> int:
     """NVML's index of a CUDA device (they differ under CUDA_VISIBLE_DEVICES)."""
     if device.type != "cuda":
@@ -493,9 +539,10 @@ def _nvml_index(device: torch.device) -> int:
         return device.index or 0
 
 
-def _peer(peer, time_us: float) -> tuple[dict[str, Any] | None, float | None]:
-    if peer is None:
-        return None, None
+def peer_entry(peer: tuple | dict) -> dict[str, Any]:
+    """A peer as records hold it: ``{"name", "time_us"}``, or ``{"name", "time_us": None, "missing":
+    True, "reason"}``, from ``(name, time_us)``, ``(name, None, reason)`` or such a dict. For the
+    record's ``peer`` and for further peers a suite keeps in ``extra``."""
     if isinstance(peer, dict):
         name, peer_us, reason = peer.get("name"), peer.get("time_us"), peer.get("reason")
     else:
@@ -503,10 +550,17 @@ def _peer(peer, time_us: float) -> tuple[dict[str, Any] | None, float | None]:
             raise ValueError(f"peer: expected (name, time_us) or (name, None, reason), got {peer!r}")
         name, peer_us, reason = peer[0], peer[1], peer[2] if len(peer) == 3 else None
     if peer_us is None:
-        return {"name": name, "time_us": None, "missing": True,
-                "reason": reason or "not available on this machine"}, None
-    peer_us = float(peer_us)
-    return {"name": name, "time_us": _round(peer_us, 6)}, (peer_us / time_us if time_us > 0 else None)
+        return {"name": name, "time_us": None, "missing": True, "reason": reason or "not available on this machine"}
+    return {"name": name, "time_us": _round(float(peer_us), 6)}
+
+
+def _peer(peer, time_us: float) -> tuple[dict[str, Any] | None, float | None]:
+    if peer is None:
+        return None, None
+    entry = peer_entry(peer)
+    if entry["time_us"] is None:
+        return entry, None
+    return entry, (entry["time_us"] / time_us if time_us > 0 else None)
 
 
 def _round(x: float | None, digits: int) -> float | None:

@@ -5,8 +5,10 @@ One record per (op, backend, shape, dtype). Fields (None where they do not apply
     gbps, tflops, frac_copy_bw, frac_mm_rate (of the ceilings measured in the same run), ideal_us
     (roofline time from those ceilings), peer {name, time_us[, missing, reason]}, speedup_vs_peer
     (peer time / our time), h800_projected_us, device, device_slug, timer, timing {min_us, p10_us,
-    p90_us, reps, inner, n_sets, timer}, ceilings {copy_gbps, mm_tflops}, nvml (summary of the
-    samples taken while the op ran), torch, triton, python, git_commit, timestamp, extra.
+    p90_us, reps, inner, n_sets, timer}, ceilings {copy_gbps, mm_tflops (sustained),
+    mm_tflops_burst, frac_mm_rate_of (which matmul rate frac_mm_rate and ideal_us divide by)}, nvml
+    (summary of the samples taken while the op ran), torch, triton, python, git_commit, timestamp,
+    extra.
 
 A file holds a JSON list of records sorted by key; writing merges: a record replaces the one with
 the same key, others stay. The files are committed, so they are kept small and diff-friendly.
@@ -147,9 +149,11 @@ def run_header(records: list[dict[str, Any]]) -> str:
     r = max(records, key=lambda x: x.get("timestamp", ""))
     c = r.get("ceilings") or {}
     timer = "CPU timings (wall clock)" if r.get("timer") == "cpu-wall" else "CUDA events"
+    burst = f" ({c['mm_tflops_burst']} in a burst after idle)" if c.get("mm_tflops_burst") else ""
     return (f"{r['device']} ({r.get('device_slug', '')}), {timer}; ceilings: copy "
-            f"{c.get('copy_gbps', '-')} GB/s, bf16 mm {c.get('mm_tflops', '-')} TFLOP/s; torch "
-            f"{r['torch']}, triton {r['triton']}, commit {r['git_commit']}, {r['timestamp']}")
+            f"{c.get('copy_gbps', '-')} GB/s, bf16 mm {c.get('mm_tflops', '-')} TFLOP/s sustained, "
+            f"the rate % mm uses{burst}; torch {r['torch']}, triton {r['triton']}, commit "
+            f"{r['git_commit']}, {r['timestamp']}")
 
 
 def render_markdown(results_dir: str | Path, device: str | None = None) -> str:

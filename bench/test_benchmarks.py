@@ -7,6 +7,14 @@ the wall time of the whole suite (one round), and ``extra_info["records"]`` hold
 records with the harness's own measurements (median CUDA-event µs per call, GB/s, TFLOP/s, % of
 ceilings, peer and speed-up, H800 projection) exactly as ``python -m bench`` makes them. Read the
 records, not the entry's wall time, for op timings.
+
+NOTES: why one entry per suite and not per (op, backend, shape) record. A suite's records are known
+only once it has run (usable backends, peers present, GPU count, --shapes filters), so per-record
+tests would have to be made by running the GPU suites during collection (then ``--collect-only`` and
+``-k`` would run every benchmark). And a pytest-benchmark entry can only hold what its ``benchmark``
+fixture timed itself, once per test: the harness's CUDA-event and graph-replay samples could enter
+entries only through pytest-benchmark's private session and stats objects, or by rewriting its JSON
+in the ``pytest_benchmark_update_json`` hook (and the terminal table would still show suites).
 """
 from __future__ import annotations
 

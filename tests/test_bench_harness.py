@@ -154,8 +154,15 @@ def test_cli_quick_cpu_run(tmp_path):
     assert "CPU timings (wall clock)" in out and "== ceilings ==" in out
     recs = json.loads((tmp_path / "run.json").read_text())
     ops = {r["op"] for r in recs}
-    assert {"ceiling.copy", "ceiling.mm_bf16"} <= ops
+    assert {"ceiling.copy", "ceiling.mm_bf16", "ceiling.mm_bf16_burst", "mla_decode", "ep.dispatch"} <= ops
     assert all(r["timer"] == "cpu-wall" and r["device_slug"] == "cpu" for r in recs)
+    assert all(r["ceilings"]["frac_mm_rate_of"] == harness.MM_RATE_USED and r["ceilings"]["mm_tflops_burst"] > 0
+               for r in recs)
+    mla = [r for r in recs if r["op"] == "mla_decode"]
+    assert all(r["peer"]["time_us"] > 0 and r["extra"]["peer_with_gather"]["time_us"] > 0 for r in mla)
+    assert all(r["extra"]["peer_check"]["out_max_abs_diff"] <= 1e-4 for r in mla)
+    assert all(r["peer"]["time_us"] > 0 and "host read" in r["extra"]["peer_includes"]
+               for r in recs if r["op"] == "ep.dispatch")
     assert (tmp_path / "cpu" / "ceilings.json").exists()
     try:
         import model  # noqa: F401
@@ -165,6 +172,151 @@ def test_cli_quick_cpu_run(tmp_path):
         assert "tokens/s" in out and "CPU run" in out
         assert {"model.prefill", "model.decode"} <= ops
         assert (tmp_path / "cpu" / "model_cpu.json").exists()
+
+
+def test_ceiling_records_sustained_and_burst(ctx):
+    from bench import bench_ceilings
+
+    with ctx.suite_run("ceilings"):
+        bench_ceilings.run(ctx)
+    by_op = {r["op"]: r for r in ctx.records}
+    c = ctx.ceilings
+    assert c.mm_tflops > 0 and c.mm_burst_tflops > 0 and c.mm_n == 512
+    sustained, burst = by_op["ceiling.mm_bf16"], by_op["ceiling.mm_bf16_burst"]
+    assert sustained["frac_mm_rate"] == pytest.approx(1.0, rel=1e-3)     # the rate fractions divide by
+    assert burst["frac_mm_rate"] == pytest.approx(c.mm_burst_tflops / c.mm_tflops, rel=1e-2)
+    assert burst["extra"]["timed_calls"] >= 1 and "burst" in burst["extra"]["what"]
+    assert by_op["ceiling.copy"]["frac_copy_bw"] == pytest.approx(1.0, rel=1e-3)
+    assert sustained["ceilings"]["frac_mm_rate_of"] == "ceiling.mm_bf16 (sustained)"
+    assert "sustained" in results.run_header(ctx.records) and "burst" in results.run_header(ctx.records)
+
+
+def test_time_runs_in_an_nvtx_range_named_after_the_record(ctx, monkeypatch):
+    from pykernels import profiling
+
+    pushed = []
+    monkeypatch.setattr(profiling, "_push_pop", (pushed.append, lambda: pushed.append("<pop>")))
+    name = harness.record_name("mla_decode", "triton", {"b": 64, "q_len": 1})
+    assert name == "mla_decode/triton/b=64 q_len=1"
+    monkeypatch.setattr(profiling, "_enabled", False)
+    ctx.time(lambda i: None, name=name)
+    assert pushed == []                                   # off: nothing reaches NVTX
+    monkeypatch.setattr(profiling, "_enabled", True)
+    ctx.time(lambda i: None, name=name)
+    assert pushed == [name, "<pop>"]                      # one range around the timed samples
+
+    def ours(i):
+        return i
+
+    pushed.clear()
+    with ctx.suite_run("toy"):
+        ctx.time(ours)
+    assert pushed == ["toy/test_time_runs_in_an_nvtx_range_named_after_the_record.<locals>.ours", "<pop>"]
+
+
+def test_time_peer_reports_a_failing_peer_missing(ctx):
+    def broken(i):
+        raise RuntimeError("no kernel image for this device")
+
+    def oom(i):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    assert ctx.time_peer("p", lambda i: i)[1] > 0
+    assert ctx.time_peer("p", broken) == ("p", None, "RuntimeError: no kernel image for this device")
+    assert ctx.time_peer("p", oom) == ("p", None, "out of memory")
+    with ctx.suite_run("toy"):
+        rec = _record(ctx, peer=ctx.time_peer("p", broken))
+    assert rec["peer"]["missing"] and "no kernel image" in rec["peer"]["reason"] and rec["speedup_vs_peer"] is None
+    assert harness.peer_entry(("q", None, "why")) == {"name": "q", "time_us": None, "missing": True, "reason": "why"}
+    assert harness.peer_entry({"name": "q", "time_us": 2.0}) == {"name": "q", "time_us": 2.0}
+
+
+@pytest.mark.parametrize("q_len,heads,batch,seqlen,lengths", [
+    (1, 16, 3, 100, None),            # P = 128 > s: the bias hides the tail of the last block
+    (2, 16, 2, 200, [200, 137]),      # causal, ragged
+    (4, 8, 2, 64, [64, 4]),           # causal, one sequence of exactly q_len keys
+    (1, 4, 2, 256, None),             # every key seen: no bias at all
+])
+def test_mla_peer_matches_the_reference(q_len, heads, batch, seqlen, lengths):
+    from bench import bench_mla_decode as m
+    from pykernels.mla_decode import mla_decode_reference
+
+    q, k_cache, table, lens = m.make_inputs(q_len, heads, batch, seqlen, dtype=torch.float32, device="cpu", seed=3)
+    if lengths is not None:
+        lens = torch.tensor(lengths, dtype=torch.int32)
+    causal, scale = q_len > 1, 0.07
+    kv = m.gather_pages(k_cache, table)
+    assert kv.shape == (batch, table.shape[1] * m.BLOCK_SIZE, m.HEAD_DIM)
+    bias = m.attention_bias(lens, q_len, kv.shape[1], causal, q.dtype)
+    assert (bias is None) == (lengths is None and seqlen % m.BLOCK_SIZE == 0 and not causal)
+    ref = mla_decode_reference(q, k_cache, table, lens, m.HEAD_DIM_V, scale, causal)
+    peer = m.torch_peer(q, kv, scale, bias)
+    for got, want in zip(peer, ref):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    m.check_peer(ref, peer, "test")
+    with pytest.raises(RuntimeError, match="disagree"):
+        m.check_peer(ref, (peer[0] + 0.1, peer[1]), "test")
+
+
+def test_mla_peer_in_bf16_is_within_the_in_run_tolerance():
+    """The bench's in-run check compares the bf16 peer with the op: its tolerance must cover the
+    peer's bf16 rounding with room (a few x), checked against the float32 reference."""
+    from bench import bench_mla_decode as m
+    from pykernels.mla_decode import mla_decode_reference
+
+    q, k_cache, table, lens = m.make_inputs(2, 16, 2, 2048, dtype=torch.bfloat16, device="cpu", seed=5)
+    scale = m.HEAD_DIM**-0.5
+    kv = m.gather_pages(k_cache, table)
+    peer = m.torch_peer(q, kv, scale, m.attention_bias(lens, 2, kv.shape[1], True, q.dtype))
+    ref = mla_decode_reference(q, k_cache, table, lens, m.HEAD_DIM_V, scale, True)
+    diffs = m.check_peer(ref, peer, "bf16")
+    assert diffs["out_max_abs_diff"] <= m.PEER_ATOL["out"] / 4 and diffs["lse_max_abs_diff"] <= m.PEER_ATOL["lse"] / 4
+
+
+def _ep_bench_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import time as _t
+
+    import torch.distributed as dist
+
+    from bench import bench_ep
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        g = torch.Generator().manual_seed(rank)
+        T, H, K, E = 9 + 4 * rank, 16, 3, 8
+        x = torch.randn(T, H, generator=g).to(torch.bfloat16)
+        ids = torch.rand(T, E, generator=g).topk(K, dim=1).indices.to(torch.int32)  # [T, K]
+        w = torch.rand(T, K, generator=g)
+        received, state = bench_ep.peer_dispatch(x, ids, E // world, world)
+        y = bench_ep.peer_combine(received, state, w, T)  # identity experts: each token comes back K times
+        expect = (x.float() * w.sum(1, keepdim=True)).to(torch.bfloat16)
+        err = float((y.float() - expect.float()).abs().max())
+        known = bench_ep.peer_dispatch_known_splits(x, ids, state[1], state[2])
+        err = max(err, float((known.float() - received.float()).abs().max()))
+        # rank 1 is slower by 20 ms: the slowest rank's time is what each repetition counts
+        t, ranks = bench_ep._time(lambda i: _t.sleep(0.005 + 0.020 * rank), torch.device("cpu"), world, 4, 1, False,
+                                  "ep/test")
+        Path(out_dir, f"{rank}.json").write_text(json.dumps(
+            {"err": err, "received": received.shape[0], "t": t, "ranks": ranks}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ep_peer_and_aligned_timer_with_gloo(tmp_path):
+    """The EP peer round trip (dispatch, identity experts, combine) and the per-repetition slowest-rank
+    timer on two CPU processes."""
+    import torch.multiprocessing as mp
+
+    from bench.ceilings import _free_port
+
+    mp.start_processes(_ep_bench_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    out = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    assert all(o["err"] <= 0.05 for o in out)
+    for o in out:
+        assert 25_000 <= o["t"] < 60_000                      # rank 1's 25 ms, not the mean
+        assert o["ranks"][0] < 15_000 and o["ranks"][1] >= 25_000
+    assert sum(o["received"] for o in out) == sum(9 + 4 * r for r in range(2)) * 3
 
 
 def test_cli_rejects_unknown_suite(capsys):
@@ -252,6 +404,24 @@ def test_cuda_timer_control_flow_with_fake_cuda(monkeypatch, graph, n_sets):
             assert sorted(timed[k * t.inner:(k + 1) * t.inner]) == sorted(list(range(n_sets)) * (t.inner // n_sets))
 
 
+def test_mm_burst_control_flow_with_fake_cuda(monkeypatch):
+    """The GPU branch of the burst: idle gap, warm-up calls, then each call timed alone; the median."""
+    import contextlib
+
+    from bench import ceilings
+
+    fake = _FakeCuda()
+    monkeypatch.setattr(torch.cuda, "Event", fake.Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    slept = []
+    monkeypatch.setattr(ceilings.time, "sleep", slept.append)
+    calls = []
+    t = ceilings._time_burst(types.SimpleNamespace(on_gpu=True, device=CPU), lambda: calls.append(1), "burst")
+    assert t > 0 and slept == [ceilings.BURST_IDLE_S]
+    assert len(calls) == ceilings.BURST_WARMUP + ceilings.BURST_CALLS
+
+
 @pytest.mark.gpu
 def test_gpu_context_timing_and_record(tmp_path):
     """On a GPU: events and graph timing, a full record with NVML summary and an H800 projection."""
@@ -271,6 +441,7 @@ def test_gpu_context_timing_and_record(tmp_path):
     assert rec["h800_projected_us"] is not None and rec["h800_projected_us"] > 0
     assert rec["nvml"]["available"] is True, rec["nvml"]
     assert c.ceilings.copy_gbps > 0 and c.ceilings.mm_tflops > 0 and c.ceilings.mm_n == 8192
+    assert c.ceilings.mm_burst_tflops > 0 and c.ceilings.warmup_s >= 0.25
     assert (tmp_path / c.slug / "toy_gpu.json").exists()
 
 
