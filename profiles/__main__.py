@@ -3,15 +3,20 @@
 Commands:
     gpus      the hardware table (HBM, bf16/fp8 rates, NVLink and NIC per GPU) with sources
     detect    what NVML reports about the GPUs here (name, theoretical bandwidth, NVLink links)
-    report    reserved: the profiling report (not written yet)
+    ncu       Nsight Compute sessions: ``ncu <op>|all [--backend B] [--shape k=v,...]`` (on a GPU with ncu;
+              summaries under profiles/results/<device>/ncu/, see profiles/ncu.py)
+    report    the roofline report from the committed bench/results: ROOFLINE.md and roofline.png
+              under profiles/results/<device>/ (see profiles/report.py)
 """
 from __future__ import annotations
 
+import argparse
 import sys
+from pathlib import Path
 
 from profiles import hardware
 
-COMMANDS = ("gpus", "detect", "report")
+COMMANDS = ("gpus", "detect", "ncu", "report")
 
 
 def _gpus() -> int:
@@ -41,6 +46,74 @@ def _detect() -> int:
     return 0
 
 
+def _ncu(argv: list[str]) -> int:
+    from profiles import ncu, ncu_targets
+    from profiles.ncu_launch import parse_shape
+
+    p = argparse.ArgumentParser(prog="python -m profiles ncu", description="Nsight Compute sessions of one op or all.")
+    p.add_argument("op", choices=sorted(ncu_targets.TARGETS) + ["all"])
+    p.add_argument("--backend", help="one of the op's backends (default: its first); not with 'all'")
+    p.add_argument("--shape", default="", help="k=v,... over the headline shape; not with 'all'")
+    p.add_argument("--iters", type=int, default=ncu.DEFAULT_ITERS, help="calls profiled inside the range")
+    p.add_argument("--launch-count", type=int, default=ncu.DEFAULT_LAUNCH_COUNT, help="most kernels profiled")
+    p.add_argument("--out", type=Path, default=ncu.RESULTS_DIR, help="results root (default profiles/results)")
+    p.add_argument("--keep-rep", action="store_true", help="keep the .ncu-rep whatever its size")
+    args = p.parse_args(argv)
+    if args.op == "all" and (args.backend or args.shape):
+        p.error("--backend and --shape apply to one op, not to 'all'")
+    if args.iters < 1 or args.launch_count < 1:
+        p.error("--iters and --launch-count: expected >= 1")
+    try:
+        if args.op == "all":
+            runs = ncu_targets.ALL_RUNS
+        else:
+            runs = [(args.op, ncu_targets.check_backend(args.op, args.backend))]
+        overrides = parse_shape(args.shape)
+        if args.op != "all":
+            ncu_targets.resolve_shape(args.op, overrides)
+    except ValueError as e:
+        p.error(str(e))
+    failed = []
+    for op, backend in runs:
+        print(f"ncu: {op} ({backend}) ...", flush=True)
+        try:
+            s = ncu.run_session(op, backend, overrides if args.op != "all" else None, out_root=args.out,
+                                iters=args.iters, launch_count=args.launch_count, keep_rep=args.keep_rep)
+        except RuntimeError as e:
+            print(f"ncu: {op} ({backend}) FAILED: {e}", flush=True)
+            failed.append(f"{op}/{backend}")
+            continue
+        dram_mb = (s["dram_read_bytes"] + s["dram_write_bytes"]) / 1e6
+        print(f"  {s['kernels_per_call']:g} kernel(s), {s['time_us']:.2f} µs, DRAM {dram_mb:.1f} MB vs minimal "
+              f"{s['minimal_bytes'] / 1e6:.1f} MB (over-fetch {s['overfetch']:.3f}x), DRAM {s['dram_pct'] or 0:.1f} %,"
+              f" SM {s['sm_pct'] or 0:.1f} %, limit: {s['limit']}; NVTX range seen: {s['nvtx_seen']}", flush=True)
+        print(f"  -> {args.out / s['device_slug'] / 'ncu' / (op + '-' + backend)}.md", flush=True)
+    if failed:
+        print(f"ncu: {len(failed)} session(s) failed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+def _report(argv: list[str]) -> int:
+    from profiles import report
+
+    p = argparse.ArgumentParser(prog="python -m profiles report", description="The roofline report.")
+    p.add_argument("--results", type=Path, default=report.BENCH_RESULTS_DIR, help="bench results root")
+    p.add_argument("--out", type=Path, default=report.RESULTS_DIR, help="where <device>/ROOFLINE.md goes")
+    p.add_argument("--device", action="append", help="a device slug (default: every device with results)")
+    p.add_argument("--no-plot", action="store_true", help="write the Markdown only")
+    args = p.parse_args(argv)
+    try:
+        written = report.write_report(args.results, args.out, args.device, plot=not args.no_plot)
+    except FileNotFoundError as e:
+        p.error(str(e))
+    for path in written:
+        print(path)
+    if not written:
+        print(f"no benchmark records under {args.results}")
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cmd = argv[0] if argv else None
@@ -48,9 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         return _gpus()
     if cmd == "detect":
         return _detect()
+    if cmd == "ncu":
+        return _ncu(argv[1:])
     if cmd == "report":
-        print("`python -m profiles report` is reserved for the profiling report; it is not written yet.")
-        return 2
+        return _report(argv[1:])
     print(__doc__.strip())
     return 0 if cmd in (None, "-h", "--help") else 2
 

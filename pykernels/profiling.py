@@ -1,4 +1,4 @@
-"""NVTX ranges for Nsight Systems timelines, free when profiling is off.
+"""NVTX ranges for Nsight Systems timelines and Nsight Compute filtering, free when profiling is off.
 
     from pykernels.profiling import nvtx_range
 
@@ -13,6 +13,11 @@ Ranges are emitted only when enabled: environment ``PYKERNELS_NVTX=1`` (read at 
 ``torch.cuda.nvtx`` otherwise. When off, ``nvtx_range`` returns one shared no-op object: no
 allocation, no call into NVTX. A decorated function checks the switch on each call (one global
 read), so ``enable_nvtx`` also affects functions decorated before it was called.
+
+Names: keep "/" out of them. Nsight Compute's ``--nvtx-include "A/"`` selects the kernels inside the
+push/pop range A and inside every range nested in it, and reads "/" as the separator of nested ranges
+("A/B/"); a range whose own name holds a "/" cannot be selected at all (seen with ncu 2025.3). Spaces,
+"=" and ":" are fine: ``"decode step"``, ``"layer 3 attention"``, ``"mla_decode triton b=64 s=4096"``.
 """
 from __future__ import annotations
 
