@@ -10,12 +10,20 @@ Shapes (DeepSeek-V2, top-6, bf16 weights and activations, float32 router logits 
 Records (shape {T, E, H, I, top_k}):
   moe_route    peer: eager torch gate (DeepSeek's MoEGate code: softmax, group max, topk, scatter mask,
                topk, scale). Bar: one launch, >= 5x the peer. Cost: profiles.cost_model.moe_route.
+               Both timed as CUDA-graph replays at every T, i.e. GPU time: at T = 8192 the kernel runs a
+               few µs, and CUDA events around eager calls would time the Python launch path instead
+               (in a prefill the host runs ahead of the GPU, so that path is hidden). The eager timings
+               (CUDA events, launch path included) are kept in extra.eager_us / extra.peer_eager_us.
   moe_ffn      peer: the torch._grouped_mm pipeline (argsort permute, gather, grouped gate_up GEMM,
                silu * up, grouped down GEMM, scatter back, weighted sum over top-k), no host sync;
                extra.loop_us: a per-expert loop (one host sync for the counts, then F.linear per expert).
                Cost: profiles.cost_model.moe_ffn with experts_hit = the experts the routing actually hits.
                Bars: prefill >= 1.15x the peer and >= 75 % of the bf16 matmul rate; decode >= 80 % of
                copy bandwidth over those bytes (read ``frac_copy_bw``).
+               backend "triton" is the default row layout (extra.layout: direct at T = 1, sorted beyond);
+               "triton-<layout>" rows time the other layouts at the same shape: "triton-padded" (vLLM's
+               align layout) at every T against the default's unpadded masked tiles, "triton-sorted" /
+               "triton-direct" at T <= 8 (where the direct layout's limit is decided).
   grouped_ffn  rows already sorted by expert (T x top_k rows); peer: the two _grouped_mm GEMMs with
                silu * up between them; extra.loop_us as above. Cost: profiles.cost_model.grouped_ffn.
 Prefill records also carry the gate_up GEMM alone (ours vs _grouped_mm) in extra, for diagnosis.
@@ -174,12 +182,13 @@ def _time_or_missing(ctx, name, fn, n_sets, graph):
         return name, None, f"{type(e).__name__}: {str(e)[:200]}"
 
 
-def _configs_extra(H, I, rows, E):
+def _configs_extra(H, I, rows, E, layout="sorted"):
     from pykernels.triton import moe_configs
 
-    return {"gate_up_config": moe_configs.pick("gate_up", H, I, rows, E)._asdict(),
-            "down_config": moe_configs.pick("down", H, I, rows, E)._asdict(),
-            "bucket": moe_configs.bucket_of(rows, E)}
+    direct = layout == "direct"
+    return {"gate_up_config": moe_configs.pick("gate_up", H, I, rows, E, direct=direct)._asdict(),
+            "down_config": moe_configs.pick("down", H, I, rows, E, direct=direct)._asdict(),
+            "bucket": "direct" if direct else moe_configs.bucket_of(rows, E), "layout": layout}
 
 
 def _gate_up_alone(ctx, w13, w13_t, n_sets, sets, have_peer):
@@ -191,13 +200,29 @@ def _gate_up_alone(ctx, w13, w13_t, n_sets, sets, have_peer):
     perms = [permute(st["ids"], E) for st in sets]
     rows = sets[0]["ids"].numel()
     cfg = moe_configs.pick("gate_up", H, two_i // 2, rows, E)
-    ours = ctx.time(lambda i: grouped_gemm._gate_up(sets[i]["x"], w13, perms[i][0], perms[i][1], TOP_K, rows, cfg),
-                    n_sets=n_sets)
+    ours = ctx.time(lambda i: grouped_gemm._gate_up(sets[i]["x"], w13, cfg, "gather", perms[i][0], pair=perms[i][1],
+                                                    num_rows=rows, top_k=TOP_K), n_sets=n_sets)
     out = {"gate_up_us": round(ours, 3), "gate_up_tflops": round(2 * rows * H * two_i / ours / 1e6, 1)}
     if have_peer:
         peer = ctx.time(lambda i: torch._grouped_mm(sets[i]["x_sorted"], w13_t, offs=sets[i]["offsets"]), n_sets=n_sets)
         out.update(peer_gate_up_us=round(peer, 3), peer_gate_up_tflops=round(2 * rows * H * two_i / peer / 1e6, 1))
     return out
+
+
+def _other_layouts(ctx, sets, w13, w2, n_sets, graph, default, shape, cost, peer, extra, dtype_name) -> None:
+    """moe_ffn in the row layouts the default did not take: padded at every T, sorted/direct at T <= 8."""
+    from pykernels.triton.grouped_gemm import LAYOUTS, moe_ffn_triton
+
+    E, two_i, H = w13.shape
+    T = shape["T"]
+    for layout in LAYOUTS:
+        if layout == default or (layout != "padded" and T > 8):
+            continue
+        t = ctx.time(lambda i: moe_ffn_triton(sets[i]["x"], w13, w2, sets[i]["weights"], sets[i]["ids"],
+                                              layout=layout), n_sets=n_sets, graph=graph)
+        ctx.record(op="moe_ffn", backend=f"triton-{layout}", shape=shape, dtype=dtype_name, time_us=t,
+                   bytes=cost.bytes, flops=cost.flops, peer=peer,
+                   extra=dict(extra, **_configs_extra(H, two_i // 2, T * TOP_K, E, layout)))
 
 
 def run(ctx) -> None:
@@ -220,15 +245,23 @@ def run(ctx) -> None:
             cost = cost_model.moe_route(T, E, TOP_K, logit_bytes=4)
             n_sets = ctx.sets_for(cost.bytes)
             logits = [torch.randn(T, E, device=device) for _ in range(n_sets)]
-            graph = ctx.on_gpu and T <= 128
-            t_ours = ctx.time(lambda i: pk.moe_route(logits[i], TOP_K, method=method, n_group=n_group,
-                                                     topk_group=topk_group, routed_scaling_factor=scale,
-                                                     backend=backend), n_sets=n_sets, graph=graph)
-            peer = _time_or_missing(ctx, GATE, lambda i: eager_gate(logits[i], TOP_K, method, n_group, topk_group, scale),
-                                    n_sets, graph)
+            graph = ctx.on_gpu
+
+            def ours(i):
+                return pk.moe_route(logits[i], TOP_K, method=method, n_group=n_group, topk_group=topk_group,
+                                    routed_scaling_factor=scale, backend=backend)
+
+            def gate(i):
+                return eager_gate(logits[i], TOP_K, method, n_group, topk_group, scale)
+
+            t_ours = ctx.time(ours, n_sets=n_sets, graph=graph)
+            peer = _time_or_missing(ctx, GATE, gate, n_sets, graph)
+            extra = {"model": name, "method": method, "graph": graph, "n_sets": n_sets}
+            if graph:  # the eager launch path too (CUDA events around plain calls)
+                extra.update(eager_us=round(ctx.time(ours, n_sets=n_sets), 3),
+                             peer_eager_us=_time_or_missing(ctx, GATE, gate, n_sets, False)[1])
             ctx.record(op="moe_route", backend=backend, shape=shape, dtype="fp32", time_us=t_ours, bytes=cost.bytes,
-                       flops=cost.flops, peer=peer, extra={"model": name, "method": method, "graph": graph,
-                                                           "n_sets": n_sets})
+                       flops=cost.flops, peer=peer, extra=extra)
 
         # ---- expert FFNs
         if not any(ctx.want({"T": T, "E": E, "H": H, "I": I, "top_k": TOP_K}) for T in ffn_t):
@@ -247,8 +280,12 @@ def run(ctx) -> None:
             hit = sum(s["hit"] for s in sets) / n_sets
             graph = ctx.on_gpu and T <= 128
             extra = {"model": name, "experts_hit": hit, "graph": graph, "n_sets": n_sets}
+            layout = None
             if backend == "triton":
-                extra.update(_configs_extra(H, I, rows, E))
+                from pykernels.triton.moe_configs import layout_for
+
+                layout = layout_for(T)
+                extra.update(_configs_extra(H, I, rows, E, layout))
 
             # moe_ffn
             t_ours = ctx.time(lambda i: pk.moe_ffn(sets[i]["x"], w13, w2, sets[i]["weights"], sets[i]["ids"],
@@ -266,6 +303,8 @@ def run(ctx) -> None:
             cost = cost_model.moe_ffn(T, TOP_K, hit, H, I, elem_bytes=elem)
             ctx.record(op="moe_ffn", backend=backend, shape=shape, dtype=DTYPE_NAMES[dtype], time_us=t_ours,
                        bytes=cost.bytes, flops=cost.flops, peer=peer, extra=rec_extra)
+            if layout is not None:
+                _other_layouts(ctx, sets, w13, w2, n_sets, graph, layout, shape, cost, peer, extra, DTYPE_NAMES[dtype])
 
             # grouped_ffn
             t_ours = ctx.time(lambda i: pk.grouped_ffn(sets[i]["x_sorted"], w13, w2, sets[i]["offsets"],

@@ -1,21 +1,32 @@
-"""Tuning sweep for the grouped-GEMM expert FFN's tile configurations (GPU only, < 4 minutes).
+"""Tuning sweep for the grouped-GEMM expert FFN's tile configurations and row layouts (GPU only, ~4 minutes).
 
-    python -m bench.tune_moe --out tune-moe.json [--budget-s 210] [--only lite]
+    python -m bench.tune_moe --out tune-moe.json [--budget-s 240] [--only lite] [--decode-only]
     python -m bench.tune_moe --out compile.json --compile-only     # no GPU: shared memory, registers, spills
 
-Cases: the performance bar's shapes at top-6 (Lite E 64 / H 2048 / I 1408; 236B E 160 / H 5120 / I 1536;
-tensor-parallel shards of the 236B experts, I 768 and 192) at T = 1, 8, 64, 128 (decode) and 8192 (prefill).
-Each case belongs to a key ``(gemm, H, I, bucket)`` of pykernels/triton/moe_configs.py (bucket from rows per
-expert). For each case and each candidate config of its bucket, the gate_up GEMM (gather + fused silu * up)
-and the down GEMM (weighted scatter) are timed alone (weights through pointer loads, TMA descriptors, or gate_up as one wide dot), on a permutation computed beforehand, and checked
-against a bf16 torch per-expert loop (relative error <= 1e-2; a wrong config is reported, never chosen).
-Every config is guarded: a compile failure or a shared-memory overflow is reported and the sweep goes on.
+Three parts, in this order (the budget stops the sweep between configs; the JSON is written after every
+case, so a run stopped by the budget keeps what it measured):
+
+1. Direct-layout GEMMs (moe_ffn at T = 1: gate_up one route per program, down one token per program over
+   its routes), key ``(gemm, H, I, "direct")``, at the shapes below with T = 1.
+2. Row layouts of the whole moe_ffn (direct, sorted, padded) at T = 1, 2, 4, 8, 64, 128 on the Lite and
+   236B shapes with the table's configs, as % of the measured copy bandwidth over the weights of the
+   experts hit: the crossing of direct and sorted is ``moe_configs.DIRECT_MAX_TOKENS``; padded against
+   sorted is the align-vs-masked-tiles comparison. Printed as a table at the end.
+3. Sorted-layout GEMMs (skipped with --decode-only past T = 128): the performance bar's shapes at top-6
+   (Lite E 64 / H 2048 / I 1408; 236B E 160 / H 5120 / I 1536; tensor-parallel shards of the 236B experts,
+   I 768 and 192) at T = 1, 8, 64, 128 (decode) and 8192 (prefill). Each case belongs to a key
+   ``(gemm, H, I, bucket)`` of pykernels/triton/moe_configs.py (bucket from rows per expert).
+
+Each GEMM candidate is timed alone (weights through pointer loads, TMA descriptors, or gate_up as one
+wide dot) on a permutation computed beforehand, and checked against a bf16 torch per-expert loop
+(relative error <= 1e-2; a wrong config is reported, never chosen). Every config is guarded: a compile
+failure or a shared-memory overflow is reported and the sweep goes on.
 
 Decode cases rotate 4 routings (different experts hit, so the weights come from HBM) and are timed as
-CUDA-graph replays; prefill cases are timed with CUDA events. The JSON (written after every case, so a run
-stopped by the budget keeps what it measured) holds every timing with TFLOP/s and weight TB/s, and per key
-the config with the lowest sum over its cases of (time / best time of the case). The run ends by printing
-those as lines to paste into ``TABLE`` in pykernels/triton/moe_configs.py.
+CUDA-graph replays; prefill cases are timed with CUDA events. The JSON holds every timing with TFLOP/s
+and weight TB/s, and per key the config with the lowest sum over its cases of (time / best time of the
+case). The run ends by printing those as lines to paste into ``TABLE`` in pykernels/triton/moe_configs.py,
+and the layout table.
 """
 from __future__ import annotations
 
@@ -35,6 +46,11 @@ SWEEP_BUDGET = Budget(warmup_s=0.003, min_reps=5, max_reps=25, seconds=0.02)
 MAX_REL_ERR = 1e-2
 TOP_K = 6
 DECODE_SETS = 4
+
+# (label, E, H, I): the direct layout's shapes (T = 1) and the layout comparison's models
+DIRECT_SHAPES = [("lite", 64, 2048, 1408), ("236b", 160, 5120, 1536), ("tp2", 160, 5120, 768), ("tp8", 160, 5120, 192)]
+LAYOUT_MODELS = [("lite", 64, 2048, 1408, "greedy", 1, 1), ("236b", 160, 5120, 1536, "group_limited_greedy", 8, 3)]
+LAYOUT_T = (1, 2, 4, 8, 64, 128)
 
 # (label, E, H, I, T)
 CASES = [
@@ -72,6 +88,16 @@ def candidates(gemm: str, bucket: str):
         }[gemm]
     elif bucket == "medium":
         extra = [C(64, 64, 64, 8, 4, 4), C(64, 128, 64, 8, 4, 3), C(32, 64, 128, 4, 4, 4), C(128, 64, 64, 8, 8, 3)]
+    elif bucket == "direct":
+        # M is one row: N tiles thin enough to fill the SMs, deep K steps and stages for bytes in flight.
+        extra = {
+            "gate_up": [C(16, 32, 128, 1, 4, 4, True), C(16, 64, 128, 1, 4, 4, True), C(16, 16, 256, 1, 4, 4, True),
+                        C(16, 32, 256, 1, 4, 3, True), C(16, 64, 64, 1, 4, 6, True), C(16, 32, 128, 1, 2, 5, True),
+                        C(16, 32, 128, 1, 4, 4), C(16, 64, 128, 1, 4, 4), C(16, 32, 256, 1, 4, 4, False, True)],
+            "down": [C(16, 16, 256, 1, 4, 4), C(16, 16, 512, 1, 4, 3), C(16, 32, 256, 1, 4, 4),
+                     C(16, 16, 128, 1, 4, 6), C(16, 16, 256, 1, 2, 5), C(16, 16, 256, 1, 4, 4, True),
+                     C(16, 32, 128, 1, 4, 5, True), C(16, 16, 512, 1, 4, 3, True)],
+        }[gemm]
     elif bucket == "small":
         extra = [C(16, 64, 128, 1, 4, 4), C(32, 32, 256, 1, 4, 4), C(64, 64, 128, 1, 4, 3), C(16, 32, 256, 1, 4, 4),
                  C(32, 64, 128, 1, 4, 4, True)]
@@ -90,8 +116,10 @@ def _rel(out, ref):
     return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
 
 
-def _case_sets(E, H, I, T, w13, w2, n_sets):
-    """Routings (x, weights, permutation) and the bf16 torch loop's h and down outputs for checking."""
+def _case_sets(E, H, I, T, w13, w2, n_sets, direct=False):
+    """Routings (x, weights, permutation) and the bf16 torch loop's outputs for checking: h and the weighted
+    route-order down rows of the sorted layout; with ``direct``, the weighted h (route order) and y of the
+    direct layout."""
     import pykernels as pk
     from pykernels.triton.moe_permute import permute
 
@@ -113,44 +141,171 @@ def _case_sets(E, H, I, T, w13, w2, n_sets):
                 h_ref[start:start + n] = (F.silu(gate_up[:, :I]) * gate_up[:, I:]).to(x.dtype)
                 down_ref[start:start + n] = F.linear(h_ref[start:start + n], w2[e])
                 start += n
-        w_sorted = weights.reshape(-1)[pair]
+        flat_w = weights.reshape(-1).contiguous()
+        w_sorted = flat_w[pair]
         buf_ref = torch.empty_like(down_ref)
         buf_ref[pair] = (down_ref.float() * w_sorted[:, None]).to(x.dtype)
-        sets.append(dict(x=x, weights=weights.reshape(-1).contiguous(), offsets=offsets, sorted_pair=sorted_pair,
-                         h_ref=h_ref, buf_ref=buf_ref, hit=sum(1 for n in counts if n)))
+        st = dict(x=x, ids=ids, weights=flat_w, offsets=offsets, sorted_pair=sorted_pair, h_ref=h_ref,
+                  buf_ref=buf_ref, hit=sum(1 for n in counts if n))
+        if direct:
+            h_route = torch.empty_like(h_ref)  # weighted h in route order
+            h_route[pair] = (h_ref.float() * w_sorted[:, None]).to(x.dtype)
+            y_route = torch.zeros(T, H, dtype=torch.float32, device="cuda")
+            for p, e in enumerate(ids.reshape(-1).tolist()):
+                y_route[p // TOP_K] += F.linear(h_route[p], w2[e]).float()
+            st.update(h_route=h_route, y_route=y_route.to(x.dtype))
+        sets.append(st)
     return sets
 
 
-def _try(gemm, cfg, sets, w13, w2, decode):
+def _try(gemm, cfg, sets, w13, w2, decode, direct=False):
     """(µs, error) of one config over the rotated sets, or raise."""
     from pykernels.triton import grouped_gemm
 
     rows = sets[0]["x"].shape[0] * TOP_K
     if gemm == "gate_up":
-        def fn(i):
-            s = sets[i]
-            return grouped_gemm._gate_up(s["x"], w13, s["offsets"], s["sorted_pair"], TOP_K, rows, cfg)
-
-        err = max(_rel(fn(i), sets[i]["h_ref"]) for i in range(len(sets)))
+        if direct:
+            def fn(i):
+                s = sets[i]
+                return grouped_gemm._gate_up(s["x"], w13, cfg, "route", s["ids"].view(-1), weights=s["weights"],
+                                             num_rows=rows, top_k=TOP_K)
+            ref = "h_route"
+        else:
+            def fn(i):
+                s = sets[i]
+                return grouped_gemm._gate_up(s["x"], w13, cfg, "gather", s["offsets"], pair=s["sorted_pair"],
+                                             num_rows=rows, top_k=TOP_K)
+            ref = "h_ref"
+        err = max(_rel(fn(i), sets[i][ref]) for i in range(len(sets)))
     else:
-        bufs = [torch.empty_like(s["buf_ref"]) for s in sets]
+        if direct:
+            outs = [torch.empty_like(s["y_route"]) for s in sets]
 
-        def fn(i):
-            s = sets[i]
-            grouped_gemm._down(s["h_ref"], w2, s["offsets"], s["sorted_pair"], s["weights"], bufs[i], cfg)
+            def fn(i):
+                s = sets[i]
+                grouped_gemm._down_route(s["h_route"], w2, s["ids"].view(-1), outs[i], TOP_K, cfg)
+            ref = "y_route"
+        else:
+            outs = [torch.empty_like(s["buf_ref"]) for s in sets]
 
+            def fn(i):
+                s = sets[i]
+                grouped_gemm._down(s["h_ref"], w2, cfg, "gather", s["offsets"], outs[i], pair=s["sorted_pair"],
+                                   weights=s["weights"])
+            ref = "buf_ref"
         for i in range(len(sets)):
             fn(i)
-        err = max(_rel(bufs[i], sets[i]["buf_ref"]) for i in range(len(sets)))
+        err = max(_rel(outs[i], sets[i][ref]) for i in range(len(sets)))
     t = time_cuda(fn, n_sets=len(sets), graph=decode, budget=SWEEP_BUDGET).median_us
     return t, err
+
+
+def _weights(cache, E, H, I):
+    """bf16 (w13, w2) of one shape, one shape held at a time."""
+    if (E, H, I) not in cache:
+        cache.clear()
+        torch.cuda.empty_cache()
+        g = torch.Generator(device="cuda").manual_seed(0)
+        cache[(E, H, I)] = ((torch.randn(E, 2 * I, H, generator=g, device="cuda") / H**0.5).to(torch.bfloat16),
+                            (torch.randn(E, H, I, generator=g, device="cuda") / I**0.5).to(torch.bfloat16))
+    return cache[(E, H, I)]
+
+
+def _sweep_case(report, scores, label, E, H, I, T, w13, w2, bucket, start, budget_s):
+    """Time every candidate of the case's two GEMMs; record the case and each config's ratio to the case best."""
+    rows = T * TOP_K
+    decode = T <= 128
+    direct = bucket == "direct"
+    sets = _case_sets(E, H, I, T, w13, w2, DECODE_SETS if decode else 1, direct)
+    hit = sum(s["hit"] for s in sets) / len(sets)
+    for gemm in ("gate_up", "down"):
+        key = (gemm, H, I, bucket)
+        case = {"label": label, "E": E, "H": H, "I": I, "T": T, "gemm": gemm, "bucket": bucket,
+                "experts_hit": hit, "results": []}
+        flops = 2 * rows * H * (2 * I if gemm == "gate_up" else I)
+        # The direct layout reads an expert once per route using it (one token: once per hit expert).
+        weight_bytes = (rows if direct else hit) * (2 if gemm == "gate_up" else 1) * H * I * 2
+        for cfg in candidates(gemm, bucket):
+            if time.monotonic() - start > budget_s:
+                break
+            entry = {"config": cfg._asdict()}
+            try:
+                t, err = _try(gemm, cfg, sets, w13, w2, decode, direct)
+                entry.update(us=round(t, 3), rel_err=err, ok=err <= MAX_REL_ERR,
+                             tflops=round(flops / t / 1e6, 1), weight_tbps=round(weight_bytes / t / 1e6, 3))
+            except Exception as e:  # noqa: BLE001 - a failing config is reported, the sweep goes on
+                entry.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+                if not isinstance(e, torch.OutOfMemoryError) and "out of resource" not in str(e):
+                    traceback.print_exc(limit=2)
+            case["results"].append(entry)
+            print(f"{label:5} T={T:<5} {gemm:7} {bucket:7} {tuple(cfg)}: "
+                  + (f"{entry['us']:9.1f} µs {entry['tflops']:7.1f} TFLOP/s {entry['weight_tbps']:6.2f} TB/s"
+                     f" err {entry['rel_err']:.1e}" if "us" in entry else entry["error"][:120]), flush=True)
+        good = [r for r in case["results"] if r.get("ok")]
+        if good:
+            best_us = min(r["us"] for r in good)
+            case["best"] = min(good, key=lambda r: r["us"])["config"]
+            for r in good:
+                scores.setdefault(key, {}).setdefault(tuple(r["config"].values()), []).append(r["us"] / best_us)
+        report["cases"].append(case)
+
+
+def _copy_gbps() -> float:
+    """Device-to-device copy bandwidth (read + write bytes), measured here: the layouts' ceiling."""
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    t = time_cuda(lambda i: dst.copy_(src), budget=SWEEP_BUDGET).median_us
+    del src, dst
+    return 2 * n / t / 1e3
+
+
+def _layouts(report, cache, start, budget_s, copy_gbps):
+    """moe_ffn's whole step in each row layout with the table's configs: µs and % of copy over the hit weights."""
+    import pykernels as pk
+    from pykernels.triton.grouped_gemm import LAYOUTS, moe_ffn_triton
+
+    for label, E, H, I, method, n_group, topk_group in LAYOUT_MODELS:
+        w13, w2 = _weights(cache, E, H, I)
+        for T in LAYOUT_T:
+            if time.monotonic() - start > budget_s:
+                return
+            sets = []
+            for s in range(DECODE_SETS):
+                g = torch.Generator(device="cuda").manual_seed(200 + s)
+                x = torch.randn(T, H, generator=g, device="cuda").to(torch.bfloat16)
+                tw, ids = pk.moe_route(torch.randn(T, E, generator=g, device="cuda"), TOP_K, method=method,
+                                       n_group=n_group, topk_group=topk_group)
+                sets.append((x, tw, ids, int(torch.unique(ids).numel())))
+            hit = sum(st[3] for st in sets) / len(sets)
+            weight_bytes = hit * 3 * H * I * 2
+            row = {"label": label, "E": E, "H": H, "I": I, "T": T, "experts_hit": hit, "copy_gbps": round(copy_gbps)}
+            ref = [moe_ffn_triton(x, w13, w2, tw, ids, layout="sorted") for x, tw, ids, _ in sets]
+            for layout in LAYOUTS:
+                try:
+                    def fn(i, layout=layout):
+                        x, tw, ids, _ = sets[i]
+                        return moe_ffn_triton(x, w13, w2, tw, ids, layout=layout)
+
+                    err = max(_rel(fn(i), ref[i]) for i in range(len(sets)))
+                    t = time_cuda(fn, n_sets=len(sets), graph=True, budget=SWEEP_BUDGET).median_us
+                    row[layout] = {"us": round(t, 2), "frac_copy": round(weight_bytes / t / 1e3 / copy_gbps, 4),
+                                   "rel_err_vs_sorted": err, "ok": err <= MAX_REL_ERR}
+                except Exception as e:  # noqa: BLE001 - reported, the sweep goes on
+                    row[layout] = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+            report["layouts"].append(row)
+            print(f"layouts {label:5} T={T:<4} " + "  ".join(
+                f"{k} {row[k]['us']:8.1f} µs {100 * row[k]['frac_copy']:5.1f} %" if "us" in row[k] else f"{k} failed"
+                for k in LAYOUTS), flush=True)
+            del sets, ref
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON file to write")
-    p.add_argument("--budget-s", type=float, default=210.0, help="stop starting new configs after this many seconds")
+    p.add_argument("--budget-s", type=float, default=240.0, help="stop starting new configs after this many seconds")
     p.add_argument("--only", help="run only the cases whose label contains this (lite, 236b, tp2, tp8)")
+    p.add_argument("--decode-only", action="store_true", help="skip the prefill (T = 8192) GEMM cases")
     p.add_argument("--compile-only", action="store_true",
                    help="no GPU needed: compile every candidate for sm_90a and report shared memory, registers, spills")
     args = p.parse_args(argv)
@@ -162,67 +317,60 @@ def main(argv=None) -> int:
     from pykernels.triton.moe_configs import bucket_of
 
     start = time.monotonic()
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": [], "best": {}}
-    weights = {}
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": [], "layouts": [],
+              "best": {}}
+    cache = {}
     scores: dict[tuple, dict] = {}  # key -> config -> list of (time / best of case)
-    for label, E, H, I, T in CASES:
-        if args.only and args.only not in label:
-            continue
-        if time.monotonic() - start > args.budget_s:
-            print(f"budget of {args.budget_s:.0f} s spent: stopping before {label} T={T}")
-            break
-        if (E, H, I) not in weights:
-            weights.clear()
-            torch.cuda.empty_cache()
-            g = torch.Generator(device="cuda").manual_seed(0)
-            weights[(E, H, I)] = ((torch.randn(E, 2 * I, H, generator=g, device="cuda") / H**0.5).to(torch.bfloat16),
-                                  (torch.randn(E, H, I, generator=g, device="cuda") / I**0.5).to(torch.bfloat16))
-        w13, w2 = weights[(E, H, I)]
-        rows = T * TOP_K
-        bucket = bucket_of(rows, E)
-        decode = T <= 128
-        sets = _case_sets(E, H, I, T, w13, w2, DECODE_SETS if decode else 1)
-        hit = sum(s["hit"] for s in sets) / len(sets)
-        for gemm in ("gate_up", "down"):
-            key = (gemm, H, I, bucket)
-            case = {"label": label, "E": E, "H": H, "I": I, "T": T, "gemm": gemm, "bucket": bucket,
-                    "experts_hit": hit, "results": []}
-            flops = 2 * rows * H * (2 * I if gemm == "gate_up" else I)
-            weight_bytes = hit * (2 if gemm == "gate_up" else 1) * H * I * 2
-            for cfg in candidates(gemm, bucket):
-                if time.monotonic() - start > args.budget_s:
-                    break
-                entry = {"config": cfg._asdict()}
-                try:
-                    t, err = _try(gemm, cfg, sets, w13, w2, decode)
-                    entry.update(us=round(t, 3), rel_err=err, ok=err <= MAX_REL_ERR,
-                                 tflops=round(flops / t / 1e6, 1), weight_tbps=round(weight_bytes / t / 1e6, 3))
-                except Exception as e:  # noqa: BLE001 - a failing config is reported, the sweep goes on
-                    entry.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
-                    if not isinstance(e, torch.OutOfMemoryError) and "out of resource" not in str(e):
-                        traceback.print_exc(limit=2)
-                case["results"].append(entry)
-                print(f"{label:5} T={T:<5} {gemm:7} {bucket:7} {tuple(cfg)}: "
-                      + (f"{entry['us']:9.1f} µs {entry['tflops']:7.1f} TFLOP/s {entry['weight_tbps']:6.2f} TB/s"
-                         f" err {entry['rel_err']:.1e}" if "us" in entry else entry["error"][:120]), flush=True)
-            good = [r for r in case["results"] if r.get("ok")]
-            if good:
-                best_us = min(r["us"] for r in good)
-                case["best"] = min(good, key=lambda r: r["us"])["config"]
-                for r in good:
-                    scores.setdefault(key, {}).setdefault(tuple(r["config"].values()), []).append(r["us"] / best_us)
-            report["cases"].append(case)
-        del sets
+
+    def save():
         _summarise(report, scores)
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
-    _summarise(report, scores)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+
+    work = [(label, E, H, I, 1, "direct") for label, E, H, I in DIRECT_SHAPES]
+    work += [("layouts",)]
+    work += [(label, E, H, I, T, bucket_of(T * TOP_K, E)) for label, E, H, I, T in CASES
+             if not (args.decode_only and T > 128)]
+    for item in work:
+        if time.monotonic() - start > args.budget_s:
+            print(f"budget of {args.budget_s:.0f} s spent: stopping before {item}")
+            break
+        if item[0] == "layouts":
+            if not args.only:
+                report["copy_gbps"] = _copy_gbps()
+                _layouts(report, cache, start, args.budget_s, report["copy_gbps"])
+        else:
+            label, E, H, I, T, bucket = item
+            if args.only and args.only not in label:
+                continue
+            w13, w2 = _weights(cache, E, H, I)
+            _sweep_case(report, scores, label, E, H, I, T, w13, w2, bucket, start, args.budget_s)
+        save()
+    save()
     print(f"\nwrote {args.out} after {time.monotonic() - start:.0f} s; paste into TABLE in pykernels/triton/moe_configs.py:")
     for line in report["best"].values():
         print("    " + line["paste"])
+    _print_layouts(report)
     return 0
+
+
+def _print_layouts(report) -> None:
+    """The layout comparison as a table, and the token count up to which the direct layout wins."""
+    from pykernels.triton.grouped_gemm import LAYOUTS
+
+    if not report["layouts"]:
+        return
+    print(f"\nmoe_ffn layouts, % of copy ({report.get('copy_gbps', 0):.0f} GB/s) over the hit experts' weights:")
+    print(f"{'model':6} {'T':>4} " + " ".join(f"{k:>18}" for k in LAYOUTS))
+    direct_wins = {}
+    for row in report["layouts"]:
+        cells = [f"{row[k]['us']:8.1f} µs {100 * row[k]['frac_copy']:5.1f}%" if row[k].get("ok") else f"{'failed':>18}"
+                 for k in LAYOUTS]
+        print(f"{row['label']:6} {row['T']:>4} " + " ".join(f"{c:>18}" for c in cells))
+        if row["direct"].get("ok") and row["sorted"].get("ok") and row["direct"]["us"] < row["sorted"]["us"]:
+            direct_wins.setdefault(row["label"], []).append(row["T"])
+    for label, ts in direct_wins.items():
+        print(f"direct beats sorted on {label} at T = {ts}: DIRECT_MAX_TOKENS = {max((t for t in ts if all(u in ts for u in LAYOUT_T if u <= t)), default=0)}")
 
 
 # Hopper's opt-in shared memory per block (227 KiB): a config above it fails at launch.
@@ -230,11 +378,14 @@ SM90_MAX_SHARED = 232448
 
 
 def compile_report(out_path: str) -> int:
-    """Compile each candidate's gate_up and down kernels (bf16, moe_ffn's gather/scatter variant, H and I
-    multiples of 16 as at the model's shapes) for sm_90a without a GPU; write shared bytes, registers and
-    stack/local bytes (spills, from the bundled cuobjdump) per config; exit 1 when one overflows shared
-    memory or spills."""
+    """Compile each candidate's kernels (bf16, H and I multiples of 16 as at the model's shapes) for sm_90a
+    without a GPU: gate_up and down in moe_ffn's sorted ("gather") and padded row layouts for the bucket
+    candidates, the direct layout's route-major gate_up and token-major down for the "direct" candidates.
+    Writes shared bytes, registers, stack/local bytes (spills, from the bundled cuobjdump) and the number
+    of multi-buffered shared-memory allocations (pipelined operands: a load inside a k loop that feeds an
+    address leaves none) per kernel; exit 1 when one overflows shared memory, spills or is not pipelined."""
     import os
+    import re
     import subprocess
     import tempfile
 
@@ -245,56 +396,74 @@ def compile_report(out_path: str) -> int:
     from pykernels.triton import grouped_gemm
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    aligned = {"x_ptr", "w13_ptr", "h_ptr", "offsets_ptr", "pair_ptr", "w2_ptr", "out_ptr", "weights_ptr",
-               "hidden", "inter", "stride_xm", "stride_we", "stride_wn", "stride_hm", "stride_om", "up_shift"}
-    ints = ("num_rows", "hidden", "inter", "num_experts", "top_k", "stride_xm", "stride_wn", "stride_hm",
-            "stride_om", "up_shift", "num_m_tiles")
-    configs = {(gemm, c) for gemm in ("gate_up", "down") for b in ("decode", "small", "medium", "large")
-               for c in candidates(gemm, b)}
+    aligned = {"x_ptr", "w13_ptr", "h_ptr", "map_ptr", "pair_ptr", "w2_ptr", "out_ptr", "y_ptr", "ids_ptr",
+               "weights_ptr", "hidden", "inter", "stride_xm", "stride_we", "stride_wn", "stride_hm", "stride_om",
+               "stride_ym", "up_shift"}
+    ints = ("num_rows", "num_pairs", "hidden", "inter", "num_experts", "top_k", "stride_xm", "stride_wn",
+            "stride_hm", "stride_om", "stride_ym", "up_shift", "num_m_tiles")
+    variants = []  # (name, kernel, rows, config)
+    for b in ("decode", "small", "medium", "large"):
+        for gemm in ("gate_up", "down"):
+            for c in candidates(gemm, b):
+                variants += [(gemm, gemm, "gather", c), (gemm, gemm, "padded", c)]
+    variants += [("gate_up", "gate_up", "route", c) for c in candidates("gate_up", "direct")]
+    variants += [("down_route", "down_route", None, c) for c in candidates("down", "direct")]
+    kernels = {"gate_up": grouped_gemm._gate_up_kernel, "down": grouped_gemm._down_kernel,
+               "down_route": grouped_gemm._down_route_kernel}
     rows, bad = [], 0
-    for gemm, cfg in sorted(configs):
-        kernel = grouped_gemm._gate_up_kernel if gemm == "gate_up" else grouped_gemm._down_kernel
+    for name, which, layout, cfg in sorted(set(variants), key=str):
+        kernel = kernels[which]
         desc = f"tensordesc<bf16[{cfg.block_n}, {cfg.block_k}]>" if cfg.tma else "*bf16"
-        consts = dict(EVEN_K=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_E=256,
-                      GROUP_M=cfg.group_m, DOT_PRECISION="tf32", USE_TMA=cfg.tma)
-        if gemm == "gate_up":
-            consts.update(GATHER=True, SINGLE_DOT=cfg.single_dot and not cfg.tma)
+        consts = dict(EVEN_K=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                      DOT_PRECISION="tf32", USE_TMA=cfg.tma)
+        if which == "down_route":
+            consts.update(TOP_K=TOP_K, BLOCK_R=8)
         else:
-            consts.update(SCATTER=True)
+            consts.update(ROWS=layout, PAD=cfg.block_m, BLOCK_E=256, GROUP_M=cfg.group_m)
+        if which == "gate_up":
+            consts.update(SINGLE_DOT=cfg.single_dot and not cfg.tma)
         sig = {}
-        for name in kernel.arg_names:
-            if name in consts:
-                sig[name] = "constexpr"
-            elif name.endswith("_desc"):
-                sig[name] = desc
-            elif name == "stride_we":
-                sig[name] = "i64"
-            elif name in ints:
-                sig[name] = "i32"
+        for arg in kernel.arg_names:
+            if arg in consts:
+                sig[arg] = "constexpr"
+            elif arg.endswith("_desc"):
+                sig[arg] = desc
+            elif arg == "stride_we":
+                sig[arg] = "i64"
+            elif arg in ints:
+                sig[arg] = "i32"
+            elif arg in ("map_ptr", "pair_ptr", "ids_ptr"):
+                sig[arg] = "*i32"
             else:
-                sig[name] = "*fp32" if name == "weights_ptr" else "*bf16"
-        sig.update({n: "*i32" for n in ("offsets_ptr", "pair_ptr")})
+                sig[arg] = "*fp32" if arg == "weights_ptr" else "*bf16"
         attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in sig if n in aligned}
-        entry = {"gemm": gemm, "config": cfg._asdict()}
+        entry = {"kernel": name, "rows": layout, "config": cfg._asdict()}
         try:
             compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
                                       target=GPUTarget("cuda", 90, 32),
                                       options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
             entry["shared"] = compiled.metadata.shared
+            # Multi-buffered operands: shared allocations of num_stages - 1 (or num_stages) tiles, one per
+            # pipelined load.
+            allocs = [line for line in compiled.asm["ttgir"].splitlines() if "ttg.local_alloc" in line]
+            multi = re.compile(rf"memdesc<({cfg.num_stages - 1}|{cfg.num_stages})x\d+x\d+x")
+            entry["pipelined_buffers"] = sum(bool(multi.search(line)) for line in allocs)
             with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
                 f.write(compiled.asm["cubin"])
             usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
             os.unlink(f.name)
             fields = dict(item.split(":", 1) for line in usage.splitlines() if "REG:" in line for item in line.split())
             entry.update(registers=int(fields["REG"]), stack=int(fields["STACK"]), local=int(fields["LOCAL"]))
-            entry["ok"] = entry["shared"] <= SM90_MAX_SHARED and entry["stack"] == 0 and entry["local"] == 0
+            entry["ok"] = (entry["shared"] <= SM90_MAX_SHARED and entry["stack"] == 0 and entry["local"] == 0
+                           and (cfg.num_stages < 2 or entry["pipelined_buffers"] > 0))
         except Exception as e:  # noqa: BLE001 - reported per config
             entry.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
         bad += not entry["ok"]
         rows.append(entry)
-        print(f"{gemm:7} {tuple(cfg)}: " + (f"shared {entry['shared']:6d}  registers {entry['registers']:3d}"
-                                            f"  stack {entry['stack']}  local {entry['local']}" if "local" in entry
-                                            else entry.get("error", "")) + ("" if entry["ok"] else "   <-- NOT OK"), flush=True)
+        print(f"{name:10} {str(layout):7} {tuple(cfg)}: "
+              + (f"shared {entry['shared']:6d}  registers {entry['registers']:3d}  stack {entry['stack']}"
+                 f"  local {entry['local']}  pipelined operands {entry['pipelined_buffers']}" if "local" in entry
+                 else entry.get("error", "")) + ("" if entry["ok"] else "   <-- NOT OK"), flush=True)
     with open(out_path, "w") as f:
         json.dump({"triton": triton.__version__, "target": "sm_90a", "configs": rows}, f, indent=1)
     print(f"{len(rows)} kernels, {bad} not ok; wrote {out_path}")

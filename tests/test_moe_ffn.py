@@ -128,29 +128,66 @@ def _fast_devices():
     return out + [pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=pytest.mark.gpu)]
 
 
+LAYOUTS = ("direct", "sorted", "padded")
+
+
 @pytest.mark.parametrize("device,dtype", _fast_devices())
-def test_triton_skips_out_of_range_ids(device, dtype):
+@pytest.mark.parametrize("layout", ["direct", "padded"])
+@pytest.mark.parametrize("case", CASES, ids=[c[-1] for c in CASES])
+def test_triton_layouts_match_reference(device, dtype, layout, case):
+    """The row layouts moe_ffn does not pick by default at these T (test_moe_ffn_matches_reference runs the
+    default: direct at T = 1, sorted beyond); the direct layout takes any T, repeated experts too."""
+    from pykernels.triton.grouped_gemm import moe_ffn_triton
+
+    x, w13, w2, tw, ids = _case_inputs(case, dtype, device)
+    y = moe_ffn_triton(x, w13, w2, tw, ids, layout=layout)
+    assert _rel(y, moe_ffn_reference(x.float(), w13.float(), w2.float(), tw, ids)) <= TOL[dtype]
+
+
+def test_layout_choice():
+    from pykernels.triton.grouped_gemm import moe_ffn_triton
+
+    assert moe_configs.layout_for(1) == "direct" and moe_configs.layout_for(moe_configs.DIRECT_MAX_TOKENS + 1) == "sorted"
+    with pytest.raises(ValueError, match="layout"):
+        moe_ffn_triton(*_bad_moe().values(), layout="aligned")
+
+
+@pytest.mark.parametrize("device,dtype", _fast_devices())
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_triton_skips_out_of_range_ids(device, dtype, layout):
     """Unchecked bad ids (CUDA without PYKERNELS_CHECK_VALUES): memory-safe, the route contributes nothing."""
     from pykernels.triton.grouped_gemm import moe_ffn_triton
 
     x, w13, w2, tw, ids = _case_inputs((7, 4, 32, 16, 2, "random"), dtype, device)
     ids[0, 1] = 4
     ids[3, 0] = -5
-    y = moe_ffn_triton(x, w13, w2, tw, ids)
+    y = moe_ffn_triton(x, w13, w2, tw, ids, layout=layout)
     assert _rel(y, moe_ffn_reference(x.float(), w13.float(), w2.float(), tw, ids)) <= TOL[dtype]
+    wide = ids.long()
+    wide[5, 1] = (1 << 32) + 1  # int64 id whose low 32 bits are a valid expert: still skipped
+    y = moe_ffn_triton(x, w13, w2, tw, wide, layout=layout)
+    assert _rel(y, moe_ffn_reference(x.float(), w13.float(), w2.float(), tw, wide)) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("device,dtype", _fast_devices())
 @pytest.mark.parametrize("variant", ["pointers", "tma", "single dot"])
 def test_triton_tiles_and_rows_past_the_end(device, dtype, variant):
-    """Several M tiles per expert (forced 16-row tiles, 40 rows on one expert); rows past offsets[E-1] give 0."""
+    """Several M tiles per expert (forced 16-row tiles, 40 rows on one expert) in each layout; a down tile of 32
+    rows over gate_up tiles of 16 (padded to 32); rows past offsets[E-1] give 0; K not a multiple of BLOCK_K."""
     from pykernels.triton.grouped_gemm import grouped_ffn_triton, moe_ffn_triton
 
     cfg = moe_configs.GemmConfig(16, 16, 16, 2, 4, 2, variant == "tma", variant == "single dot")
     x, w13, w2, tw, ids = _case_inputs((40, 6, 32, 24, 2, "random"), dtype, device)
     ids[:, 0] = 3
-    y = moe_ffn_triton(x, w13, w2, tw, ids, gate_up_config=cfg, down_config=cfg)
-    assert _rel(y, moe_ffn_reference(x.float(), w13.float(), w2.float(), tw, ids)) <= TOL[dtype]
+    ref = moe_ffn_reference(x.float(), w13.float(), w2.float(), tw, ids)
+    for layout in ("sorted", "padded"):
+        y = moe_ffn_triton(x, w13, w2, tw, ids, gate_up_config=cfg, down_config=cfg, layout=layout)
+        assert _rel(y, ref) <= TOL[dtype], layout
+    y = moe_ffn_triton(x[:3], w13, w2, tw[:3], ids[:3], gate_up_config=cfg, down_config=cfg, layout="direct")
+    assert _rel(y, ref[:3]) <= TOL[dtype]  # (the direct layout has no M tiles; its weight-load variants)
+    y = moe_ffn_triton(x, w13, w2, tw, ids, gate_up_config=cfg, down_config=cfg._replace(block_m=32, block_k=32),
+                       layout="padded")
+    assert _rel(y, ref) <= TOL[dtype]
     xs, offsets = _sorted_rows(x, ids, 6)
     short = offsets.clone()
     short[-2:] -= 5  # the last 5 rows belong to no expert
@@ -232,6 +269,17 @@ def test_grouped_ffn_bad_offsets(offsets, error, words):
         pk.grouped_ffn(torch.randn(6, 16), w13, w2, offsets)
 
 
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="needs TRITON_INTERPRET=1 on the CPU")
+def test_triton_direct_call_and_op_agree():
+    """Eager calls launch the Triton pipeline directly; through the torch.library op it gives the same bits."""
+    x, w13, w2, tw, ids = _case_inputs((5, 6, 32, 16, 2, "random"), torch.float16, "cpu")
+    direct = pk.moe_ffn(x, w13, w2, tw, ids, backend="triton")
+    assert torch.equal(direct, torch.ops.pykernels.moe_ffn(x, w13, w2, tw, ids, "triton"))
+    xs, offsets = _sorted_rows(x, ids, 6)
+    direct = pk.grouped_ffn(xs, w13, w2, offsets, backend="triton")
+    assert torch.equal(direct, torch.ops.pykernels.grouped_ffn(xs, w13, w2, offsets, "triton"))
+
+
 def test_custom_ops_fake_and_compile():
     args = _bad_moe()
     torch.library.opcheck(torch.ops.pykernels.moe_ffn.default,
@@ -264,6 +312,7 @@ def _gpu_inputs(T, E, H, I, k, method="greedy", n_group=1, topk_group=1, seed=0,
 
 GPU_SHAPES = [  # (T, E, H, I, top_k, method, n_group, topk_group)
     (1, 64, 2048, 1408, 6, "greedy", 1, 1),
+    (1, 160, 5120, 1536, 6, "group_limited_greedy", 8, 3),
     (8, 64, 2048, 1408, 6, "greedy", 1, 1),
     (128, 64, 2048, 1408, 6, "greedy", 1, 1),
     (700, 64, 2048, 1408, 6, "greedy", 1, 1),
@@ -276,11 +325,16 @@ GPU_SHAPES = [  # (T, E, H, I, top_k, method, n_group, topk_group)
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=[f"T{s[0]}-E{s[1]}-H{s[2]}-I{s[3]}" for s in GPU_SHAPES])
 def test_gpu_model_shapes(shape):
+    from pykernels.triton.grouped_gemm import moe_ffn_triton
+
     x, w13, w2, tw, ids = _gpu_inputs(*shape)
     _poison_allocator()
     y = pk.moe_ffn(x, w13, w2, tw, ids)  # backend=None: Triton
     ref = moe_ffn_reference(x, w13, w2, tw, ids)
     assert _rel(y, ref) <= TOL[torch.bfloat16]
+    for layout in ("direct", "padded") if shape[0] <= 128 else ("padded",):
+        _poison_allocator()
+        assert _rel(moe_ffn_triton(x, w13, w2, tw, ids, layout=layout), ref) <= TOL[torch.bfloat16], layout
     xs, offsets = _sorted_rows(x, ids, shape[1])
     _poison_allocator()
     ys = pk.grouped_ffn(xs, w13, w2, offsets)
@@ -298,14 +352,16 @@ def _all_configs():
 @pytest.mark.gpu
 @pytest.mark.parametrize("cfg", _all_configs(), ids=str)
 def test_gpu_every_table_config(cfg):
-    """Every configuration the table can pick, and its weight-load variants, compiles and is right (H and I not
-    multiples of the tiles, several tiles per expert); grouped_ffn's kernels for the table's own configs."""
+    """Every configuration the table can pick, and its weight-load variants, compiles and is right in every
+    row layout (H and I not multiples of the tiles, several tiles per expert); grouped_ffn's kernels for the
+    table's own configs."""
     from pykernels.triton.grouped_gemm import grouped_ffn_triton, moe_ffn_triton
 
     x, w13, w2, tw, ids = _gpu_inputs(300, 8, 1000, 360, 4)  # 16-byte rows: TMA applies
-    _poison_allocator()
-    y = moe_ffn_triton(x, w13, w2, tw, ids, gate_up_config=cfg, down_config=cfg)
-    assert _rel(y, moe_ffn_reference(x, w13, w2, tw, ids)) <= TOL[torch.bfloat16]
+    for layout in ("sorted", "padded", "direct"):
+        _poison_allocator()
+        y = moe_ffn_triton(x, w13, w2, tw, ids, gate_up_config=cfg, down_config=cfg, layout=layout)
+        assert _rel(y, moe_ffn_reference(x, w13, w2, tw, ids)) <= TOL[torch.bfloat16], layout
     if cfg in moe_configs.TABLE.values() or cfg in moe_configs.DEFAULTS.values():
         xs, offsets = _sorted_rows(x, ids, 8)
         y = grouped_ffn_triton(xs, w13, w2, offsets, gate_up_config=cfg, down_config=cfg)
@@ -313,13 +369,18 @@ def test_gpu_every_table_config(cfg):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T", [8, 2048])
+@pytest.mark.parametrize("T", [1, 8, 2048])
 def test_gpu_deterministic(T):
+    from pykernels.triton.grouped_gemm import moe_ffn_triton
+
     x, w13, w2, tw, ids = _gpu_inputs(T, 64, 2048, 1408, 6)
     y1 = pk.moe_ffn(x, w13, w2, tw, ids)
     _poison_allocator()
     y2 = pk.moe_ffn(x, w13, w2, tw, ids)
     assert torch.equal(y1, y2)
+    for layout in ("direct", "padded"):
+        assert torch.equal(moe_ffn_triton(x, w13, w2, tw, ids, layout=layout),
+                           moe_ffn_triton(x, w13, w2, tw, ids, layout=layout))
     xs, offsets = _sorted_rows(x, ids, 64)
     assert torch.equal(pk.grouped_ffn(xs, w13, w2, offsets), pk.grouped_ffn(xs, w13, w2, offsets))
 

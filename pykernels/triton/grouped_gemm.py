@@ -1,27 +1,45 @@
 """Triton grouped-GEMM expert FFN: the backend of ``pykernels.moe_ffn`` and ``pykernels.grouped_ffn``.
 
-Pipeline of ``moe_ffn`` (4 launches up to ``moe_permute.CHUNK`` routes, i.e. 85 tokens at top-6, 5 beyond;
-no host synchronisation)::
+``moe_ffn`` runs in one of three row layouts (``moe_ffn_triton(layout=...)``; by default "direct" up to
+``moe_configs.DIRECT_MAX_TOKENS`` tokens, "sorted" beyond). No layout synchronises with the host.
 
-    offsets, sorted_pair = permute(topk_ids)                 moe_permute.py: expert-sorted order of the routes
-    h[r]   = silu(x[t(r)] @ gate_e.T) * (x[t(r)] @ up_e.T)   _gate_up_kernel, r in expert e's rows,
+"direct" (decode, one token: its top_k routes are distinct experts) -- 2 launches, no permutation::
+
+    h[p]   = w[p] * silu(x[t] @ gate_e.T) * (x[t] @ up_e.T)     _gate_up_kernel, ROWS="route": one program
+                                                                 per (route p = t * top_k + k, I tile)
+    y[t]   = sum_k h[t*top_k + k] @ w2[e_k].T                    _down_route_kernel: one program per
+                                                                 (token, H tile), one fp32 accumulator over
+                                                                 the k routes in order
+
+"sorted" (the unpadded layout of moe_permute.permute) -- 3 launches up to ``moe_permute.CHUNK`` routes
+(21 tokens at top-6), 4 beyond::
+
+    offsets, sorted_pair = permute(topk_ids)                 expert-sorted order of the routes
+    h[r]   = silu(x[t(r)] @ gate_e.T) * (x[t(r)] @ up_e.T)   ROWS="gather": r in expert e's rows,
                                                               t(r) = sorted_pair[r] // top_k (rows gathered)
     buf[p] = w[p] * (h[r] @ w2[e].T)                          _down_kernel, p = sorted_pair[r]: scattered back
                                                               to route order, weighted, rounded once to x's dtype
     y[t]   = sum_k buf[t * top_k + k]                         _sum_topk_kernel, float32, k = 0, 1, ... in order
 
-``grouped_ffn`` runs the two GEMMs alone on rows that are already sorted (no gather, no weight, no scatter).
+"padded" (vLLM's align layout, moe_permute.permute_padded): as "sorted", but each expert's rows are padded
+to whole tiles, so a GEMM program reads its tile's expert with one load (ROWS="padded") instead of a
+prefix sum over the E offsets, and masks the padding rows by their sentinel route N.
 
-Work items: a GEMM program owns one (M tile, N tile). M tiles are expert-local: expert e's rows
-[offsets[e-1], offsets[e]) are cut into ceil(count / BLOCK_M) tiles, the last one masked (no padding in
-memory). A program finds its expert by a prefix sum of the tiles per expert, computed from ``offsets``
-(E values) at its start; the grid is launched for the most tiles any routing can need,
+``grouped_ffn`` runs the two GEMMs alone on rows that are already sorted (ROWS="sorted": no gather, no
+weight, no scatter).
+
+Work items of the sorted layouts: a GEMM program owns one (M tile, N tile). M tiles are expert-local:
+expert e's rows [offsets[e-1], offsets[e]) are cut into ceil(count / BLOCK_M) tiles, the last one masked
+(no padding in memory). A program finds its expert by a prefix sum of the tiles per expert, computed from
+``offsets`` (E values) at its start; the grid is launched for the most tiles any routing can need,
 ``min(rows, cdiv(rows, BLOCK_M) + E)``, and programs past the real tiles return at once.
 
 The gate/up GEMM computes the gate and the up columns of the same I-columns in one program (two
 accumulators over one A tile), so silu(gate) * up happens in registers: the 2I-wide intermediate never
 goes to memory. Every output element is one fixed-order dot product and the sum over top-k runs in a
-fixed order: the same input gives bit-identical output.
+fixed order: the same input gives bit-identical output. In the direct layout the routing weight is
+applied to h before its single rounding (the same one rounding as the sorted layouts' weighted down
+output), so the down GEMM sums the k routes in one accumulator without a buffer.
 
 Weight tiles come in one of three ways (``GemmConfig.tma`` / ``single_dot``, chosen per shape by the table):
 pointer loads with two dots (gate, up); TMA descriptors over the weights viewed 2-D (zero fill past the
@@ -29,7 +47,10 @@ edges, no masks); or, for gate_up, one pointer-loaded [BLOCK_K, 2 * BLOCK_N] ope
 the up rows side by side and one wide dot whose accumulator the epilogue splits.
 
 NOTES: rows of masked or out-of-range work read row 0 (a valid address) and are never stored; weights
-are addressed with 64-bit offsets (w13 of the 236B model has 2.5e9 elements).
+are addressed with 64-bit offsets (w13 of the 236B model has 2.5e9 elements). A route whose expert id is
+outside [0, E) reads expert 0 in the direct gate_up and is skipped by every down GEMM. Inside the
+k-step loops no load feeds an address (expert ids are staged before the loop), so Triton's pipeliner
+keeps ``num_stages`` weight tiles in flight.
 """
 from __future__ import annotations
 
@@ -40,10 +61,11 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from pykernels.triton import moe_configs
 from pykernels.triton.moe_configs import GemmConfig
-from pykernels.triton.moe_permute import permute
+from pykernels.triton.moe_permute import permute, permute_padded
 
 # Hidden columns per program of the top-k sum (8 KiB of bf16 per route row read).
 _SUM_BLOCK_H = 1024
+LAYOUTS = ("direct", "sorted", "padded")
 
 
 @triton.jit
@@ -79,26 +101,30 @@ def _tile_ids(num_m_tiles, num_n_tiles, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr,  # [T, H] tokens (GATHER) or [R, H] expert-sorted rows
+    x_ptr,  # [T, H] tokens, or [R, H] expert-sorted rows (ROWS="sorted")
     w13_ptr,  # [E, 2I, H] gate rows then up rows; stride 1 along H
     w13_desc,  # TMA descriptor of w13 viewed as [E * 2I, H], blocks [BLOCK_N, BLOCK_K] (USE_TMA only)
-    h_ptr,  # [R, I] out: silu(gate) * up, expert-sorted rows, x's dtype
-    offsets_ptr,  # [E] int32 cumulative row ends
-    pair_ptr,  # [R] int32 sorted row -> route (GATHER only)
-    num_rows,  # R
+    h_ptr,  # [R, I] out: silu(gate) * up (ROWS="route": times the routing weight), x's dtype
+    map_ptr,  # "sorted"/"gather": [E] int32 cumulative row ends; "padded": [R / PAD] block experts;
+    #           "route": [N] expert id per route (topk_ids flattened, int32 or int64)
+    pair_ptr,  # "gather"/"padded": [R] int32 sorted row -> route (padded: N in padding rows)
+    weights_ptr,  # "route": [N] routing weight per route
+    num_rows,  # R: rows of h (N for "route")
+    num_pairs,  # N: routes (the padding sentinel of "padded")
     hidden,  # H (reduction)
     inter,  # I (output columns)
     num_experts,
-    top_k,  # routes per token (GATHER only)
+    top_k,  # routes per token
     stride_xm,
     stride_we,
     stride_wn,
     stride_hm,
     up_shift,  # I * stride_wn: from a gate row to the up row of the same column
-    num_m_tiles,  # M tiles launched (an upper bound of the real ones)
-    GATHER: tl.constexpr,  # A row r is x[sorted_pair[r] // top_k] (moe_ffn) instead of x[r] (grouped_ffn)
+    num_m_tiles,  # M tiles launched (an upper bound of the real ones; N for "route")
+    ROWS: tl.constexpr,  # "sorted" | "gather" | "padded" | "route" (see the module docstring)
+    PAD: tl.constexpr,  # "padded": rows per block of the padded layout (a multiple of BLOCK_M)
     EVEN_K: tl.constexpr,  # H % BLOCK_K == 0: no mask along the reduction
-    BLOCK_M: tl.constexpr,  # rows per tile
+    BLOCK_M: tl.constexpr,  # rows per tile ("route": the one route's row, repeated)
     BLOCK_N: tl.constexpr,  # I-columns per tile (of gate and of up each)
     BLOCK_K: tl.constexpr,  # reduction step
     BLOCK_E: tl.constexpr,  # next power of two >= E
@@ -107,17 +133,39 @@ def _gate_up_kernel(
     USE_TMA: tl.constexpr,  # weight tiles through the TMA descriptor instead of pointer loads
     SINGLE_DOT: tl.constexpr,  # (pointer loads only) gate and up tiles as one [BK, 2 * BN] operand, one dot
 ):
-    pid_m, pid_n = _tile_ids(num_m_tiles, tl.cdiv(inter, BLOCK_N), GROUP_M)
-    expert, row_begin, row_end = _expert_tile(offsets_ptr, num_experts, num_rows, pid_m, BLOCK_M, BLOCK_E)
-    if expert >= num_experts:
-        return
-    rows = row_begin + tl.arange(0, BLOCK_M)  # [BM] sorted rows
-    row_ok = rows < row_end
-    rows = tl.where(row_ok, rows, 0)
-    if GATHER:
-        src = tl.load(pair_ptr + rows, mask=row_ok, other=0) // top_k  # [BM] token of each row
+    m = tl.arange(0, BLOCK_M)  # [BM]
+    if ROWS == "route":
+        # Route-major: the programs of one route are consecutive; every row of the A tile is the route's
+        # token (one load, broadcast), only row 0 is stored.
+        num_n_tiles = tl.cdiv(inter, BLOCK_N)
+        route = tl.program_id(0) // num_n_tiles
+        pid_n = tl.program_id(0) % num_n_tiles
+        e_raw = tl.load(map_ptr + route)
+        expert = tl.where((e_raw >= 0) & (e_raw < num_experts), e_raw, 0).to(tl.int32)
+        rows = route + 0 * m  # [BM] rows of h
+        row_ok = m == 0
+        src = rows // top_k
     else:
-        src = rows
+        pid_m, pid_n = _tile_ids(num_m_tiles, tl.cdiv(inter, BLOCK_N), GROUP_M)
+        if ROWS == "padded":
+            expert = tl.load(map_ptr + pid_m * BLOCK_M // PAD)
+            if expert >= num_experts:
+                return
+            rows = pid_m * BLOCK_M + m  # [BM] padded sorted rows
+            route = tl.load(pair_ptr + rows)
+            row_ok = route < num_pairs
+            src = tl.where(row_ok, route, 0) // top_k
+        else:
+            expert, row_begin, row_end = _expert_tile(map_ptr, num_experts, num_rows, pid_m, BLOCK_M, BLOCK_E)
+            if expert >= num_experts:
+                return
+            rows = row_begin + m  # [BM] sorted rows
+            row_ok = rows < row_end
+            rows = tl.where(row_ok, rows, 0)
+            if ROWS == "gather":
+                src = tl.load(pair_ptr + rows, mask=row_ok, other=0) // top_k  # [BM] token of each row
+            else:
+                src = rows
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] I-columns
     cols_ld = cols % inter  # in range for loads; columns >= I are never stored
     ks = tl.arange(0, BLOCK_K)  # [BK]
@@ -179,6 +227,8 @@ def _gate_up_kernel(
             u_ptrs += BLOCK_K
 
     h = acc_g * tl.sigmoid(acc_g) * acc_u  # silu(gate) * up, float32
+    if ROWS == "route":
+        h = h * tl.load(weights_ptr + route).to(tl.float32)
     h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + cols[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < inter)[None, :])
 
@@ -188,11 +238,12 @@ def _down_kernel(
     h_ptr,  # [R, I] expert-sorted rows
     w2_ptr,  # [E, H, I]; stride 1 along I
     w2_desc,  # TMA descriptor of w2 viewed as [E * H, I], blocks [BLOCK_N, BLOCK_K] (USE_TMA only)
-    out_ptr,  # [N, H] route-ordered (SCATTER) or [R, H] expert-sorted rows out, x's dtype
-    offsets_ptr,  # [E] int32 cumulative row ends
-    pair_ptr,  # [R] int32 sorted row -> route (SCATTER only)
-    weights_ptr,  # [N] routing weight per route (SCATTER only)
+    out_ptr,  # [N, H] route-ordered ("gather"/"padded") or [R, H] expert-sorted rows ("sorted") out, x's dtype
+    map_ptr,  # "sorted"/"gather": [E] int32 cumulative row ends; "padded": [R / PAD] block experts
+    pair_ptr,  # "gather"/"padded": [R] int32 sorted row -> route
+    weights_ptr,  # "gather"/"padded": [N] routing weight per route
     num_rows,  # R
+    num_pairs,  # N (the padding sentinel of "padded")
     hidden,  # H (output columns)
     inter,  # I (reduction)
     num_experts,
@@ -201,7 +252,8 @@ def _down_kernel(
     stride_wn,
     stride_om,
     num_m_tiles,  # M tiles launched (an upper bound of the real ones)
-    SCATTER: tl.constexpr,  # out[sorted_pair[r]] = w * row (moe_ffn) instead of out[r] = row (grouped_ffn)
+    ROWS: tl.constexpr,  # "sorted": out[r] = row; "gather"/"padded": out[sorted_pair[r]] = w * row
+    PAD: tl.constexpr,  # "padded": rows per block of the padded layout (a multiple of BLOCK_M)
     EVEN_K: tl.constexpr,  # I % BLOCK_K == 0: no mask along the reduction
     BLOCK_M: tl.constexpr,  # rows per tile
     BLOCK_N: tl.constexpr,  # H-columns per tile
@@ -212,12 +264,25 @@ def _down_kernel(
     USE_TMA: tl.constexpr,  # weight tiles through the TMA descriptor instead of pointer loads
 ):
     pid_m, pid_n = _tile_ids(num_m_tiles, tl.cdiv(hidden, BLOCK_N), GROUP_M)
-    expert, row_begin, row_end = _expert_tile(offsets_ptr, num_experts, num_rows, pid_m, BLOCK_M, BLOCK_E)
-    if expert >= num_experts:
-        return
-    rows = row_begin + tl.arange(0, BLOCK_M)  # [BM] sorted rows
-    row_ok = rows < row_end
-    rows = tl.where(row_ok, rows, 0)
+    m = tl.arange(0, BLOCK_M)
+    if ROWS == "padded":
+        expert = tl.load(map_ptr + pid_m * BLOCK_M // PAD)
+        if expert >= num_experts:
+            return
+        rows = pid_m * BLOCK_M + m  # [BM] padded sorted rows
+        route = tl.load(pair_ptr + rows)
+        row_ok = route < num_pairs
+    else:
+        expert, row_begin, row_end = _expert_tile(map_ptr, num_experts, num_rows, pid_m, BLOCK_M, BLOCK_E)
+        if expert >= num_experts:
+            return
+        rows = row_begin + m  # [BM] sorted rows
+        row_ok = rows < row_end
+        rows = tl.where(row_ok, rows, 0)
+        if ROWS == "gather":
+            route = tl.load(pair_ptr + rows, mask=row_ok, other=0)  # [BM] route of each row
+        else:
+            route = rows
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] H-columns
     cols_ld = cols % hidden
     ks = tl.arange(0, BLOCK_K)
@@ -249,14 +314,75 @@ def _down_kernel(
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
 
-    if SCATTER:
-        dest = tl.load(pair_ptr + rows, mask=row_ok, other=0)  # [BM] route of each row
+    if ROWS == "sorted":
+        dest = rows
+    else:
+        dest = tl.where(row_ok, route, 0)
         w = tl.load(weights_ptr + dest, mask=row_ok, other=0.0).to(tl.float32)
         acc = acc * w[:, None]
-    else:
-        dest = rows
     o_ptrs = out_ptr + dest.to(tl.int64)[:, None] * stride_om + cols[None, :]
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < hidden)[None, :])
+
+
+@triton.jit
+def _down_route_kernel(
+    h_ptr,  # [N, I] weighted route rows (direct layout's gate_up output), route order
+    w2_ptr,  # [E, H, I]; stride 1 along I
+    w2_desc,  # TMA descriptor of w2 viewed as [E * H, I], blocks [BLOCK_N, BLOCK_K] (USE_TMA only)
+    y_ptr,  # [T, H] out, x's dtype
+    ids_ptr,  # [N] expert id per route (topk_ids flattened, int32 or int64)
+    hidden,  # H (output columns)
+    inter,  # I (reduction)
+    num_experts,
+    stride_hm,
+    stride_we,
+    stride_wn,
+    stride_ym,
+    TOP_K: tl.constexpr,  # routes per token
+    BLOCK_R: tl.constexpr,  # next power of two >= TOP_K
+    EVEN_K: tl.constexpr,  # I % BLOCK_K == 0: no mask along the reduction
+    BLOCK_M: tl.constexpr,  # rows of the dot (row 0 is the token's; the rest are zeros)
+    BLOCK_N: tl.constexpr,  # H-columns per tile
+    BLOCK_K: tl.constexpr,  # reduction step
+    DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32 rounding); 16-bit inputs ignore it
+    USE_TMA: tl.constexpr,  # weight tiles through the TMA descriptor instead of pointer loads
+):
+    """y[t, cols] = sum over the token's routes k (in order) and the k steps of h[t*TOP_K + k] . w2[e_k]:
+    one loop of TOP_K * cdiv(I, BLOCK_K) steps, so the pipeline never drains between experts."""
+    num_n_tiles = tl.cdiv(hidden, BLOCK_N)
+    t = tl.program_id(0) // num_n_tiles
+    pid_n = tl.program_id(0) % num_n_tiles
+    r = tl.arange(0, BLOCK_R)
+    e_raw = tl.load(ids_ptr + t * TOP_K + r, mask=r < TOP_K, other=-1)
+    experts = tl.where((e_raw >= 0) & (e_raw < num_experts), e_raw, -1).to(tl.int32)  # [BR]; -1: skipped route
+    m = tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] H-columns
+    cols_ld = cols % hidden
+    ks = tl.arange(0, BLOCK_K)
+    a_base = h_ptr + t.to(tl.int64) * TOP_K * stride_hm + ks[None, :] + 0 * m[:, None]  # [BM, BK], route k = 0
+    b_base = w2_ptr + cols_ld[None, :].to(tl.int64) * stride_wn + ks[:, None]  # [BK, BN], expert 0
+    k_steps = tl.cdiv(inter, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for i in range(0, TOP_K * k_steps):
+        k = i // k_steps
+        k0 = (i - k * k_steps) * BLOCK_K
+        e = tl.sum(tl.where(r == k, experts, 0), axis=0)  # from registers: no load feeds an address here
+        live_row = (m == 0) & ((m * 0 + e) >= 0)  # [BM]: row 0 of a live route
+        a_ok = live_row[:, None] & ((k0 + ks) < inter)[None, :]  # [BM, BK]
+        a = tl.load(a_base + k * stride_hm + k0, mask=a_ok, other=0.0)
+        e = tl.maximum(e, 0)
+        if USE_TMA:
+            b = w2_desc.load([e * hidden + pid_n * BLOCK_N, k0])  # [BN, BK], zero past I
+            acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
+        else:
+            b_ptrs = b_base + e.to(tl.int64) * stride_we + k0
+            if EVEN_K:
+                b = tl.load(b_ptrs)
+            else:
+                b = tl.load(b_ptrs, mask=((k0 + ks) < inter)[:, None], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    y_ptrs = y_ptr + t.to(tl.int64) * stride_ym + cols[None, :] + 0 * m[:, None]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(m == 0)[:, None] & (cols < hidden)[None, :])
 
 
 @triton.jit
@@ -296,21 +422,28 @@ def _m_tiles(rows: int, num_experts: int, block_m: int) -> int:
     return min(rows, triton.cdiv(rows, block_m) + num_experts)
 
 
-def _gate_up(x, w13, offsets, sorted_pair, top_k, num_rows, cfg: GemmConfig) -> torch.Tensor:
+def _gate_up(x, w13, cfg: GemmConfig, rows: str, row_map, *, pair=None, weights=None, num_rows, num_pairs=0,
+             top_k=1, pad=0) -> torch.Tensor:
+    """h [num_rows, I] of the gate/up GEMM in row layout ``rows`` ("sorted", "gather", "padded", "route");
+    ``row_map`` is the kernel's ``map_ptr`` (offsets, block experts or flattened ids)."""
     num_experts, two_i, hidden = w13.shape
     inter = two_i // 2
     h = torch.empty((num_rows, inter), dtype=x.dtype, device=x.device)
-    m_tiles = _m_tiles(num_rows, num_experts, cfg.block_m)
+    if rows == "route":
+        m_tiles = num_rows
+    elif rows == "padded":
+        m_tiles = num_rows // cfg.block_m
+    else:
+        m_tiles = _m_tiles(num_rows, num_experts, cfg.block_m)
     grid = (m_tiles * triton.cdiv(inter, cfg.block_n),)
-    gather = sorted_pair is not None
     use_tma = cfg.tma and _tma_ok(w13)
     single_dot = cfg.single_dot and not use_tma
     w13_desc = TensorDescriptor.from_tensor(w13.view(-1, hidden), [cfg.block_n, cfg.block_k]) if use_tma else w13
     _gate_up_kernel[grid](
-        x, w13, w13_desc, h, offsets, sorted_pair if gather else offsets,
-        num_rows, hidden, inter, num_experts, top_k,
+        x, w13, w13_desc, h, row_map, row_map if pair is None else pair, row_map if weights is None else weights,
+        num_rows, num_pairs, hidden, inter, num_experts, top_k,
         x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), inter * w13.stride(1), m_tiles,
-        GATHER=gather, EVEN_K=hidden % cfg.block_k == 0,
+        ROWS=rows, PAD=pad, EVEN_K=hidden % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         BLOCK_E=triton.next_power_of_2(num_experts), GROUP_M=cfg.group_m, DOT_PRECISION=_precision(x.dtype),
         USE_TMA=use_tma, SINGLE_DOT=single_dot, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -318,33 +451,38 @@ def _gate_up(x, w13, offsets, sorted_pair, top_k, num_rows, cfg: GemmConfig) -> 
     return h
 
 
-def _down(h, w2, offsets, sorted_pair, weights, out, cfg: GemmConfig) -> None:
+def _down(h, w2, cfg: GemmConfig, rows: str, row_map, out, *, pair=None, weights=None, num_pairs=0, pad=0) -> None:
+    """out = the down GEMM of h in row layout ``rows`` ("sorted", "gather", "padded"; see _gate_up)."""
     num_experts, hidden, inter = w2.shape
     num_rows = h.shape[0]
-    m_tiles = _m_tiles(num_rows, num_experts, cfg.block_m)
+    m_tiles = num_rows // cfg.block_m if rows == "padded" else _m_tiles(num_rows, num_experts, cfg.block_m)
     grid = (m_tiles * triton.cdiv(hidden, cfg.block_n),)
-    scatter = sorted_pair is not None
     use_tma = cfg.tma and _tma_ok(w2)
     w2_desc = TensorDescriptor.from_tensor(w2.view(-1, inter), [cfg.block_n, cfg.block_k]) if use_tma else w2
     _down_kernel[grid](
-        h, w2, w2_desc, out, offsets, sorted_pair if scatter else offsets, weights if scatter else h,
-        num_rows, hidden, inter, num_experts,
+        h, w2, w2_desc, out, row_map, row_map if pair is None else pair, h if weights is None else weights,
+        num_rows, num_pairs, hidden, inter, num_experts,
         h.stride(0), w2.stride(0), w2.stride(1), out.stride(0), m_tiles,
-        SCATTER=scatter, EVEN_K=inter % cfg.block_k == 0,
+        ROWS=rows, PAD=pad, EVEN_K=inter % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         BLOCK_E=triton.next_power_of_2(num_experts), GROUP_M=cfg.group_m, DOT_PRECISION=_precision(h.dtype),
         USE_TMA=use_tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
-def _configs(
-    hidden, inter, rows, num_experts, elem_bytes, gate_up_config, down_config
-) -> tuple[GemmConfig, GemmConfig]:
-    if gate_up_config is None:
-        gate_up_config = moe_configs.pick("gate_up", hidden, inter, rows, num_experts, elem_bytes)
-    if down_config is None:
-        down_config = moe_configs.pick("down", hidden, inter, rows, num_experts, elem_bytes)
-    return gate_up_config, down_config
+def _down_route(h, w2, ids, y, top_k: int, cfg: GemmConfig) -> None:
+    """y [T, H] = the direct layout's down GEMM: each token's weighted route rows of h summed in order."""
+    num_experts, hidden, inter = w2.shape
+    use_tma = cfg.tma and _tma_ok(w2)
+    w2_desc = TensorDescriptor.from_tensor(w2.view(-1, inter), [cfg.block_n, cfg.block_k]) if use_tma else w2
+    grid = (y.shape[0] * triton.cdiv(hidden, cfg.block_n),)
+    _down_route_kernel[grid](
+        h, w2, w2_desc, y, ids, hidden, inter, num_experts,
+        h.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
+        TOP_K=top_k, BLOCK_R=triton.next_power_of_2(top_k), EVEN_K=inter % cfg.block_k == 0,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_PRECISION=_precision(h.dtype),
+        USE_TMA=use_tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
 
 
 def moe_ffn_triton(
@@ -355,26 +493,45 @@ def moe_ffn_triton(
     topk_ids: torch.Tensor,
     gate_up_config: GemmConfig | None = None,
     down_config: GemmConfig | None = None,
+    layout: str | None = None,
 ) -> torch.Tensor:
-    """``pykernels.moe_ffn`` on validated inputs; the configs override the table (for tuning)."""
+    """``pykernels.moe_ffn`` on validated inputs. ``layout``: "direct", "sorted" or "padded" (None: the
+    table's choice for the token count, ``moe_configs.layout_for``); the configs override the table (tuning)."""
     num_tokens, hidden = x.shape
     num_experts, two_i, _ = w13.shape
+    inter = two_i // 2
     top_k = topk_ids.shape[1]
     num_pairs = num_tokens * top_k
+    if layout is None:
+        layout = moe_configs.layout_for(num_tokens)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     y = torch.empty((num_tokens, hidden), dtype=x.dtype, device=x.device)
     if num_tokens == 0:
         return y
-    cfg_gu, cfg_down = _configs(
-        hidden, two_i // 2, num_pairs, num_experts, x.element_size(), gate_up_config, down_config
-    )
-    offsets, sorted_pair = permute(topk_ids, num_experts)
-    h = _gate_up(x, w13, offsets, sorted_pair, top_k, num_pairs, cfg_gu)  # [N, I] sorted rows
+    direct = layout == "direct"
+    cfg_gu = gate_up_config or moe_configs.pick("gate_up", hidden, inter, num_pairs, num_experts, x.element_size(), direct)
+    cfg_dn = down_config or moe_configs.pick("down", hidden, inter, num_pairs, num_experts, x.element_size(), direct)
+    ids = topk_ids.contiguous().view(-1)  # [N]
+    weights = topk_weights.contiguous().view(-1)  # [N]
+    if direct:
+        h = _gate_up(x, w13, cfg_gu, "route", ids, weights=weights, num_rows=num_pairs, top_k=top_k)  # [N, I]
+        _down_route(h, w2, ids, y, top_k, cfg_dn)
+        return y
     buf = torch.empty((num_pairs, hidden), dtype=x.dtype, device=x.device)  # [N, H] route order
-    _down(h, w2, offsets, sorted_pair, topk_weights.contiguous().view(-1), buf, cfg_down)
+    if layout == "padded":
+        pad = max(cfg_gu.block_m, cfg_dn.block_m)
+        block_expert, sorted_pair = permute_padded(topk_ids, num_experts, pad)
+        h = _gate_up(x, w13, cfg_gu, "padded", block_expert, pair=sorted_pair, num_rows=sorted_pair.numel(),
+                     num_pairs=num_pairs, top_k=top_k, pad=pad)  # [R_padded, I]
+        _down(h, w2, cfg_dn, "padded", block_expert, buf, pair=sorted_pair, weights=weights, num_pairs=num_pairs,
+              pad=pad)
+    else:
+        offsets, sorted_pair = permute(topk_ids, num_experts)
+        h = _gate_up(x, w13, cfg_gu, "gather", offsets, pair=sorted_pair, num_rows=num_pairs, top_k=top_k)  # [N, I]
+        _down(h, w2, cfg_dn, "gather", offsets, buf, pair=sorted_pair, weights=weights)
     grid = (num_tokens, triton.cdiv(hidden, _SUM_BLOCK_H))
-    _sum_topk_kernel[grid](
-        buf, topk_ids.contiguous().view(-1), y, hidden, num_experts, TOP_K=top_k, BLOCK_H=_SUM_BLOCK_H, num_warps=4
-    )
+    _sum_topk_kernel[grid](buf, ids, y, hidden, num_experts, TOP_K=top_k, BLOCK_H=_SUM_BLOCK_H, num_warps=4)
     return y
 
 
@@ -389,13 +546,14 @@ def grouped_ffn_triton(
     """``pykernels.grouped_ffn`` on validated inputs; rows no expert owns come out 0."""
     num_rows, hidden = x_sorted.shape
     num_experts, two_i, _ = w13.shape
+    inter = two_i // 2
     # NOTES: zeros, not empty: rows past offsets[E-1] belong to no expert and are never written.
     y = torch.zeros((num_rows, hidden), dtype=x_sorted.dtype, device=x_sorted.device)
     if num_rows == 0:
         return y
-    cfg_gu, cfg_down = _configs(
-        hidden, two_i // 2, num_rows, num_experts, x_sorted.element_size(), gate_up_config, down_config
-    )
-    h = _gate_up(x_sorted, w13, offsets, None, 1, num_rows, cfg_gu)  # [R, I]
-    _down(h, w2, offsets, None, None, y, cfg_down)
+    elem = x_sorted.element_size()
+    cfg_gu = gate_up_config or moe_configs.pick("gate_up", hidden, inter, num_rows, num_experts, elem)
+    cfg_dn = down_config or moe_configs.pick("down", hidden, inter, num_rows, num_experts, elem)
+    h = _gate_up(x_sorted, w13, cfg_gu, "sorted", offsets, num_rows=num_rows)  # [R, I]
+    _down(h, w2, cfg_dn, "sorted", offsets, y)
     return y

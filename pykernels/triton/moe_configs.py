@@ -8,6 +8,9 @@ and the bucket from the average rows per expert ``rows / E`` (rows = tokens x to
     "medium"   <= 128
     "large"    >  128                  prefill (8192 tokens at top-6: 768 rows per expert on 64, 307 on 160)
 
+plus the pseudo-bucket "direct": the GEMMs of moe_ffn's direct layout (up to ``DIRECT_MAX_TOKENS`` tokens,
+see ``layout_for``): gate_up one route per program, down one token per program over its routes.
+
 Shapes not in the table use ``DEFAULTS[(gemm, bucket)]``. To update after a sweep: run
 ``python -m bench.tune_moe --out tune.json`` on the GPU, then copy each shape's ``best`` entry from the JSON
 into ``TABLE`` below (the sweep prints them as ready-to-paste lines).
@@ -30,6 +33,12 @@ class GemmConfig(NamedTuple):
 
 BUCKETS = (("decode", 4.0), ("small", 32.0), ("medium", 128.0), ("large", float("inf")))
 
+# moe_ffn takes the direct layout (no permutation, no top-k sum kernel: 2 launches) up to this many tokens.
+# One token's top_k routes are distinct experts, so route-major programs read each hit expert once; with
+# more tokens, routes share experts and a route-major program would read a shared expert once per route.
+# bench/tune_moe.py times the layouts at T = 1, 2, 4, 8, 64, 128 and prints the crossing.
+DIRECT_MAX_TOKENS = 1
+
 # Starting points by bucket, before any sweep (Hopper, bf16). Decode tiles are thin in M and N so that
 # many programs stream each hit expert's weights once, with deep K steps and stages to keep loads in flight.
 DEFAULTS: dict[tuple[str, str], GemmConfig] = {
@@ -41,6 +50,10 @@ DEFAULTS: dict[tuple[str, str], GemmConfig] = {
     ("down", "small"): GemmConfig(32, 64, 128, 1, 4, 4),
     ("down", "medium"): GemmConfig(64, 128, 64, 8, 4, 4),
     ("down", "large"): GemmConfig(128, 128, 64, 8, 8, 4),
+    # Direct layout, M = one row: thin N tiles so that top_k x cdiv(I, BLOCK_N) gate_up programs and
+    # cdiv(H, BLOCK_N) down programs fill the SMs (Lite: 264 and 128), each streaming its slab of weights.
+    ("gate_up", "direct"): GemmConfig(16, 32, 128, 1, 4, 4, True),
+    ("down", "direct"): GemmConfig(16, 16, 256, 1, 4, 4),
 }
 
 # Measured winners per shape: (gemm, H, I, bucket) -> config. Lite: H 2048, I 1408; 236B: H 5120, I 1536;
@@ -78,14 +91,20 @@ def bucket_of(rows: int, num_experts: int) -> str:
     return BUCKETS[-1][0]
 
 
-def pick(gemm: str, hidden: int, inter: int, rows: int, num_experts: int, elem_bytes: int = 2) -> GemmConfig:
-    """The tile configuration for one GEMM of the expert FFN.
+def layout_for(num_tokens: int) -> str:
+    """moe_ffn's row layout for ``num_tokens`` tokens: "direct" up to DIRECT_MAX_TOKENS, else "sorted"."""
+    return "direct" if num_tokens <= DIRECT_MAX_TOKENS else "sorted"
+
+
+def pick(gemm: str, hidden: int, inter: int, rows: int, num_experts: int, elem_bytes: int = 2,
+         direct: bool = False) -> GemmConfig:
+    """The tile configuration for one GEMM of the expert FFN (``direct``: of moe_ffn's direct layout).
 
     The table is tuned for 2-byte elements; wider ones (fp32) take a proportionally shorter K step so
     that each pipeline stage keeps the same shared-memory footprint (fp32 with bf16 tiles overflows
     Hopper's 227 KiB).
     """
-    bucket = bucket_of(rows, num_experts)
+    bucket = "direct" if direct else bucket_of(rows, num_experts)
     config = TABLE.get((gemm, hidden, inter, bucket), DEFAULTS[(gemm, bucket)])
     if elem_bytes > 2:
         config = config._replace(block_k=max(16, config.block_k * 2 // elem_bytes))
