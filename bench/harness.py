@@ -19,8 +19,8 @@ there is no CPU graph, so ``graph=True`` times plain calls there.
 
 Nsight: the timed samples of every ``ctx.time`` run inside an NVTX range (pykernels.profiling,
 emitted only with ``PYKERNELS_NVTX=1``), named by ``name=`` as its record is named:
-``record_name(op, backend, shape)`` = ``"mla_decode/triton/b=64 q_len=1 h=16 s=4096"``, a peer as
-``"mla_decode/peer torch bmm+softmax/b=64 ..."``. Without a name it is ``"<suite>/<function>"``.
+``record_name(op, backend, shape)`` = ``"mla_decode triton b=64 q_len=1 h=16 s=4096"``, a peer as
+``"mla_decode peer torch bmm+softmax b=64 ..."``. Without a name it is ``"<suite> <function>"``.
 """
 from __future__ import annotations
 
@@ -358,11 +358,11 @@ class Context:
         """Median µs of one call of ``fn(i)``, i rotating over range(n_sets) (see the module doc).
 
         ``name``: the NVTX range of the timed samples, best ``record_name(op, backend, shape)`` of
-        the record the time goes to (default ``"<suite>/<function>"``). ``budget``: instead of the
+        the record the time goes to (default ``"<suite> <function>"``). ``budget``: instead of the
         run's (FULL, or QUICK with --quick)."""
         if n_sets < 1:
             raise ValueError(f"n_sets: expected >= 1, got {n_sets}")
-        name = name or f"{self.suite or 'bench'}/{getattr(fn, '__qualname__', type(fn).__name__)}"
+        name = name or f"{self.suite or 'bench'} {getattr(fn, '__qualname__', type(fn).__name__)}"
         budget = budget or self.budget
         if self.on_gpu:
             t = time_cuda(fn, n_sets, graph, budget, self.device, name=name)
@@ -525,8 +525,9 @@ class Context:
 
 
 def record_name(op: str, backend: str, shape: dict[str, Any]) -> str:
-    """``"op/backend/k=v k=v"``: how a record is named on a timeline (the NVTX range of its timing)."""
-    return f"{op}/{backend}/{_results.format_shape(shape)}"
+    """``"op backend k=v k=v"``: how a record is named on a timeline (the NVTX range of its timing). No "/":
+    Nsight Compute's ``--nvtx-include`` reads "/" as range nesting, so such a name could not be selected."""
+    return f"{op} {backend} {_results.format_shape(shape)}"
 
 
 def _nvml_index(device: torch.device) -> int:
