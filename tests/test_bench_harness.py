@@ -211,7 +211,7 @@ def test_time_runs_in_an_nvtx_range_named_after_the_record(ctx, monkeypatch):
     pushed.clear()
     with ctx.suite_run("toy"):
         ctx.time(ours)
-    assert pushed == ["toy/test_time_runs_in_an_nvtx_range_named_after_the_record.<locals>.ours", "<pop>"]
+    assert pushed == ["toy test_time_runs_in_an_nvtx_range_named_after_the_record.<locals>.ours", "<pop>"]
 
 
 def test_time_peer_reports_a_failing_peer_missing(ctx):
