@@ -2,6 +2,7 @@
 
     python -m bench [suite ...] [--quick] [--shapes b=64,s=4096 ...] [--json PATH]
     python -m bench table [--device SLUG]
+    python -m bench e2e [--preset lite] [--batch 1,32,64] ...   (bench/bench_e2e.py; --help)
     python -m bench --list
 
 With no suite named, every bench/bench_*.py suite runs (ceilings first). On a machine without a
@@ -149,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["table"]:
         return _table_main(argv[1:])
+    if argv[:1] == ["e2e"]:
+        from bench.bench_e2e import main as e2e_main
+
+        return e2e_main(argv[1:])
     args = _run_parser().parse_args(argv)
     args.suites = [s for arg in args.suites for s in arg.split(",") if s]   # "a,b" == "a b"
     suites, broken = discover()

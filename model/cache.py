@@ -9,6 +9,12 @@ and one block table.
 Bookkeeping (which blocks a sequence owns, lengths) lives on the host; ``append`` copies the block
 table and lengths to the device and returns the token positions and cache slots of the new tokens,
 so a model step never reads device values back.
+
+A CUDA-graph decode step (model/graphs.py) cannot ask the host for blocks: ``reserve`` hands a sequence
+all the blocks it will need up front, the step computes positions and slots on the device from
+``cache_seqlens``, ``block_table`` and ``capacity`` and advances ``cache_seqlens`` itself, and
+``decoded`` mirrors that advance in the host bookkeeping. ``release`` empties one sequence (its row
+then reads as batch padding: length 0, capacity 0).
 """
 from __future__ import annotations
 
@@ -78,6 +84,8 @@ class PagedLatentCache:
                               dtype=dtype, device=self.device)
         self.block_table = torch.zeros(batch_size, self.max_blocks_per_seq, dtype=torch.int32, device=self.device)
         self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=self.device)
+        # int32 [B]: tokens each sequence's blocks hold (len(blocks[b]) * block_size), for device-side steps
+        self.capacity = torch.zeros(batch_size, dtype=torch.int32, device=self.device)
         self.reset()
 
     def reset(self) -> None:
@@ -86,6 +94,8 @@ class PagedLatentCache:
         self.blocks: list[list[int]] = [[] for _ in range(self.batch_size)]
         self.free = deque(range(self.num_blocks))
         self.cache_seqlens.zero_()
+        self.capacity.zero_()
+        self.block_table.zero_()
 
     def layer(self, i: int) -> torch.Tensor:
         """Layer i's k_cache [num_blocks, block_size, 1, C + R] (a view)."""
@@ -121,13 +131,65 @@ class PagedLatentCache:
             slots.extend(self.blocks[b][p // bs] * bs + p % bs for p in range(old, new))
             self.lengths[b] = new
             starts.append(starts[-1] + n)
-        table = torch.zeros(self.batch_size, self.max_blocks_per_seq, dtype=torch.int32)
-        for b, blocks in enumerate(self.blocks):
-            table[b, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        self.block_table.copy_(table)
-        self.cache_seqlens.copy_(torch.tensor(self.lengths, dtype=torch.int32))
+        self._sync_device()
         return CacheStep(
             positions=torch.tensor(positions, dtype=torch.int64, device=self.device),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=self.device),
             starts=starts, lengths=list(self.lengths), block_table=self.block_table,
             cache_seqlens=self.cache_seqlens, block_size=bs)
+
+    # ---- device-side decode steps (model/graphs.py) ----------------------------------------------------
+
+    def reserve(self, row: int, length: int) -> None:
+        """Give sequence ``row`` blocks for ``length`` tokens now, so later steps need no host allocation."""
+        self._check_row(row)
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= self.max_seq_len:
+            raise ValueError(f"length: expected an integer in [0, max_seq_len {self.max_seq_len}], got {length!r}")
+        need = max(math.ceil(length / self.block_size) - len(self.blocks[row]), 0)
+        if need > len(self.free):
+            raise RuntimeError(f"cache full: sequence {row} needs {need} more blocks for {length} tokens, "
+                               f"{len(self.free)} are free (num_blocks {self.num_blocks})")
+        for _ in range(need):
+            self.blocks[row].append(self.free.popleft())
+        if need:
+            self._sync_device()
+
+    def room(self, row: int) -> int:
+        """Tokens sequence ``row`` can still take without new blocks."""
+        return len(self.blocks[row]) * self.block_size - self.lengths[row]
+
+    def decoded(self, rows: int, steps: int = 1) -> None:
+        """Mirror on the host what ``steps`` device-side decode steps over the first ``rows`` sequences did:
+        each non-empty sequence grew by one token a step. Raises (changing nothing) if one lacks the room,
+        which the caller must check before running the steps (a full sequence stops growing on the device)."""
+        if not 0 <= rows <= self.batch_size:
+            raise ValueError(f"rows: expected 0..{self.batch_size}, got {rows!r}")
+        full = [b for b in range(rows) if self.lengths[b] > 0 and self.room(b) < steps]
+        if full:
+            raise RuntimeError(f"sequences {full} have no room for {steps} more tokens: reserve() them first")
+        for b in range(rows):
+            if self.lengths[b] > 0:
+                self.lengths[b] += steps
+
+    def release(self, row: int) -> None:
+        """Empty sequence ``row`` and return its blocks; its row becomes padding (length 0, capacity 0)."""
+        self._check_row(row)
+        self.free.extend(self.blocks[row])
+        self.blocks[row] = []
+        self.lengths[row] = 0
+        self.block_table[row].zero_()
+        self.cache_seqlens[row] = 0
+        self.capacity[row] = 0
+
+    def _check_row(self, row: int) -> None:
+        if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < self.batch_size:
+            raise ValueError(f"row: expected a sequence index in [0, {self.batch_size}), got {row!r}")
+
+    def _sync_device(self) -> None:
+        """Copy the host's block lists, lengths and capacities to the device tensors."""
+        table = torch.zeros(self.batch_size, self.max_blocks_per_seq, dtype=torch.int32)
+        for b, blocks in enumerate(self.blocks):
+            table[b, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        self.block_table.copy_(table)
+        self.cache_seqlens.copy_(torch.tensor(self.lengths, dtype=torch.int32))
+        self.capacity.copy_(torch.tensor([len(b) * self.block_size for b in self.blocks], dtype=torch.int32))

@@ -2,14 +2,23 @@
 
 Shapes: T tokens (flattened batch), H heads, D hidden size, C kv_lora_rank (512), R qk_rope_head_dim (64),
 N qk_nope_head_dim (128), V v_head_dim (128), E routed experts, I moe_intermediate_size.
+
+Two kinds of glue around the pykernels ops. The reference glue (``fused=False``, the default) is plain torch
+written as the math reads. The fused glue (``fused=True``: the fast path of model/model.py) computes the
+same values with fewer kernels: ``F.rms_norm``, one GEMM for gate and up projections, residual adds folded
+into the GEMM that produces them (``addmm_``), W_UK/W_UV prepared once as contiguous per-head matrices, and
+prefill attention batched over sequences of equal shape on the fastest SDPA backend (model/attention.py).
 """
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import pykernels as pk
+from model import attention
 from model.cache import CacheStep
 from model.config import DeepseekV2Config
 
@@ -25,10 +34,25 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        if fused:  # one kernel on CUDA; the same math (float32 statistics)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+
+def derived(module: nn.Module, name: str, sources: Sequence[torch.Tensor],
+            make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """A tensor computed from parameters (``make()``), kept on ``module`` and computed again only when a
+    source was replaced or changed in place (its storage or version counter moved)."""
+    key = tuple((p.data_ptr(), p._version) for p in sources)
+    kept = module.__dict__.get(name)
+    if kept is None or kept[0] != key:
+        with torch.no_grad():
+            kept = (key, make())
+        module.__dict__[name] = kept
+    return kept[1]
 
 
 class MLP(nn.Module):
@@ -42,6 +66,29 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def gate_up(self) -> torch.Tensor:
+        """gate_proj.weight and up_proj.weight as one [2I, D] matrix: the allocation both are halves of after
+        ``fuse_storage`` (``DeepseekV2.materialize`` calls it), else a copy made once."""
+        g, u = self.gate_proj.weight, self.up_proj.weight
+        both = self.__dict__.get("_gate_up_storage")
+        if both is not None and g.data_ptr() == both.data_ptr() and u.data_ptr() == both[g.shape[0]:].data_ptr():
+            return both
+        return derived(self, "_gate_up", (g, u), lambda: torch.cat((g, u)))
+
+    def fuse_storage(self) -> None:
+        """Make gate_proj.weight and up_proj.weight the two halves of one allocation (values are not kept)."""
+        g = self.gate_proj.weight
+        both = torch.empty((2 * g.shape[0], g.shape[1]), dtype=g.dtype, device=g.device)
+        self.gate_proj.weight = nn.Parameter(both[: g.shape[0]], requires_grad=False)
+        self.up_proj.weight = nn.Parameter(both[g.shape[0]:], requires_grad=False)
+        self.__dict__["_gate_up_storage"] = both
+
+    def add_forward_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Fused glue: out += mlp(x), the down projection accumulating into ``out`` (x [T, D], out [T, D])."""
+        I = self.gate_proj.weight.shape[0]
+        h = F.linear(x, self.gate_up())  # [T, 2I]
+        return out.addmm_(F.silu(h[:, :I]) * h[:, I:], self.down_proj.weight.t())
 
 
 class MoE(nn.Module):
@@ -72,6 +119,20 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y
+
+    def add_forward_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Fused glue: out += moe(x) (x [T, D]); the shared experts' down projection accumulates into the
+        routed output."""
+        cfg = self.cfg
+        router_logits = F.linear(x.float(), self.gate.weight)  # [T, E] float32
+        topk_weights, topk_ids = pk.moe_route(
+            router_logits, cfg.num_experts_per_tok, method=cfg.topk_method, n_group=cfg.n_group,
+            topk_group=cfg.topk_group, routed_scaling_factor=cfg.routed_scaling_factor,
+            norm_topk_prob=cfg.norm_topk_prob, backend=self.backend)
+        y = pk.moe_ffn(x, self.w13, self.w2, topk_weights, topk_ids, backend=self.backend)  # [T, D]
+        if self.shared_experts is not None:
+            self.shared_experts.add_forward_to(y, x)
+        return out.add_(y)
 
 
 class MLA(nn.Module):
@@ -106,22 +167,33 @@ class MLA(nn.Module):
 
     # ---- pieces shared by both forms ------------------------------------------------------------------
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, D] -> q [T, H, N + R] (rope part not rotated), latent [T, C] (normalised), k_pe [T, R]."""
         cfg = self.cfg
         if cfg.q_lora_rank is None:
             q = self.q_proj(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x), fused))
         q = q.view(x.shape[0], self.n_heads, cfg.qk_head_dim)  # [T, H, N + R]
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
-        return q, self.kv_a_layernorm(latent), k_pe
+        return q, self.kv_a_layernorm(latent, fused), k_pe
 
     def w_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj.weight as W_UK [H, N, C] and W_UV [H, V, C]."""
         cfg = self.cfg
         w = self.kv_b_proj.weight.view(self.n_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
         return w[:, : cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim:]
+
+    def absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, N, C] and W_UV^T [H, C, V], contiguous: the right-hand sides of the absorbed form's two
+        batched products, prepared once (again only if kv_b_proj.weight changes)."""
+        w = self.kv_b_proj.weight
+
+        def make() -> tuple[torch.Tensor, torch.Tensor]:
+            w_uk, w_uv = self.w_uk_uv()
+            return w_uk.contiguous(), w_uv.transpose(1, 2).contiguous()
+
+        return derived(self, "_absorbed", (w,), make)
 
     # ---- naive form: decompress K/V ---------------------------------------------------------------------
 
@@ -157,15 +229,23 @@ class MLA(nn.Module):
     # ---- with the paged latent cache --------------------------------------------------------------------
 
     def prefill(self, x: torch.Tensor, step: CacheStep, k_cache: torch.Tensor, rope: pk.YarnRotary,
-                softmax_scale: float) -> torch.Tensor:
+                softmax_scale: float, fused: bool = False,
+                groups: list[attention.Group] | None = None) -> torch.Tensor:
         """Naive form over new tokens of several sequences, keys read back from the cache.
 
         x [T, D] (sequence b's new tokens are rows step.starts[b]:step.starts[b+1]) -> [T, D]. Writes the
-        new cache rows first, so a sequence's earlier context (chunked prefill) is seen as well.
+        new cache rows first, so a sequence's earlier context (chunked prefill) is seen as well. The
+        reference glue attends one sequence at a time; the fused glue attends each group of sequences
+        with the same (new tokens, length) in one call of ``attention.causal`` (``groups``: the step's
+        ``attention.plan``, made here when not given).
         """
-        q, latent, k_pe = self.project(x)
+        q, latent, k_pe = self.project(x, fused)
         pk.rope_and_cache(q, latent, k_pe, step.positions, rope, k_cache, step.slot_mapping,
                           backend=self.backend)  # q's rope part rotated in place
+        if fused:
+            out = self._attend_groups(q, step, k_cache, softmax_scale,
+                                      groups if groups is not None else attention.plan(step))
+            return self.o_proj(out.view(x.shape[0], -1))
         C = self.cfg.kv_lora_rank
         out = torch.empty(x.shape[0], self.n_heads, self.cfg.v_head_dim, dtype=x.dtype, device=x.device)
         for b, (lo, hi) in enumerate(zip(step.starts[:-1], step.starts[1:])):
@@ -174,6 +254,25 @@ class MLA(nn.Module):
             rows = step.context_rows(b, k_cache)  # [L, C + R]
             out[lo:hi] = self.attend_naive(q[None, lo:hi], rows[None, :, :C], rows[None, :, C:], softmax_scale)[0]
         return self.o_proj(out.view(x.shape[0], -1))
+
+    def _attend_groups(self, q: torch.Tensor, step: CacheStep, k_cache: torch.Tensor, softmax_scale: float,
+                       groups: list[attention.Group]) -> torch.Tensor:
+        """q [T, H, N + R] (rotated) -> out [T, H, V], one batched attention call per group."""
+        cfg = self.cfg
+        H, N, V, C = self.n_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        out = torch.empty(q.shape[0], H, V, dtype=q.dtype, device=q.device)
+        for g in groups:
+            G, S, L = g.size, g.new_tokens, g.length
+            rows = k_cache[g.block_ids].view(G, -1, k_cache.shape[-1])[:, :L]  # [G, L, C + R]
+            kv = self.kv_b_proj(rows[..., :C]).view(G, L, H, N + V)
+            k = torch.cat((kv[..., :N], rows[:, :, None, C:].expand(G, L, H, cfg.qk_rope_head_dim)), dim=-1)
+            q_g = q[g.lo:g.hi] if g.token_index is None else q[g.token_index]
+            o = attention.causal(q_g.view(G, S, H, -1), k, kv[..., N:], softmax_scale)  # [G, S, H, V]
+            if g.token_index is None:
+                out[g.lo:g.hi] = o.reshape(G * S, H, V)
+            else:
+                out[g.token_index] = o.reshape(G * S, H, V)
+        return out
 
     def decode(self, x: torch.Tensor, step: CacheStep, k_cache: torch.Tensor, rope: pk.YarnRotary,
                softmax_scale: float) -> torch.Tensor:
@@ -194,6 +293,28 @@ class MLA(nn.Module):
         out = torch.einsum("thc,hvc->thv", out_latent.reshape(T, self.n_heads, -1), w_uv)  # [T, H, V]
         return self.o_proj(out.reshape(T, -1))
 
+    def decode_fused(self, x: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                     block_table: torch.Tensor, cache_seqlens: torch.Tensor, k_cache: torch.Tensor,
+                     rope: pk.YarnRotary, softmax_scale: float) -> torch.Tensor:
+        """Absorbed form, one new token per sequence, fused glue: x [B, D] -> attention output [B, H * V]
+        before o_proj (the caller folds o_proj and the residual add into one ``addmm_``).
+
+        positions, slot_mapping int64 [B]; block_table int32 [B, M]; cache_seqlens int32 [B] (lengths
+        with the new token). Padding rows: slot -1 (nothing written) and length 0 (output 0).
+        """
+        cfg = self.cfg
+        B, H, N, C = x.shape[0], self.n_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank
+        q, latent, k_pe = self.project(x, fused=True)
+        w_uk, w_uv_t = self.absorbed()
+        q_latent = torch.bmm(q[..., :N].transpose(0, 1), w_uk)  # [H, B, C]
+        q_abs = torch.cat((q_latent.transpose(0, 1), q[..., N:]), dim=-1)  # [B, H, C + R]
+        pk.rope_and_cache(q_abs, latent, k_pe, positions, rope, k_cache, slot_mapping, backend=self.backend)
+        out_latent, _ = pk.mla_decode(
+            q_abs.view(B, 1, H, cfg.kv_cache_dim), k_cache, block_table, cache_seqlens, head_dim_v=C,
+            softmax_scale=softmax_scale, causal=True, backend=self.backend)  # [B, 1, H, C]
+        out = torch.bmm(out_latent.view(B, H, C).transpose(0, 1), w_uv_t)  # [H, B, V]
+        return out.transpose(0, 1).reshape(B, -1)
+
 
 class Block(nn.Module):
     """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x)); mlp is dense or MoE."""
@@ -208,3 +329,7 @@ class Block(nn.Module):
     def ffn(self, x: torch.Tensor) -> torch.Tensor:  # x [..., D]
         h = self.post_attention_layernorm(x)
         return x + self.mlp(h.reshape(-1, h.shape[-1])).view(x.shape)
+
+    def ffn_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, D] += mlp(norm(x)), in place (fused glue)."""
+        return self.mlp.add_forward_to(x, self.post_attention_layernorm(x, fused=True))

@@ -5,6 +5,11 @@
     m = DeepseekV2.random(cfg, seed=0)                                            # no checkpoint
     m = DeepseekV2(cfg, device="meta")                                            # shapes only, no memory
     logits = m(input_ids)                                                         # [B, S] -> [B, S, vocab]
+
+Two paths over the same weights. The reference path (``forward``, ``decode``, and ``prefill`` with
+``backend="torch"``) is plain torch glue around the pykernels ops, written as the math reads. The fast path
+(``prefill`` with any other backend, and ``decode_step``, which model/graphs.py captures in CUDA graphs)
+uses the fused glue of model/layers.py: the same values with fewer kernels.
 """
 from __future__ import annotations
 
@@ -17,7 +22,8 @@ from torch import nn
 import pykernels as pk
 from model.cache import PagedLatentCache
 from model.config import DeepseekV2Config
-from model.layers import Block, MoE, RMSNorm
+from model import attention
+from model.layers import MLP, Block, MoE, RMSNorm
 
 # Scale of the random initialisation of a [out, in] weight: std = in^-0.5 keeps activations O(1);
 # norm weights are 1 + NORM_JITTER * N(0, 1) so that tests see them.
@@ -93,6 +99,9 @@ class DeepseekV2(nn.Module):
                 want = torch.float32 if id(module) in gates else dtype
                 module._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=want, device=device),
                                                         requires_grad=False)
+        for module in self.modules():
+            if isinstance(module, MLP):
+                module.fuse_storage()  # gate and up weights in one allocation: one GEMM on the fast path
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self._rope = None
@@ -141,23 +150,42 @@ class DeepseekV2(nn.Module):
         return PagedLatentCache(self.cfg, batch_size, max_seq_len, dtype=self.dtype, device=self.device,
                                 **kwargs)
 
-    def prefill(self, prompts: Sequence[torch.Tensor | Sequence[int]], cache: PagedLatentCache) -> torch.Tensor:
-        """Append one prompt (>= 1 token) to each of the cache's sequences -> each one's last logits [B, vocab]."""
-        if len(prompts) != cache.batch_size:
-            raise ValueError(f"prompts: expected {cache.batch_size} prompts (the cache's batch size), "
-                             f"got {len(prompts)}")
+    @property
+    def fused(self) -> bool:
+        """Whether ``prefill`` uses the fused glue (every backend but the "torch" reference)."""
+        return self.backend != "torch"
+
+    def prefill(self, prompts: Sequence[torch.Tensor | Sequence[int]], cache: PagedLatentCache,
+                rows: Sequence[int] | None = None) -> torch.Tensor:
+        """Append one prompt (>= 1 token) to each of the cache's sequences, or to the sequences ``rows``
+        (one prompt each; the others are left alone) -> each prompt's last logits [len(prompts), vocab]."""
+        if rows is None:
+            if len(prompts) != cache.batch_size:
+                raise ValueError(f"prompts: expected {cache.batch_size} prompts (the cache's batch size), "
+                                 f"got {len(prompts)}")
+            rows = range(cache.batch_size)
+        rows = list(rows)
+        if len(rows) != len(prompts):
+            raise ValueError(f"rows: expected one row per prompt ({len(prompts)}), got {len(rows)}")
+        if len(set(rows)) != len(rows) or any(not 0 <= r < cache.batch_size for r in rows):
+            raise ValueError(f"rows: expected distinct sequence indices in [0, {cache.batch_size}), got {rows}")
         ids = [torch.as_tensor(p, dtype=torch.int64, device=self.device).flatten() for p in prompts]
         for b, p in enumerate(ids):
             if p.numel() == 0:
                 raise ValueError(f"prompts[{b}]: expected at least one token, got none")
-        step = cache.append([p.numel() for p in ids])
-        x = self.embed_tokens(torch.cat(ids))  # [T, D]
-        rope, scale = self.rope(), self.softmax_scale()
+        counts = [0] * cache.batch_size
+        for r, p in zip(rows, ids):
+            counts[r] = p.numel()
+        step = cache.append(counts)
+        x = self.embed_tokens(torch.cat([ids[rows.index(r)] for r in sorted(rows)]))  # [T, D], row order
+        rope, scale, fused = self.rope(), self.softmax_scale(), self.fused
+        groups = attention.plan(step) if fused else None
         for i, layer in enumerate(self.layers):
-            x = x + layer.self_attn.prefill(layer.input_layernorm(x), step, cache.layer(i), rope, scale)
-            x = layer.ffn(x)
-        last = torch.tensor(step.starts[1:], device=self.device) - 1  # [B]
-        return self.lm_head(self.norm(x[last]))
+            h = layer.input_layernorm(x, fused)
+            a = layer.self_attn.prefill(h, step, cache.layer(i), rope, scale, fused, groups)
+            x = layer.ffn_fused(x + a) if fused else layer.ffn(x + a)
+        last = torch.tensor([step.starts[r + 1] - 1 for r in rows], device=self.device)  # [len(rows)]
+        return self.lm_head(self.norm(x[last], fused))
 
     def decode(self, input_ids: torch.Tensor, cache: PagedLatentCache) -> torch.Tensor:
         """input_ids [B, q_len] appended to the cache's B sequences -> logits [B, q_len, vocab] (absorbed MLA)."""
@@ -171,3 +199,34 @@ class DeepseekV2(nn.Module):
             x = x + layer.self_attn.decode(layer.input_layernorm(x), step, cache.layer(i), rope, scale)
             x = layer.ffn(x)
         return self.lm_head(self.norm(x)).view(B, q_len, -1)
+
+    # ---- the fast decode step ---------------------------------------------------------------------------
+
+    def decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                    block_table: torch.Tensor, cache_seqlens: torch.Tensor, cache: PagedLatentCache) -> torch.Tensor:
+        """One new token for each of B sequences, fused glue, no host work that reads device values
+        (CUDA-graph capturable): input_ids int64 [B] -> logits [B, vocab].
+
+        positions, slot_mapping int64 [B]: the new tokens' positions and cache rows (-1: padding, not
+        written); block_table int32 [B, M] and cache_seqlens int32 [B] (lengths including the new token;
+        0 for padding) as ``pk.mla_decode`` takes them. The cache bookkeeping is the caller's (model/graphs.py).
+        """
+        rope, scale = self.rope(), self.softmax_scale()
+        x = self.embed_tokens(input_ids)  # [B, D]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            a = attn.decode_fused(layer.input_layernorm(x, fused=True), positions, slot_mapping, block_table,
+                                  cache_seqlens, cache.layer(i), rope, scale)  # [B, H * V]
+            x = x.addmm_(a, attn.o_proj.weight.t())  # x += o_proj(a)
+            x = layer.ffn_fused(x)
+        return self.lm_head(self.norm(x, fused=True))
+
+    def prepare_fast(self) -> None:
+        """Prepare the fast path's derived weights now (W_UK, W_UV^T per layer; gate+up where not fused at
+        materialize), so that neither a first step nor a CUDA-graph capture allocates them."""
+        for layer in self.layers:
+            layer.self_attn.absorbed()
+            mlps = [layer.mlp] if isinstance(layer.mlp, MLP) else [layer.mlp.shared_experts]
+            for mlp in mlps:
+                if mlp is not None:
+                    mlp.gate_up()

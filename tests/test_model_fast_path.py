@@ -1,0 +1,285 @@
+"""The fast path (fused glue, batched prefill attention, decode step on device-side bookkeeping, CUDA graphs,
+the engine's scheduler) against the reference path (backend="torch": plain glue, host bookkeeping).
+
+CPU: greedy tokens of the engine equal model.generate.greedy's on the tiny preset in float32 (32 new
+tokens), the decode runner's logits equal model.decode's with batch padding, continuous batching, the cache's
+reservation bookkeeping, prefill attention grouping and candidates. The Triton interpreter is not used here:
+a model-level run takes ~45 s for 4 tokens of the tiny preset; the ops' own tests cover it.
+GPU: the same token equality through CUDA graphs and Triton/CUDA ops, and Lite-sized bf16 logits over 64
+decode steps within BF16_STEP_REL_ERR of the reference.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from model import DeepseekV2, DeepseekV2Config, PagedLatentCache, attention
+from model.engine import Engine
+from model.generate import greedy
+from model.graphs import DecodeGraphs
+
+FP32_REL_ERR = 1e-5
+# Lite-sized bf16, fast path vs reference path (both bf16, different kernels and glue): relative L2 error of
+# each decode step's logits, and of all steps together; share of equal arg-max. The reference's routed
+# experts run in float32 and the fast path's in bf16 with float32 accumulation, so a near-tied routing
+# decision can flip for a token: hence a per-step bound looser than the overall one.
+BF16_REL_ERR = 3e-2
+BF16_STEP_REL_ERR = 8e-2
+BF16_ARGMAX_AGREE = 0.9
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def small_cfg(**overrides) -> DeepseekV2Config:
+    """3 layers (1 dense, 2 MoE), odd widths, q_lora_rank, group-limited gate, YaRN: fast on a CPU."""
+    kw = dict(vocab_size=101, hidden_size=48, intermediate_size=72, moe_intermediate_size=20, num_hidden_layers=3,
+              num_attention_heads=3, n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2,
+              routed_scaling_factor=2.0, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+              q_lora_rank=24, kv_lora_rank=40, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+              max_position_embeddings=1024,
+              rope_scaling={"type": "yarn", "factor": 8, "original_max_position_embeddings": 64, "beta_fast": 32,
+                            "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8})
+    kw.update(overrides)
+    return DeepseekV2Config(**kw)
+
+
+def random_prompts(cfg: DeepseekV2Config, lengths: list[int], seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+# ---- greedy tokens: engine (fast path) == greedy over model.decode (reference path) ---------------------
+
+def check_engine_tokens(device: str, new_tokens: int = 32) -> Engine:
+    cfg = DeepseekV2Config.from_preset("tiny")
+    ref = DeepseekV2.random(cfg, seed=0, device=device, backend="torch")
+    fast = DeepseekV2.random(cfg, seed=0, device=device)
+    prompts = random_prompts(cfg, [5, 70, 17], seed=1)  # one prompt longer than a block and than a chunk
+    want = greedy(ref, prompts, new_tokens).tokens
+    engine = Engine(fast, max_batch=4, max_seq_len=101, chunk_tokens=48)  # the 70-token prompt takes 2 chunks
+    got = engine.generate(prompts, new_tokens)
+    assert got.tokens == want
+    assert got.decode_steps == new_tokens - 1 and got.decode_tokens == 3 * (new_tokens - 1)
+    assert got.prompt_tokens == 92 and got.prefill_s > 0 and got.decode_s > 0
+    assert not any(engine.cache.lengths) and len(engine.cache.free) == engine.cache.num_blocks  # all released
+    return engine
+
+
+def test_engine_tokens_equal_reference_tiny_fp32():
+    check_engine_tokens("cpu")
+
+
+def test_continuous_batching_equals_reference():
+    """5 prompts through 2 rows: rows are released and refilled between decode bursts."""
+    cfg = small_cfg()
+    ref = DeepseekV2.random(cfg, seed=2, backend="torch")
+    fast = DeepseekV2.random(cfg, seed=2)
+    prompts = random_prompts(cfg, [3, 30, 7, 12, 1], seed=3)
+    want = greedy(ref, prompts, 6, block_size=16).tokens
+    engine = Engine(fast, max_batch=2, max_seq_len=40, block_size=16, chunk_tokens=10)
+    got = engine.generate(prompts, 6)
+    assert got.tokens == want
+    assert got.decode_tokens == 5 * 5
+    cut = engine.generate(prompts, 6, eos_token_id=want[1][2])
+    assert cut.tokens[1] == want[1][:3]
+    one = engine.generate(prompts[:2], 1)  # the first token comes from the prefill alone
+    assert one.tokens == [t[:1] for t in want[:2]] and one.decode_steps == 0
+
+
+# ---- the decode runner ----------------------------------------------------------------------------------
+
+def runner_vs_reference(cfg: DeepseekV2Config, dtype: torch.dtype, device: str, steps: int, seed: int
+                        ) -> tuple[list[float], float, float, DecodeGraphs]:
+    """Rows 0 and 2 hold sequences, row 1 is padding inside the batch and row 3 padding past it (bucket 4).
+
+    Teacher-forced: both paths get the same tokens. Returns the per-step relative errors of the live rows'
+    logits, the overall one, the share of equal arg-max, and the runner.
+    """
+    ref = DeepseekV2.random(cfg, seed=seed, dtype=dtype, device=device, backend="torch")
+    fast = DeepseekV2.random(cfg, seed=seed, dtype=dtype, device=device)
+    lengths = [37, 70]
+    g = torch.Generator().manual_seed(seed + 1)
+    seqs = [torch.randint(0, cfg.vocab_size, (n + steps,), generator=g) for n in lengths]
+    ref_cache = ref.new_cache(2, max(lengths) + steps, block_size=16)
+    ref_cache.kv.fill_(math.nan)
+    engine = Engine(fast, max_batch=4, max_seq_len=max(lengths) + steps, block_size=16, buckets=[4])
+    engine.cache.kv.fill_(math.nan)  # a row read before it is written poisons the logits
+    with torch.no_grad():
+        ref_last = ref.prefill([s[:n] for s, n in zip(seqs, lengths)], ref_cache)
+        engine.prefill([s[:n] for s, n in zip(seqs, lengths)], rows=[0, 2], room=steps)
+        errs, outs, refs = [], [], []
+        for t in range(steps):
+            ids = torch.stack([s[n + t] for s, n in zip(seqs, lengths)]).to(device)  # [2]
+            engine.runner.input_ids[torch.tensor([0, 2], device=device)] = ids
+            engine.runner.step(3)
+            out = engine.runner.logits(3)[[0, 2]].float()
+            want = ref.decode(ids[:, None], ref_cache)[:, 0].float()
+            errs.append(rel_err(out, want))
+            outs.append(out)
+            refs.append(want)
+    assert engine.cache.lengths == [lengths[0] + steps, 0, lengths[1] + steps, 0]
+    assert engine.cache.cache_seqlens.tolist() == engine.cache.lengths
+    out, want = torch.cat(outs), torch.cat(refs)
+    assert not out.isnan().any() and not ref_last.isnan().any()
+    agree = (out.argmax(-1) == want.argmax(-1)).float().mean().item()
+    return errs, rel_err(out, want), agree, engine.runner
+
+
+def test_runner_matches_reference_decode_with_padding():
+    errs, total, agree, runner = runner_vs_reference(small_cfg(), torch.float32, "cpu", steps=12, seed=4)
+    assert max(errs) <= FP32_REL_ERR and agree == 1.0
+    assert not runner.use_graphs
+
+
+def test_runner_errors():
+    cfg = small_cfg()
+    m = DeepseekV2.random(cfg, seed=5)
+    cache = m.new_cache(4, 32, block_size=16)
+    with pytest.raises(ValueError, match="buckets"):
+        DecodeGraphs(m, cache, buckets=[0, 2])
+    with pytest.raises(ValueError, match="buckets"):
+        DecodeGraphs(m, cache, buckets=[8])
+    with pytest.raises(ValueError, match="use_graphs"):
+        DecodeGraphs(m, cache, use_graphs=True)
+    runner = DecodeGraphs(m, cache, buckets=[2, 4])
+    assert runner.bucket(1) == 2 and runner.bucket(3) == 4
+    with pytest.raises(ValueError, match="n: expected at most 4"):
+        runner.step(5)
+    with pytest.raises(ValueError, match="n: expected a positive"):
+        runner.step(0)
+    with pytest.raises(RuntimeError, match="no step"):
+        runner.logits(1)
+    m.prefill([[1, 2, 3]], cache, rows=[1])  # row 1 holds 3 tokens in 1 block of 16
+    with pytest.raises(ValueError, match=r"rows \[1\] are not empty"):
+        runner.step(1)  # bucket 2 covers row 1, which is not padding
+    for _ in range(13):
+        runner.step(2)
+    assert cache.lengths[1] == 16
+    with pytest.raises(RuntimeError, match="no room"):
+        runner.step(2)  # the row's block is full and nothing more was reserved
+    assert cache.lengths[1] == 16 and cache.cache_seqlens[1].item() == 16
+
+
+# ---- the cache's device-side bookkeeping ----------------------------------------------------------------
+
+def test_cache_reserve_decoded_release():
+    cache = PagedLatentCache(small_cfg(), 3, 64, block_size=16, num_blocks=6, dtype=torch.float32)
+    cache.reserve(1, 40)  # 3 blocks
+    assert len(cache.blocks[1]) == 3 and cache.capacity.tolist() == [0, 48, 0]
+    assert cache.block_table[1, :3].tolist() == cache.blocks[1] and cache.lengths == [0, 0, 0]
+    cache.reserve(1, 20)  # already enough: nothing changes
+    assert len(cache.blocks[1]) == 3
+    step = cache.append([0, 5, 0])  # uses the reserved blocks
+    assert step.slot_mapping.tolist() == [cache.blocks[1][0] * 16 + i for i in range(5)]
+    assert cache.room(1) == 43
+    cache.decoded(3, 43)
+    assert cache.lengths == [0, 48, 0]
+    with pytest.raises(RuntimeError, match=r"sequences \[1\] have no room"):
+        cache.decoded(2, 1)
+    with pytest.raises(RuntimeError, match="cache full"):
+        cache.reserve(0, 64)  # 4 blocks, 3 free
+    with pytest.raises(ValueError, match="length"):
+        cache.reserve(0, 65)
+    with pytest.raises(ValueError, match="row"):
+        cache.reserve(3, 1)
+    cache.release(1)
+    assert cache.lengths == [0, 0, 0] and len(cache.free) == 6 and cache.blocks[1] == []
+    assert cache.capacity.tolist() == [0, 0, 0] and cache.block_table[1].tolist() == [0] * 4
+    cache.reserve(0, 64)
+    assert cache.capacity.tolist() == [64, 0, 0]
+
+
+# ---- prefill attention -----------------------------------------------------------------------------------
+
+def test_attention_plan_groups_by_shape():
+    cfg = small_cfg()
+    cache = PagedLatentCache(cfg, 5, 64, block_size=16, dtype=torch.float32)
+    cache.append([10, 0, 10, 3, 10])  # earlier context, then a step where sequence 2 adds nothing
+    step = cache.append([4, 4, 0, 4, 4])
+    groups = attention.plan(step)
+    shapes = [(g.size, g.new_tokens, g.length) for g in groups]
+    assert shapes == [(2, 4, 14), (1, 4, 4), (1, 4, 7)]
+    first = groups[0]  # sequences 0 and 4: tokens 0:4 and 12:16, not contiguous
+    assert first.token_index.tolist() == [0, 1, 2, 3, 12, 13, 14, 15]
+    assert first.block_ids.tolist() == [cache.blocks[0], cache.blocks[4]]
+    assert groups[1].token_index is None and (groups[1].lo, groups[1].hi) == (4, 8)
+
+
+@pytest.mark.parametrize("S, L", [(7, 7), (5, 19), (1, 33)])
+def test_attention_candidates_match_reference(S, L):
+    g = torch.Generator().manual_seed(S * L)
+    q, k, v = (torch.randn(3, n, 4, d, generator=g) for n, d in ((S, 24), (L, 24), (L, 12)))
+    ref = attention.reference(q, k, v, 0.3)
+    # the explicit oracle: query i sees keys 0 .. L - S + i
+    s = torch.einsum("gshd,glhd->ghsl", q, k) * 0.3
+    s = s.masked_fill(torch.ones(S, L, dtype=torch.bool).tril(L - S).logical_not(), -math.inf)
+    assert rel_err(ref, torch.einsum("ghsl,glhd->gshd", s.softmax(-1), v)) <= 1e-6
+    for name in ("default", "math"):
+        assert rel_err(attention.run(name, q, k, v, 0.3), ref) <= 1e-6, name
+    assert attention.choose(torch.device("cpu"), torch.float32, 4, 24, 12) == "default"
+    with pytest.raises(ValueError, match="name"):
+        attention.run("nope", q, k, v, 0.3)
+
+
+def test_fused_prefill_matches_reference_prefill():
+    """Chunked prefill of sequences with mixed shapes: grouped attention and fused glue == reference."""
+    cfg = small_cfg()
+    ref = DeepseekV2.random(cfg, seed=6, backend="torch")
+    fast = DeepseekV2.random(cfg, seed=6)
+    prompts = random_prompts(cfg, [9, 9, 20, 9, 31], seed=7)
+    caches = [m.new_cache(5, 64, block_size=16) for m in (ref, fast)]
+    with torch.no_grad():
+        outs = [m.prefill([p[:5] for p in prompts], c) for m, c in zip((ref, fast), caches)]
+        outs += [m.prefill([p[5:] for p in prompts[1:]], c, rows=[1, 2, 3, 4]) for m, c in zip((ref, fast), caches)]
+    assert rel_err(outs[1], outs[0]) <= FP32_REL_ERR and rel_err(outs[3], outs[2]) <= FP32_REL_ERR
+    assert rel_err(caches[1].kv, caches[0].kv) <= FP32_REL_ERR
+    with pytest.raises(ValueError, match="rows: expected distinct"):
+        fast.prefill([[1], [2]], caches[1], rows=[0, 0])
+
+
+# ---- weights prepared for the fast path ------------------------------------------------------------------
+
+def test_prepared_weights():
+    cfg = small_cfg()
+    m = DeepseekV2.random(cfg, seed=8)
+    dense = m.layers[0].mlp
+    both = dense.gate_up()
+    assert both.data_ptr() == dense.gate_proj.weight.data_ptr()  # a view: no copy was made
+    assert torch.equal(both, torch.cat((dense.gate_proj.weight, dense.up_proj.weight)))
+    attn = m.layers[1].self_attn
+    w_uk, w_uv_t = attn.absorbed()
+    ref_uk, ref_uv = attn.w_uk_uv()
+    assert w_uk.is_contiguous() and w_uv_t.is_contiguous()
+    assert torch.equal(w_uk, ref_uk) and torch.equal(w_uv_t, ref_uv.transpose(1, 2))
+    assert attn.absorbed()[0] is w_uk  # kept
+    with torch.no_grad():
+        attn.kv_b_proj.weight.mul_(2)
+    assert torch.equal(attn.absorbed()[0], attn.w_uk_uv()[0])  # prepared again after an in-place change
+    assert not torch.equal(attn.absorbed()[0], w_uk)
+    shared = m.layers[1].mlp.shared_experts
+    shared.gate_proj.weight = torch.nn.Parameter(shared.gate_proj.weight.clone(), requires_grad=False)
+    assert torch.equal(shared.gate_up(), torch.cat((shared.gate_proj.weight, shared.up_proj.weight)))
+
+
+# ---- GPU ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_gpu_engine_tokens_equal_reference_tiny_fp32():
+    engine = check_engine_tokens("cuda")
+    assert engine.runner.use_graphs and engine.runner._graphs  # the decode ran in CUDA graphs
+
+
+@pytest.mark.gpu
+def test_gpu_lite_bf16_logits_over_64_steps():
+    """Lite widths (hidden 2048, 16 heads, 64 experts, vocab 102400), first 4 layers, random bf16 weights."""
+    cfg = dataclasses.replace(DeepseekV2Config.from_preset("lite"), num_hidden_layers=4)
+    errs, total, agree, runner = runner_vs_reference(cfg, torch.bfloat16, "cuda", steps=64, seed=9)
+    print(f"lite bf16 fast vs reference over 64 steps: overall {total:.2e}, worst step {max(errs):.2e}, "
+          f"argmax agreement {agree:.3f}")
+    assert runner.use_graphs and list(runner._graphs) == [4]
+    assert total <= BF16_REL_ERR and max(errs) <= BF16_STEP_REL_ERR and agree >= BF16_ARGMAX_AGREE
