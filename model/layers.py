@@ -306,14 +306,18 @@ class MLA(nn.Module):
         B, H, N, C = x.shape[0], self.n_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank
         q, latent, k_pe = self.project(x, fused=True)
         w_uk, w_uv_t = self.absorbed()
-        q_latent = torch.bmm(q[..., :N].transpose(0, 1), w_uk)  # [H, B, C]
-        q_abs = torch.cat((q_latent.transpose(0, 1), q[..., N:]), dim=-1)  # [B, H, C + R]
+        # NOTES: the products write straight into [B, H, ...] buffers through transposed views (strided
+        # batched GEMM output), so no copy rearranges heads and tokens.
+        q_abs = torch.empty(B, H, cfg.kv_cache_dim, dtype=x.dtype, device=x.device)  # [B, H, C + R]
+        torch.bmm(q[..., :N].transpose(0, 1), w_uk, out=q_abs[..., :C].transpose(0, 1))  # [H, B, C]
+        q_abs[..., C:] = q[..., N:]
         pk.rope_and_cache(q_abs, latent, k_pe, positions, rope, k_cache, slot_mapping, backend=self.backend)
         out_latent, _ = pk.mla_decode(
             q_abs.view(B, 1, H, cfg.kv_cache_dim), k_cache, block_table, cache_seqlens, head_dim_v=C,
             softmax_scale=softmax_scale, causal=True, backend=self.backend)  # [B, 1, H, C]
-        out = torch.bmm(out_latent.view(B, H, C).transpose(0, 1), w_uv_t)  # [H, B, V]
-        return out.transpose(0, 1).reshape(B, -1)
+        out = torch.empty(B, H, cfg.v_head_dim, dtype=x.dtype, device=x.device)  # [B, H, V]
+        torch.bmm(out_latent.view(B, H, C).transpose(0, 1), w_uv_t, out=out.transpose(0, 1))  # [H, B, V]
+        return out.view(B, -1)
 
 
 class Block(nn.Module):

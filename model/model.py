@@ -72,6 +72,7 @@ class DeepseekV2(nn.Module):
                     p.copy_(r)
                 else:
                     p.copy_(r * p.shape[-1] ** -0.5)
+        m.prepare_fast()
         return m
 
     @classmethod
@@ -85,6 +86,7 @@ class DeepseekV2(nn.Module):
         m = cls(cfg, backend=backend, device="meta")
         m.materialize(dtype, device)
         load_checkpoint(m, path)
+        m.prepare_fast()
         return m
 
     def materialize(self, dtype: torch.dtype, device: str | torch.device) -> None:
@@ -222,8 +224,9 @@ class DeepseekV2(nn.Module):
         return self.lm_head(self.norm(x, fused=True))
 
     def prepare_fast(self) -> None:
-        """Prepare the fast path's derived weights now (W_UK, W_UV^T per layer; gate+up where not fused at
-        materialize), so that neither a first step nor a CUDA-graph capture allocates them."""
+        """Prepare the fast path's derived weights (W_UK, W_UV^T per layer; gate+up where not fused at
+        materialize): ``random`` and ``from_pretrained`` call it once, so neither a first step nor a CUDA-graph
+        capture allocates them; after weights change in place, the next call prepares them again."""
         for layer in self.layers:
             layer.self_attn.absorbed()
             mlps = [layer.mlp] if isinstance(layer.mlp, MLP) else [layer.mlp.shared_experts]

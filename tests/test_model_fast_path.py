@@ -26,9 +26,11 @@ FP32_REL_ERR = 1e-5
 # each decode step's logits, and of all steps together; share of equal arg-max. The reference's routed
 # experts run in float32 and the fast path's in bf16 with float32 accumulation, so a near-tied routing
 # decision can flip for a token: hence a per-step bound looser than the overall one.
-BF16_REL_ERR = 3e-2
-BF16_STEP_REL_ERR = 8e-2
-BF16_ARGMAX_AGREE = 0.9
+# Set from the error budget (each bf16 rounding ~4e-3 relative, a handful per layer, a flipped expert moving a
+# token's MoE output by a few %), not yet from an H200 run: the test prints what it measures.
+BF16_REL_ERR = 4e-2
+BF16_STEP_REL_ERR = 1e-1
+BF16_ARGMAX_AGREE = 0.8
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -1,0 +1,93 @@
+"""bench/bench_e2e.py on the CPU: the records it makes, the context fill, the transformers peer's config,
+and the command line (``python -m bench e2e``)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from bench import bench_e2e
+from bench.__main__ import main as bench_main
+from bench.harness import Context
+from model import DeepseekV2, DeepseekV2Config, PagedLatentCache
+
+
+def small_run(peer: bool) -> list[dict]:
+    ctx = Context(quick=True, results_dir=None, echo=False)
+    args = bench_e2e.E2EArgs(preset="tiny", batches=(2,), prompt_len=6, context=20, new_tokens=3,
+                             peer_new_tokens=2, layers=2, peer=peer, prefill_bar=False)
+    with ctx.suite_run(bench_e2e.SUITE):
+        bench_e2e.run_e2e(ctx, args)
+    return ctx.suite_records(bench_e2e.SUITE)
+
+
+def test_records_with_peer():
+    recs = small_run(peer=True)
+    ours = {r["op"]: r for r in recs if r["backend"] == "pykernels"}
+    peers = {r["op"]: r for r in recs if r["backend"] == "transformers"}
+    assert set(ours) == set(peers) == {"model.prefill", "model.decode"}
+    assert ours["model.prefill"]["shape"] == {"preset": "tiny", "batch": 2, "context": 6, "layers": 2}
+    assert ours["model.decode"]["shape"] == {"preset": "tiny", "batch": 2, "context": 20, "layers": 2}
+    for op, r in ours.items():
+        assert r["extra"]["tokens_per_s"] > 0 and 0 < r["extra"]["frac_bound"] < 1
+        assert r["peer"]["name"] == bench_e2e.PEER_NAME and r["peer"]["time_us"] == peers[op]["time_us"]
+        assert r["nvml"] == {"available": False, "reason": "CPU run"}
+    d = ours["model.decode"]
+    assert d["extra"]["steps"] == 2 and d["extra"]["bound"] == "bytes"
+    assert math.isclose(d["extra"]["tokens_per_s"], 2 / (d["time_us"] * 1e-6), rel_tol=1e-2)
+    # the bound: bytes of one step over the copy ceiling, divided by the step time
+    assert math.isclose(d["extra"]["frac_bound"], d["frac_copy_bw"], rel_tol=1e-2)
+    p = ours["model.prefill"]
+    assert math.isclose(p["extra"]["frac_bound"], p["frac_mm_rate"], rel_tol=1e-2)
+    assert p["extra"]["attention"] == "default"
+
+
+def test_missing_peer_is_reported():
+    recs = small_run(peer=False)
+    assert {r["backend"] for r in recs} == {"pykernels"}
+    for r in recs:
+        assert r["peer"]["missing"] and "disabled" in r["peer"]["reason"]
+
+
+def test_fill_context_appends_random_rows():
+    cfg = dataclasses.replace(DeepseekV2Config.from_preset("tiny"), num_hidden_layers=2)
+    cache = PagedLatentCache(cfg, 2, 48, block_size=16, dtype=torch.float32)
+    cache.append([5, 9])
+    cache.kv.fill_(math.nan)
+    bench_e2e.fill_context(cache, 30)
+    assert cache.lengths == [35, 39] and cache.cache_seqlens.tolist() == [35, 39]
+    for b, (lo, hi) in enumerate([(5, 35), (9, 39)]):
+        slots = [cache.blocks[b][p // 16] * 16 + p % 16 for p in range(lo, hi)]
+        rows = cache.kv.view(2, -1, cfg.kv_cache_dim)[:, slots]
+        assert not rows.isnan().any() and 0.8 < rows.std().item() < 1.2
+        assert cache.kv.view(2, -1, cfg.kv_cache_dim)[:, [cache.blocks[b][0] * 16]].isnan().all()  # prompt rows
+
+
+def test_hf_config_matches_ours():
+    from transformers import DeepseekV2ForCausalLM
+
+    cfg = dataclasses.replace(DeepseekV2Config.from_preset("tiny"), num_hidden_layers=2)
+    hf_cfg = bench_e2e.hf_config(cfg)
+    hf = DeepseekV2ForCausalLM(hf_cfg)
+    ours = DeepseekV2(cfg, device="meta")
+    assert sum(p.numel() for p in hf.parameters()) == ours.num_parameters()
+    assert hf_cfg.rope_parameters["rope_type"] == "yarn" and hf_cfg.rope_parameters["factor"] == 4
+    bench_e2e.randomize(hf)
+    assert all(torch.isfinite(p).all() for p in hf.parameters())
+
+
+def test_command_line(tmp_path, capsys):
+    out = tmp_path / "e2e.json"
+    rc = bench_main(["e2e", "--batch", "1", "--prompt-len", "4", "--context", "9", "--new-tokens", "2", "--layers",
+                     "1", "--no-peer", "--no-write", "--json", str(out)])
+    assert rc == 0
+    recs = json.loads(out.read_text())
+    assert {(r["op"], r["shape"]["batch"], r["shape"]["context"]) for r in recs} == {
+        ("model.prefill", 1, 4), ("model.decode", 1, 9)}
+    assert "decode at context 9" in capsys.readouterr().out
+    assert bench_main(["e2e", "--context", "3", "--prompt-len", "4", "--no-write"]) == 2
+    with pytest.raises(SystemExit):
+        bench_main(["e2e", "--batch", "1,x"])
