@@ -107,9 +107,9 @@ class DecodeGraphs:
         """Capture the graphs of ``buckets`` (default: all) now rather than at their first step."""
         if not self.use_graphs:
             return
-        for b in sorted(buckets or self.buckets, reverse=True):  # largest first: the pool fits the rest
-            if b not in self._graphs:
-                self._capture(self.bucket(b))
+        for b in sorted({self.bucket(n) for n in (buckets or self.buckets)}, reverse=True):
+            if b not in self._graphs:  # largest first: the shared pool then fits the smaller ones
+                self._capture(b)
 
     # ---- the step ------------------------------------------------------------------------------------------
 
@@ -145,7 +145,8 @@ class DecodeGraphs:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: the NVML sampler's thread (bench) may run while this thread captures
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             outputs = self._body(b)
         self._graphs[b] = graph
         self._outputs[b] = outputs
