@@ -94,9 +94,9 @@ def candidates(gemm: str, bucket: str):
             "gate_up": [C(16, 32, 128, 1, 4, 4, True), C(16, 64, 128, 1, 4, 4, True), C(16, 16, 256, 1, 4, 4, True),
                         C(16, 32, 256, 1, 4, 3, True), C(16, 64, 64, 1, 4, 6, True), C(16, 32, 128, 1, 2, 5, True),
                         C(16, 32, 128, 1, 4, 4), C(16, 64, 128, 1, 4, 4), C(16, 32, 256, 1, 4, 4, False, True)],
-            "down": [C(16, 16, 256, 1, 4, 4), C(16, 16, 512, 1, 4, 3), C(16, 32, 256, 1, 4, 4),
-                     C(16, 16, 128, 1, 4, 6), C(16, 16, 256, 1, 2, 5), C(16, 16, 256, 1, 4, 4, True),
-                     C(16, 32, 128, 1, 4, 5, True), C(16, 16, 512, 1, 4, 3, True)],
+            "down": [C(16, 16, 256, 1, 4, 4), C(16, 16, 512, 1, 4, 4), C(16, 32, 256, 1, 4, 4),
+                     C(16, 16, 128, 1, 4, 8), C(16, 16, 256, 1, 2, 6), C(16, 16, 256, 1, 4, 6, True),
+                     C(16, 32, 128, 1, 4, 6, True), C(16, 16, 512, 1, 4, 4, True)],
         }[gemm]
     elif bucket == "small":
         extra = [C(16, 64, 128, 1, 4, 4), C(32, 32, 256, 1, 4, 4), C(64, 64, 128, 1, 4, 3), C(16, 32, 256, 1, 4, 4),
@@ -399,7 +399,7 @@ def compile_report(out_path: str) -> int:
     aligned = {"x_ptr", "w13_ptr", "h_ptr", "map_ptr", "pair_ptr", "w2_ptr", "out_ptr", "y_ptr", "ids_ptr",
                "weights_ptr", "hidden", "inter", "stride_xm", "stride_we", "stride_wn", "stride_hm", "stride_om",
                "stride_ym", "up_shift"}
-    ints = ("num_rows", "num_pairs", "hidden", "inter", "num_experts", "top_k", "stride_xm", "stride_wn",
+    ints = ("num_rows", "num_pairs", "num_tokens", "hidden", "inter", "num_experts", "top_k", "stride_xm", "stride_wn",
             "stride_hm", "stride_om", "stride_ym", "up_shift", "num_m_tiles")
     variants = []  # (name, kernel, rows, config)
     for b in ("decode", "small", "medium", "large"):
@@ -464,10 +464,58 @@ def compile_report(out_path: str) -> int:
               + (f"shared {entry['shared']:6d}  registers {entry['registers']:3d}  stack {entry['stack']}"
                  f"  local {entry['local']}  pipelined operands {entry['pipelined_buffers']}" if "local" in entry
                  else entry.get("error", "")) + ("" if entry["ok"] else "   <-- NOT OK"), flush=True)
+    routes = _compile_route_kernels(cuobjdump)
+    bad += sum(not r["ok"] for r in routes)
     with open(out_path, "w") as f:
-        json.dump({"triton": triton.__version__, "target": "sm_90a", "configs": rows}, f, indent=1)
-    print(f"{len(rows)} kernels, {bad} not ok; wrote {out_path}")
+        json.dump({"triton": triton.__version__, "target": "sm_90a", "configs": rows, "moe_route": routes}, f, indent=1)
+    print(f"{len(rows) + len(routes)} kernels, {bad} not ok; wrote {out_path}")
     return 1 if bad else 0
+
+
+def _compile_route_kernels(cuobjdump: str) -> list[dict]:
+    """The routing kernel at the bar's shapes (float32 logits, top-6): registers, spills and shared memory
+    (one-warp programs need none for their reductions; only the final store's layout change uses some)."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from pykernels.triton import moe_route as route
+
+    kernel = route._moe_route_kernel
+    out = []
+    for T, E, n_group, topk_group in [(64, 64, 1, 1), (8192, 64, 1, 1), (64, 160, 8, 3), (8192, 160, 8, 3)]:
+        block_t, block_g, block_s = route.launch_shape(T, E, n_group)
+        consts = dict(NUM_EXPERTS=E, GROUP_SIZE=E // n_group, TOP_K=TOP_K, N_GROUP=n_group, TOPK_GROUP=topk_group,
+                      NORM=False, BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_S=block_s, BLOCK_K=8)
+        sig = {n: "constexpr" for n in consts}
+        sig.update(logits_ptr="*fp32", weights_ptr="*fp32", ids_ptr="*i32", num_tokens="i32", stride_t="i32",
+                   scale="fp32")
+        attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]]
+                 for n in ("logits_ptr", "weights_ptr", "ids_ptr", "stride_t")}
+        entry = {"T": T, "E": E, "n_group": n_group, "block_t": block_t}
+        try:
+            compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
+                                      target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1))
+            with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+                f.write(compiled.asm["cubin"])
+            usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+            os.unlink(f.name)
+            fields = dict(item.split(":", 1) for line in usage.splitlines() if "REG:" in line for item in line.split())
+            entry.update(shared=compiled.metadata.shared, registers=int(fields["REG"]), stack=int(fields["STACK"]),
+                         local=int(fields["LOCAL"]))
+            entry["ok"] = entry["stack"] == 0 and entry["local"] == 0
+        except Exception as e:  # noqa: BLE001 - reported per shape
+            entry.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+        out.append(entry)
+        print(f"moe_route  T={T:<5} E={E:<4} rows/program {block_t}: "
+              + (f"shared {entry['shared']:6d}  registers {entry['registers']:3d}  stack {entry['stack']}"
+                 f"  local {entry['local']}" if "local" in entry else entry.get("error", ""))
+              + ("" if entry["ok"] else "   <-- NOT OK"), flush=True)
+    return out
 
 
 def _summarise(report, scores) -> None:

@@ -6,9 +6,9 @@
 "direct" (decode, one token: its top_k routes are distinct experts) -- 2 launches, no permutation::
 
     h[p]   = w[p] * silu(x[t] @ gate_e.T) * (x[t] @ up_e.T)     _gate_up_kernel, ROWS="route": one program
-                                                                 per (route p = t * top_k + k, I tile)
+                                                                 per (I tile, route p = t * top_k + k)
     y[t]   = sum_k h[t*top_k + k] @ w2[e_k].T                    _down_route_kernel: one program per
-                                                                 (token, H tile), one fp32 accumulator over
+                                                                 (H tile, token), one fp32 accumulator over
                                                                  the k routes in order
 
 "sorted" (the unpadded layout of moe_permute.permute) -- 3 launches up to ``moe_permute.CHUNK`` routes
@@ -120,7 +120,7 @@ def _gate_up_kernel(
     stride_wn,
     stride_hm,
     up_shift,  # I * stride_wn: from a gate row to the up row of the same column
-    num_m_tiles,  # M tiles launched (an upper bound of the real ones; N for "route")
+    num_m_tiles,  # M tiles launched (an upper bound of the real ones; "route": N, one per route)
     ROWS: tl.constexpr,  # "sorted" | "gather" | "padded" | "route" (see the module docstring)
     PAD: tl.constexpr,  # "padded": rows per block of the padded layout (a multiple of BLOCK_M)
     EVEN_K: tl.constexpr,  # H % BLOCK_K == 0: no mask along the reduction
@@ -135,11 +135,11 @@ def _gate_up_kernel(
 ):
     m = tl.arange(0, BLOCK_M)  # [BM]
     if ROWS == "route":
-        # Route-major: the programs of one route are consecutive; every row of the A tile is the route's
-        # token (one load, broadcast), only row 0 is stored.
-        num_n_tiles = tl.cdiv(inter, BLOCK_N)
-        route = tl.program_id(0) // num_n_tiles
-        pid_n = tl.program_id(0) % num_n_tiles
+        # One route per program, N-tile-major order: the routes of one N tile are consecutive, so routes
+        # that share an expert (several tokens) read the same weight tile at about the same time (from the
+        # L2 after the first). Every row of the A tile is the route's token; only row 0 is stored.
+        route = tl.program_id(0) % num_m_tiles
+        pid_n = tl.program_id(0) // num_m_tiles
         e_raw = tl.load(map_ptr + route)
         expert = tl.where((e_raw >= 0) & (e_raw < num_experts), e_raw, 0).to(tl.int32)
         rows = route + 0 * m  # [BM] rows of h
@@ -269,9 +269,7 @@ def _down_kernel(
         expert = tl.load(map_ptr + pid_m * BLOCK_M // PAD)
         if expert >= num_experts:
             return
-        rows = pid_m * BLOCK_M + m  # [BM] padded sorted rows
-        route = tl.load(pair_ptr + rows)
-        row_ok = route < num_pairs
+        rows = pid_m * BLOCK_M + m  # [BM] padded sorted rows (padding rows: never stored)
     else:
         expert, row_begin, row_end = _expert_tile(map_ptr, num_experts, num_rows, pid_m, BLOCK_M, BLOCK_E)
         if expert >= num_experts:
@@ -279,10 +277,6 @@ def _down_kernel(
         rows = row_begin + m  # [BM] sorted rows
         row_ok = rows < row_end
         rows = tl.where(row_ok, rows, 0)
-        if ROWS == "gather":
-            route = tl.load(pair_ptr + rows, mask=row_ok, other=0)  # [BM] route of each row
-        else:
-            route = rows
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] H-columns
     cols_ld = cols % hidden
     ks = tl.arange(0, BLOCK_K)
@@ -314,9 +308,15 @@ def _down_kernel(
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
 
+    # The routes are read after the loop (fewer registers held across it).
     if ROWS == "sorted":
         dest = rows
     else:
+        if ROWS == "padded":
+            route = tl.load(pair_ptr + rows)  # [BM]; N in padding rows
+            row_ok = route < num_pairs
+        else:
+            route = tl.load(pair_ptr + rows, mask=row_ok, other=0)  # [BM] route of each row
         dest = tl.where(row_ok, route, 0)
         w = tl.load(weights_ptr + dest, mask=row_ok, other=0.0).to(tl.float32)
         acc = acc * w[:, None]
@@ -331,6 +331,7 @@ def _down_route_kernel(
     w2_desc,  # TMA descriptor of w2 viewed as [E * H, I], blocks [BLOCK_N, BLOCK_K] (USE_TMA only)
     y_ptr,  # [T, H] out, x's dtype
     ids_ptr,  # [N] expert id per route (topk_ids flattened, int32 or int64)
+    num_tokens,  # T
     hidden,  # H (output columns)
     inter,  # I (reduction)
     num_experts,
@@ -348,10 +349,10 @@ def _down_route_kernel(
     USE_TMA: tl.constexpr,  # weight tiles through the TMA descriptor instead of pointer loads
 ):
     """y[t, cols] = sum over the token's routes k (in order) and the k steps of h[t*TOP_K + k] . w2[e_k]:
-    one loop of TOP_K * cdiv(I, BLOCK_K) steps, so the pipeline never drains between experts."""
-    num_n_tiles = tl.cdiv(hidden, BLOCK_N)
-    t = tl.program_id(0) // num_n_tiles
-    pid_n = tl.program_id(0) % num_n_tiles
+    one loop of TOP_K * cdiv(I, BLOCK_K) steps, so the pipeline never drains between experts. N-tile-major
+    order: the tokens of one N tile run side by side (an expert they share is read at about the same time)."""
+    t = tl.program_id(0) % num_tokens
+    pid_n = tl.program_id(0) // num_tokens
     r = tl.arange(0, BLOCK_R)
     e_raw = tl.load(ids_ptr + t * TOP_K + r, mask=r < TOP_K, other=-1)
     experts = tl.where((e_raw >= 0) & (e_raw < num_experts), e_raw, -1).to(tl.int32)  # [BR]; -1: skipped route
@@ -477,7 +478,7 @@ def _down_route(h, w2, ids, y, top_k: int, cfg: GemmConfig) -> None:
     w2_desc = TensorDescriptor.from_tensor(w2.view(-1, inter), [cfg.block_n, cfg.block_k]) if use_tma else w2
     grid = (y.shape[0] * triton.cdiv(hidden, cfg.block_n),)
     _down_route_kernel[grid](
-        h, w2, w2_desc, y, ids, hidden, inter, num_experts,
+        h, w2, w2_desc, y, ids, y.shape[0], hidden, inter, num_experts,
         h.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
         TOP_K=top_k, BLOCK_R=triton.next_power_of_2(top_k), EVEN_K=inter % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_PRECISION=_precision(h.dtype),

@@ -51,9 +51,10 @@ DEFAULTS: dict[tuple[str, str], GemmConfig] = {
     ("down", "medium"): GemmConfig(64, 128, 64, 8, 4, 4),
     ("down", "large"): GemmConfig(128, 128, 64, 8, 8, 4),
     # Direct layout, M = one row: thin N tiles so that top_k x cdiv(I, BLOCK_N) gate_up programs and
-    # cdiv(H, BLOCK_N) down programs fill the SMs (Lite: 264 and 128), each streaming its slab of weights.
+    # cdiv(H, BLOCK_N) down programs fill the SMs (Lite: 264 and 128, all resident at once), each streaming
+    # its slab of weights; stages deep enough for ~40 KB of weights in flight per SM.
     ("gate_up", "direct"): GemmConfig(16, 32, 128, 1, 4, 4, True),
-    ("down", "direct"): GemmConfig(16, 16, 256, 1, 4, 4),
+    ("down", "direct"): GemmConfig(16, 16, 256, 1, 4, 6),
 }
 
 # Measured winners per shape: (gemm, H, I, bucket) -> config. Lite: H 2048, I 1408; 236B: H 5120, I 1536;

@@ -84,7 +84,7 @@ def _moe_route_kernel(
         gid = tl.arange(0, BLOCK_G)[None, :]  # [1, BG]
         gkey = (_order_bits(gmax).to(tl.int64) << 32) | (-gid + LOW_ID_BASE).to(tl.int64)
         gkey = tl.where(gid < N_GROUP, gkey, INT64_MIN)
-        kept = gkey != gkey  # [BT, BG] all False
+        kept = tl.zeros((BLOCK_T, BLOCK_G), dtype=tl.int1)  # [BT, BG] groups kept so far
         for _ in tl.static_range(TOPK_GROUP):
             best = tl.max(gkey, axis=1)  # [BT]
             won = gkey == best[:, None]
