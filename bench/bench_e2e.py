@@ -37,7 +37,7 @@ import dataclasses
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,23 +148,21 @@ def run_e2e(ctx: Context, args: E2EArgs) -> None:
             continue
         prompts = torch.randint(0, cfg.vocab_size, (batch, prompt_len),
                                 generator=torch.Generator().manual_seed(batch))
-        try:
-            peer_times = peer.time(prompts, args.peer_new_tokens if decode else None)
-        except Exception as e:  # noqa: BLE001 - the peer is reported missing, the run goes on
-            if ctx.on_gpu:
-                torch.cuda.empty_cache()
-            peer_times = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-        peer_p, peer_d = _record_peer(ctx, peer, peer_times, shape_p, shape_d if decode else None, dtype_name, batch,
-                                      prompt_len, args.peer_new_tokens)
-        ours = _run_ours(model, prompts, args, decode)
-        _record_ours(ctx, cfg, ours, shape_p, shape_d if decode else None, dtype_name, batch, prompt_len, args,
-                     peer_p, peer_d, attention_info)
+        # Each record is made right after its run, so its NVML window (since the previous record) is that run.
+        peer_p, t1 = _peer_prefill(ctx, peer, prompts, shape_p, dtype_name)
+        peer_d = _peer_decode(ctx, peer, prompts, t1, args.peer_new_tokens, shape_d, dtype_name) if decode else None
+        run = _run_ours(model, prompts, args, decode)
+        _record_prefill(ctx, cfg, next(run), shape_p, dtype_name, peer_p, attention_info)
+        if decode:
+            _record_decode(ctx, cfg, next(run), shape_d, dtype_name, args, peer_d)
+        run.close()
         if ctx.on_gpu:
             torch.cuda.empty_cache()
 
 
-def _run_ours(model, prompts: torch.Tensor, args: E2EArgs, decode: bool) -> dict[str, float]:
-    """Prefill (warm-up + timed), then optionally the context fill and the timed decode steps."""
+def _run_ours(model, prompts: torch.Tensor, args: E2EArgs, decode: bool) -> Iterator[dict[str, float]]:
+    """Yields the prefill timing (warm-up run, then the timed one), then, with ``decode``, the decode
+    timing (context fill, graph capture, warm-up steps, timed steps)."""
     from model.engine import Engine
 
     batch, prompt_len = prompts.shape
@@ -176,22 +174,17 @@ def _run_ours(model, prompts: torch.Tensor, args: E2EArgs, decode: bool) -> dict
     engine.prefill(prompts, rows, reserve)  # warm-up: kernels compiled for these shapes
     for r in rows:
         engine.cache.release(r)
-    out: dict[str, float] = {}
     t0 = _now(model.device)
     engine.prefill(prompts, rows, reserve)
-    out["prefill_s"] = _now(model.device) - t0
-    if not decode:
-        return out
+    yield {"prefill_s": _now(model.device) - t0, "batch": batch, "prompt_len": prompt_len}
     if extra:
         fill_context(engine.cache, extra)
     engine.runner.capture([batch])
     engine.decode(DECODE_WARMUP_STEPS, batch)
     t0 = _now(model.device)
     engine.decode(steps, batch)
-    out["decode_s"] = _now(model.device) - t0
-    out["steps"] = steps
-    out["mean_context"] = args.context + DECODE_WARMUP_STEPS + (steps + 1) / 2
-    return out
+    yield {"decode_s": _now(model.device) - t0, "steps": steps, "batch": batch,
+           "mean_context": args.context + DECODE_WARMUP_STEPS + (steps + 1) / 2}
 
 
 def _now(device: torch.device) -> float:
@@ -214,38 +207,55 @@ def fill_context(cache, extra: int) -> None:
         rows[layer].index_copy_(0, step.slot_mapping, values.to(rows.dtype))
 
 
-def _record_ours(ctx, cfg, ours, shape_p, shape_d, dtype_name, batch, prompt_len, args, peer_p, peer_d,
-                 attention_info) -> None:
+def _record_prefill(ctx, cfg, ours, shape, dtype_name, peer, attention_info) -> None:
     from profiles import cost_model
 
-    c = ctx.ceilings
-    elem = 2 if dtype_name in ("bf16", "fp16") else 4
+    batch, prompt_len, t = ours["batch"], ours["prompt_len"], ours["prefill_s"]
     tokens = batch * prompt_len
-    cost = cost_model.model_prefill(cfg, tokens, elem_bytes=elem, seq_len=prompt_len)
-    t = ours["prefill_s"]
-    frac = cost.flops / (c.mm_tflops * 1e12) / t
-    ctx.record(op="model.prefill", backend="pykernels", shape=shape_p, dtype=dtype_name, time_us=t * 1e6,
-               bytes=cost.bytes, flops=cost.flops, peer=peer_p,
-               extra={"tokens_per_s": round(tokens / t, 1), "frac_bound": round(frac, 4), "bound": "flops",
-                      **attention_info})
-    line = f"batch {batch} x {prompt_len}: prefill {tokens / t:,.0f} tok/s ({100 * frac:.1f} % of the FLOP bound)"
-    if shape_d is not None:
-        steps, t_d = ours["steps"], ours["decode_s"]
-        step_s = t_d / steps
-        cost = cost_model.model_decode_step(cfg, batch, round(ours["mean_context"]), elem_bytes=elem)
-        frac = cost.bytes / (c.copy_gbps * 1e9) / step_s
-        ctx.record(op="model.decode", backend="pykernels", shape=shape_d, dtype=dtype_name, time_us=step_s * 1e6,
-                   bytes=cost.bytes, flops=cost.flops, peer=peer_d,
-                   extra={"tokens_per_s": round(batch / step_s, 1), "frac_bound": round(frac, 4), "bound": "bytes",
-                          "ms_per_step": round(step_s * 1e3, 4), "steps": steps,
-                          "mean_context": ours["mean_context"], "cuda_graphs": ctx.on_gpu,
-                          "context_fill": "random cache rows past the prompt"})
-        line += (f"; decode at context {args.context}: {batch / step_s:,.1f} tok/s, {step_s * 1e3:.3f} ms/step "
-                 f"({100 * frac:.1f} % of the bandwidth bound)")
-    for name, p in (("prefill", peer_p), ("decode", peer_d)):
-        if p is not None:
-            line += f"; {PEER_NAME} {name}: " + (f"{p[1]:,.1f} us" if p[1] is not None else f"missing ({p[2]})")
-    ctx.note(line)
+    cost = cost_model.model_prefill(cfg, tokens, elem_bytes=_elem_bytes(dtype_name), seq_len=prompt_len)
+    frac = cost.flops / (ctx.ceilings.mm_tflops * 1e12) / t
+    rec = ctx.record(op="model.prefill", backend="pykernels", shape=shape, dtype=dtype_name, time_us=t * 1e6,
+                     bytes=cost.bytes, flops=cost.flops, peer=peer,
+                     extra={"tokens_per_s": round(tokens / t, 1), "frac_bound": round(frac, 4), "bound": "flops",
+                            **attention_info})
+    ctx.note(f"batch {batch} x {prompt_len}: prefill {tokens / t:,.0f} tok/s, {t * 1e3:.1f} ms "
+             f"({100 * frac:.1f} % of the FLOP bound); {_peer_text(peer)}{_nvml_text(rec)}")
+
+
+def _record_decode(ctx, cfg, ours, shape, dtype_name, args, peer) -> None:
+    from profiles import cost_model
+
+    batch, steps = ours["batch"], ours["steps"]
+    step_s = ours["decode_s"] / steps
+    cost = cost_model.model_decode_step(cfg, batch, round(ours["mean_context"]), elem_bytes=_elem_bytes(dtype_name))
+    frac = cost.bytes / (ctx.ceilings.copy_gbps * 1e9) / step_s
+    rec = ctx.record(op="model.decode", backend="pykernels", shape=shape, dtype=dtype_name, time_us=step_s * 1e6,
+                     bytes=cost.bytes, flops=cost.flops, peer=peer,
+                     extra={"tokens_per_s": round(batch / step_s, 1), "frac_bound": round(frac, 4),
+                            "bound": "bytes", "ms_per_step": round(step_s * 1e3, 4), "steps": steps,
+                            "mean_context": ours["mean_context"], "cuda_graphs": ctx.on_gpu,
+                            "context_fill": "random cache rows past the prompt"})
+    ctx.note(f"batch {batch}, context {args.context}: decode {batch / step_s:,.1f} tok/s, {step_s * 1e3:.3f} ms/step "
+             f"({100 * frac:.1f} % of the bandwidth bound); {_peer_text(peer)}{_nvml_text(rec)}")
+
+
+def _elem_bytes(dtype_name: str) -> int:
+    return {"bf16": 2, "fp16": 2, "fp32": 4}[dtype_name]
+
+
+def _peer_text(peer: tuple) -> str:
+    if peer[1] is None:
+        return f"{PEER_NAME} missing ({peer[2]})"
+    return f"{PEER_NAME} {peer[1] / 1e3:,.1f} ms"
+
+
+def _nvml_text(rec: dict) -> str:
+    nv = rec.get("nvml") or {}
+    if not nv.get("samples"):
+        return ""
+    return (f"; SM clock {nv['sm_clock_mhz']['mean']:.0f} MHz (min {nv['sm_clock_mhz']['min']:.0f}), "
+            f"power {nv['power_w']['mean']:.0f} W (max {nv['power_w']['max']:.0f})"
+            + (f", throttle: {', '.join(nv['throttle_reasons'])}" if nv.get("throttle_reasons") else ""))
 
 
 # ---- the peer ------------------------------------------------------------------------------------------
@@ -283,21 +293,20 @@ class _Peer:
         ctx.note(f"peer: transformers {transformers.__version__} DeepseekV2ForCausalLM, attention "
                  f"{hf.config._attn_implementation}, random {str(model.dtype).removeprefix('torch.')} weights")
         peer = cls(hf, None)
-        peer.time(torch.zeros(1, 4, dtype=torch.int64), 2)  # warm-up
+        peer._generate(torch.zeros(1, 4, dtype=torch.int64, device=model.device), 2)  # warm-up
         return peer
 
     @torch.no_grad()
-    def time(self, prompts: torch.Tensor, new_tokens: int | None) -> dict[str, float]:
-        """{"prefill_s"} and, with new_tokens, {"decode_step_s"}; {} when the peer is missing."""
-        if self.hf is None:
-            return {}
+    def prefill_s(self, prompts: torch.Tensor) -> float:
+        """Seconds of ``generate(max_new_tokens=1)`` (the second run of the shape)."""
         ids = prompts.to(self.hf.device)
         self._generate(ids, 1)  # first run of this shape: one-time costs out of the timing
-        t1 = self._generate(ids, 1)
-        out = {"prefill_s": t1}
-        if new_tokens is not None:
-            out["decode_step_s"] = (self._generate(ids, new_tokens) - t1) / (new_tokens - 1)
-        return out
+        return self._generate(ids, 1)
+
+    @torch.no_grad()
+    def decode_step_s(self, prompts: torch.Tensor, new_tokens: int, prefill_s: float) -> float:
+        """Seconds per decode step: (generate(new_tokens) - generate(1)) / (new_tokens - 1)."""
+        return (self._generate(prompts.to(self.hf.device), new_tokens) - prefill_s) / (new_tokens - 1)
 
     def _generate(self, ids: torch.Tensor, n: int) -> float:
         t0 = _now(ids.device)
@@ -306,25 +315,41 @@ class _Peer:
         return _now(ids.device) - t0
 
 
-def _record_peer(ctx, peer: _Peer, times: dict, shape_p, shape_d, dtype_name, batch, prompt_len,
-                 peer_new_tokens) -> tuple[tuple | None, tuple | None]:
-    """The peer's own records (when it ran) and the ``peer`` arguments of ours."""
-    if peer.hf is None or "error" in times:
-        why = peer.reason or times.get("error", "missing")
-        return (PEER_NAME, None, why), ((PEER_NAME, None, why) if shape_d is not None else None)
-    t = times["prefill_s"]
-    ctx.record(op="model.prefill", backend="transformers", shape=shape_p, dtype=dtype_name, time_us=t * 1e6,
-               extra={"tokens_per_s": round(batch * prompt_len / t, 1), "what": "generate(max_new_tokens=1)"})
-    peer_p = (PEER_NAME, t * 1e6)
-    peer_d = None
-    if shape_d is not None:
-        s = times["decode_step_s"]
-        ctx.record(op="model.decode", backend="transformers", shape=shape_d, dtype=dtype_name, time_us=s * 1e6,
-                   extra={"tokens_per_s": round(batch / s, 1), "ms_per_step": round(s * 1e3, 4),
-                          "context_used": f"prompt ({prompt_len} tokens), not the shape's context",
-                          "new_tokens": peer_new_tokens})
-        peer_d = (PEER_NAME, s * 1e6)
-    return peer_p, peer_d
+def _peer_prefill(ctx, peer: _Peer, prompts, shape, dtype_name) -> tuple[tuple, float | None]:
+    """Time and record the peer's prefill -> (our record's ``peer`` argument, its seconds or None)."""
+    if peer.hf is None:
+        return (PEER_NAME, None, peer.reason), None
+    try:
+        t = peer.prefill_s(prompts)
+    except Exception as e:  # noqa: BLE001 - the peer is reported missing, the run goes on
+        return (PEER_NAME, None, _failure(ctx, e)), None
+    batch, prompt_len = prompts.shape
+    ctx.record(op="model.prefill", backend="transformers", shape=shape, dtype=dtype_name, time_us=t * 1e6,
+               extra={"tokens_per_s": round(batch * prompt_len / t, 1), "what": "generate(max_new_tokens=1)",
+                      "attention": peer.hf.config._attn_implementation})
+    return (PEER_NAME, t * 1e6), t
+
+
+def _peer_decode(ctx, peer: _Peer, prompts, prefill_s, new_tokens, shape, dtype_name) -> tuple:
+    """Time and record the peer's decode steps -> our record's ``peer`` argument."""
+    if peer.hf is None or prefill_s is None:
+        return PEER_NAME, None, peer.reason or "its prefill failed"
+    try:
+        s = peer.decode_step_s(prompts, new_tokens, prefill_s)
+    except Exception as e:  # noqa: BLE001
+        return PEER_NAME, None, _failure(ctx, e)
+    batch, prompt_len = prompts.shape
+    ctx.record(op="model.decode", backend="transformers", shape=shape, dtype=dtype_name, time_us=s * 1e6,
+               extra={"tokens_per_s": round(batch / s, 1), "ms_per_step": round(s * 1e3, 4),
+                      "context_used": f"the prompt ({prompt_len} tokens), not the shape's context",
+                      "new_tokens": new_tokens, "attention": peer.hf.config._attn_implementation})
+    return PEER_NAME, s * 1e6
+
+
+def _failure(ctx, e: Exception) -> str:
+    if ctx.on_gpu:
+        torch.cuda.empty_cache()
+    return "out of memory" if isinstance(e, torch.OutOfMemoryError) else f"{type(e).__name__}: {str(e)[:200]}"
 
 
 def hf_config(cfg):

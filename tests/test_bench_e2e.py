@@ -89,7 +89,7 @@ def test_command_line(tmp_path, capsys):
     recs = json.loads(out.read_text())
     assert {(r["op"], r["shape"]["batch"], r["shape"]["context"]) for r in recs} == {
         ("model.prefill", 1, 4), ("model.decode", 1, 9)}
-    assert "decode at context 9" in capsys.readouterr().out
+    assert "batch 1, context 9: decode" in capsys.readouterr().out
     assert bench_main(["e2e", "--context", "3", "--prompt-len", "4", "--no-write"]) == 2
     with pytest.raises(SystemExit):
         bench_main(["e2e", "--batch", "1,x"])
