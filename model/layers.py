@@ -96,40 +96,67 @@ class MoE(nn.Module):
 
     NOTES: the gate weight is kept in float32 and the router logits computed in float32 (as transformers 5
     does); the expert weights are fused: w13 [E, 2I, D] (gate rows then up rows), w2 [E, D, I].
+
+    Expert parallelism (``ep_size`` > 1): this rank holds experts ``[rank * E / ep_size, (rank + 1) * E /
+    ep_size)`` in w13/w2, and the routed part runs through ``pk.ep.moe_ffn_expert_parallel`` over the
+    ``pk.ep.Buffer`` given to ``set_expert_parallel`` (the gate and the shared experts stay local). Every rank
+    must then run the same sequence of MoE calls.
     """
 
-    def __init__(self, cfg: DeepseekV2Config, backend: str | None):
+    def __init__(self, cfg: DeepseekV2Config, backend: str | None, ep_size: int = 1):
         super().__init__()
         E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        if E % ep_size:
+            raise ValueError(f"ep_size: expected a divisor of n_routed_experts ({E}), got {ep_size}")
         self.cfg = cfg
         self.backend = backend
+        self.ep_size = ep_size
         self.gate = nn.Linear(D, E, bias=False, dtype=torch.float32)
-        self.w13 = nn.Parameter(torch.empty(E, 2 * I, D))
-        self.w2 = nn.Parameter(torch.empty(E, D, I))
+        self.w13 = nn.Parameter(torch.empty(E // ep_size, 2 * I, D))
+        self.w2 = nn.Parameter(torch.empty(E // ep_size, D, I))
         self.shared_experts = MLP(D, I * cfg.n_shared_experts) if cfg.n_shared_experts > 0 else None
+        self.ep: pk.ep.Buffer | None = None         # dispatch/combine of prefill (and of decode without ep_decode)
+        self.ep_decode: pk.ep.Buffer | None = None  # decode steps: an nvlink buffer runs its low-latency mode
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, D]
+    def set_expert_parallel(self, buffer: pk.ep.Buffer, decode_buffer: pk.ep.Buffer | None = None) -> None:
+        for name, buf in (("buffer", buffer), ("decode_buffer", decode_buffer)):
+            if buf is None:
+                continue
+            if (buf.world_size != self.ep_size or buf.num_experts != self.cfg.n_routed_experts
+                    or buf.hidden != self.cfg.hidden_size or buf.dtype != self.w13.dtype):
+                raise ValueError(f"{name}: expected a pk.ep.Buffer over {self.ep_size} ranks for "
+                                 f"{self.cfg.n_routed_experts} experts, hidden {self.cfg.hidden_size}, "
+                                 f"{self.w13.dtype}; got {buf.world_size} ranks, {buf.num_experts} experts, "
+                                 f"hidden {buf.hidden}, {buf.dtype}")
+        self.ep, self.ep_decode = buffer, decode_buffer
+
+    def routed(self, x: torch.Tensor, decode: bool = False) -> torch.Tensor:
+        """The routed experts' weighted sum for x [T, D] -> [T, D]."""
         cfg = self.cfg
         router_logits = F.linear(x.float(), self.gate.weight.float())  # [T, E]
         topk_weights, topk_ids = pk.moe_route(
             router_logits, cfg.num_experts_per_tok, method=cfg.topk_method, n_group=cfg.n_group,
             topk_group=cfg.topk_group, routed_scaling_factor=cfg.routed_scaling_factor,
             norm_topk_prob=cfg.norm_topk_prob, backend=self.backend)  # float32 [T, k], int32 [T, k]
-        y = pk.moe_ffn(x, self.w13, self.w2, topk_weights, topk_ids, backend=self.backend)  # [T, D]
+        if self.ep_size == 1:
+            return pk.moe_ffn(x, self.w13, self.w2, topk_weights, topk_ids, backend=self.backend)  # [T, D]
+        if self.ep is None:
+            raise RuntimeError(f"an expert-parallel MoE layer ({self.ep_size} ranks) needs set_expert_parallel")
+        buf = self.ep_decode if decode and self.ep_decode is not None else self.ep
+        return pk.ep.moe_ffn_expert_parallel(buf, x, self.w13, self.w2, topk_weights, topk_ids,
+                                             low_latency=buf is self.ep_decode and buf.backend == "nvlink",
+                                             backend=self.backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, D]
+        y = self.routed(x)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y
 
-    def add_forward_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def add_forward_to(self, out: torch.Tensor, x: torch.Tensor, decode: bool = False) -> torch.Tensor:
         """Fused glue: out += moe(x) (x [T, D]); the shared experts' down projection accumulates into the
         routed output."""
-        cfg = self.cfg
-        router_logits = F.linear(x.float(), self.gate.weight)  # [T, E] float32
-        topk_weights, topk_ids = pk.moe_route(
-            router_logits, cfg.num_experts_per_tok, method=cfg.topk_method, n_group=cfg.n_group,
-            topk_group=cfg.topk_group, routed_scaling_factor=cfg.routed_scaling_factor,
-            norm_topk_prob=cfg.norm_topk_prob, backend=self.backend)
-        y = pk.moe_ffn(x, self.w13, self.w2, topk_weights, topk_ids, backend=self.backend)  # [T, D]
+        y = self.routed(x, decode)  # [T, D]
         if self.shared_experts is not None:
             self.shared_experts.add_forward_to(y, x)
         return out.add_(y)
@@ -323,17 +350,22 @@ class MLA(nn.Module):
 class Block(nn.Module):
     """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x)); mlp is dense or MoE."""
 
-    def __init__(self, cfg: DeepseekV2Config, layer: int, backend: str | None):
+    def __init__(self, cfg: DeepseekV2Config, layer: int, backend: str | None, ep_size: int = 1):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = MLA(cfg, backend)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MoE(cfg, backend) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = (MoE(cfg, backend, ep_size) if cfg.is_moe_layer(layer)
+                    else MLP(cfg.hidden_size, cfg.intermediate_size))
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor:  # x [..., D]
         h = self.post_attention_layernorm(x)
         return x + self.mlp(h.reshape(-1, h.shape[-1])).view(x.shape)
 
-    def ffn_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, D] += mlp(norm(x)), in place (fused glue)."""
-        return self.mlp.add_forward_to(x, self.post_attention_layernorm(x, fused=True))
+    def ffn_fused(self, x: torch.Tensor, decode: bool = False) -> torch.Tensor:
+        """x [T, D] += mlp(norm(x)), in place (fused glue); ``decode``: a decode step (the expert-parallel
+        decode buffer)."""
+        h = self.post_attention_layernorm(x, fused=True)
+        if isinstance(self.mlp, MoE):
+            return self.mlp.add_forward_to(x, h, decode)
+        return self.mlp.add_forward_to(x, h)

@@ -36,17 +36,21 @@ class DeepseekV2(nn.Module):
 
     ``backend`` (None, "torch", "triton", "cuda") is passed to every pykernels op call. The constructor
     leaves torch's default initialisation (``device="meta"``: no memory at all); use ``random`` or
-    ``from_pretrained`` for weights.
+    ``from_pretrained`` for weights. ``ep_size`` > 1: each MoE layer holds only this rank's share of the
+    routed experts and needs ``set_expert_parallel`` before it runs (see model.layers.MoE).
     """
 
     def __init__(self, cfg: DeepseekV2Config, *, backend: str | None = None,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, ep_size: int = 1):
         super().__init__()
+        if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size <= 0:
+            raise ValueError(f"ep_size: expected a positive integer, got {ep_size!r}")
         self.cfg = cfg
         self.backend = backend
+        self.ep_size = ep_size
         with torch.device(device if device is not None else "cpu"):
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-            self.layers = nn.ModuleList(Block(cfg, i, backend) for i in range(cfg.num_hidden_layers))
+            self.layers = nn.ModuleList(Block(cfg, i, backend, ep_size) for i in range(cfg.num_hidden_layers))
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -57,10 +61,10 @@ class DeepseekV2(nn.Module):
 
     @classmethod
     def random(cls, cfg: DeepseekV2Config, seed: int = 0, *, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu", backend: str | None = None) -> DeepseekV2:
-        """Random weights (a fixed function of seed, dtype and device): std in^-0.5 for weights, N(0, 1)
-        embeddings, norms near 1."""
-        m = cls(cfg, backend=backend, device="meta")
+               device: str | torch.device = "cpu", backend: str | None = None, ep_size: int = 1) -> DeepseekV2:
+        """Random weights (a fixed function of seed, dtype, device and ep_size): std in^-0.5 for weights,
+        N(0, 1) embeddings, norms near 1."""
+        m = cls(cfg, backend=backend, device="meta", ep_size=ep_size)
         m.materialize(dtype, device)
         g = torch.Generator(device=torch.device(device)).manual_seed(seed)
         with torch.no_grad():
@@ -107,6 +111,16 @@ class DeepseekV2(nn.Module):
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self._rope = None
+
+    def set_expert_parallel(self, buffer, decode_buffer=None) -> None:
+        """Run every MoE layer's routed experts over the ranks of ``buffer`` (a ``pk.ep.Buffer``; its group
+        size is ``ep_size``); ``decode_buffer``, when given, serves ``decode_step`` (an nvlink buffer in its
+        low-latency mode: no host synchronisation, CUDA-graph capturable)."""
+        if self.ep_size == 1:
+            raise ValueError("buffer: this model holds every expert (ep_size 1); build it with ep_size > 1")
+        for module in self.modules():
+            if isinstance(module, MoE):
+                module.set_expert_parallel(buffer, decode_buffer)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -220,7 +234,7 @@ class DeepseekV2(nn.Module):
             a = attn.decode_fused(layer.input_layernorm(x, fused=True), positions, slot_mapping, block_table,
                                   cache_seqlens, cache.layer(i), rope, scale)  # [B, H * V]
             x = x.addmm_(a, attn.o_proj.weight.t())  # x += o_proj(a)
-            x = layer.ffn_fused(x)
+            x = layer.ffn_fused(x, decode=True)
         return self.lm_head(self.norm(x, fused=True))
 
     def prepare_fast(self) -> None:

@@ -285,3 +285,121 @@ def test_gpu_lite_bf16_logits_over_64_steps():
           f"argmax agreement {agree:.3f}")
     assert runner.use_graphs and list(runner._graphs) == [4]
     assert total <= BF16_REL_ERR and max(errs) <= BF16_STEP_REL_ERR and agree >= BF16_ARGMAX_AGREE
+
+
+# ---- expert parallelism ------------------------------------------------------------------------------------
+
+EP_SPAWN_LIMIT_S = 300.0  # a hung group fails the test instead of hanging pytest
+
+
+def shard_from(full: DeepseekV2, rank: int, ep_size: int, backend: str | None = None) -> DeepseekV2:
+    """An ep_size-way expert-parallel copy of ``full``: every weight, and this rank's slice of the experts."""
+    m = DeepseekV2(full.cfg, backend=backend, device="meta", ep_size=ep_size)
+    m.materialize(full.dtype, full.device)
+    state = full.state_dict()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            src = state[name]
+            if name.endswith((".w13", ".w2")):
+                src = src[rank * p.shape[0]: (rank + 1) * p.shape[0]]
+            p.copy_(src)
+    m.prepare_fast()
+    return m
+
+
+def _ep_worker(rank: int, world: int, port: int, pg_backend: str, ep_backend: str, out: str) -> None:
+    """Both ranks: the same full model, and an expert-parallel shard of it; each rank its own prompts.
+    Writes {"ok", "prefill_err", "decode_err", "tokens_equal", "graphs"} (or the error) to out/rank{r}.json."""
+    import json
+    import os
+    import traceback
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    import pykernels as pk
+
+    result: dict = {}
+    try:
+        if pg_backend == "nccl":
+            torch.cuda.set_device(rank)
+            device = torch.device("cuda", rank)
+            dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                    device_id=device)
+        else:
+            device = torch.device("cpu")
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        cfg = small_cfg()
+        full = DeepseekV2.random(cfg, seed=11, device=device)
+        ep = shard_from(full, rank, world)
+        buf = pk.ep.Buffer(None, cfg.hidden_size, cfg.n_routed_experts, 64, dtype=torch.float32, backend=ep_backend,
+                           device=device)
+        decode_buf = pk.ep.Buffer(None, cfg.hidden_size, cfg.n_routed_experts, 4, dtype=torch.float32,
+                                  backend=ep_backend, device=device) if ep_backend == "nvlink" else None
+        ep.set_expert_parallel(buf, decode_buf)
+        prompts = random_prompts(cfg, [9, 23, 4], seed=20 + rank)  # same lengths: the same number of MoE calls
+        engines = [Engine(m, max_batch=4, max_seq_len=40, block_size=16, chunk_tokens=16,
+                          use_graphs=device.type == "cuda" and (m is full or decode_buf is not None))
+                   for m in (full, ep)]
+        firsts = [e.prefill(prompts, rows=[0, 1, 2], room=6) for e in engines]
+        result["prefill_tokens_equal"] = torch.equal(firsts[0], firsts[1])
+        errs = []
+        for _ in range(6):
+            outs = []
+            for e in engines:
+                e.runner.step(3)
+                outs.append(e.runner.logits(3).clone())
+            errs.append(rel_err(outs[1], outs[0]))
+        result["decode_err"] = max(errs)
+        result["graphs"] = engines[1].runner.use_graphs
+        result["ok"] = True
+    except Exception:  # noqa: BLE001 - reported to the test
+        result = {"ok": False, "error": traceback.format_exc()}
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    os._exit(0)  # no teardown: a failed rank may leave a collective pending
+
+
+def run_ep_group(world: int, pg_backend: str, ep_backend: str) -> list[dict]:
+    import json
+    import socket
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = mp.start_processes(_ep_worker, args=(world, port, pg_backend, ep_backend, tmp), nprocs=world,
+                                 join=False, start_method="spawn")
+        deadline = time.monotonic() + EP_SPAWN_LIMIT_S
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+                break
+        return [json.loads(p.read_text()) if (p := Path(tmp) / f"rank{r}.json").exists() else {"ok": False,
+                "error": "no result (the rank hung or died)"} for r in range(world)]
+
+
+def check_ep_results(results: list[dict]) -> None:
+    for rank, r in enumerate(results):
+        assert r["ok"], f"rank {rank}:\n{r['error']}"
+        assert r["prefill_tokens_equal"], rank
+        assert r["decode_err"] <= FP32_REL_ERR, (rank, r["decode_err"])
+
+
+def test_expert_parallel_model_matches_full_model():
+    """2 CPU processes (gloo, the torch EP backend): the sharded model's logits == the full model's."""
+    check_ep_results(run_ep_group(2, "gloo", "torch"))
+
+
+@pytest.mark.multigpu
+def test_gpu_expert_parallel_model_graphs():
+    """2 GPUs (NCCL, the nvlink EP backend; decode in CUDA graphs with its low-latency mode), float32."""
+    results = run_ep_group(2, "nccl", "nvlink")
+    check_ep_results(results)
+    assert all(r["graphs"] for r in results)
