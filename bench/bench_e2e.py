@@ -23,7 +23,15 @@ checkpoint directory. For each batch size B:
   context is the prompt (``--prompt-len``), not ``--context``: eager attention over a 4096-token context
   at batch 64 does not fit the time budget, and a shorter context only flatters the peer.
 
-Plus the issue's bar case, prefill of 8 x 1024 tokens (``--prefill-bar``, on by default for the lite preset).
+Plus the issue's bar case, prefill of 8 x 1024 tokens (on by default; ``--no-prefill-bar`` skips it).
+
+Expert parallelism: ``torchrun --nproc-per-node 2 -m bench e2e --preset v2-236b --layers N --ep 2``. Every rank
+holds all non-expert weights of the first N layers and its half of the routed experts, and runs its own
+batch (``--batch`` is per rank; attention is data-parallel); the MoE layers dispatch and combine over a
+``pk.ep.Buffer`` (the nvlink backend on one host: its low-latency mode inside the decode graphs; otherwise
+NCCL, eager). Rank 0 records the slowest rank's times, the per-layer time (step time / N, embedding and
+lm_head included) and an extrapolation to all layers of the preset, stated as such; the bandwidth bound is
+per rank (``decode_bytes_per_rank``). There is no transformers peer for this run.
 
 Records (bench/results/<device>/e2e.json): ``model.prefill`` and ``model.decode`` with shape
 ``{preset, batch, context}`` (prefill: context = prompt length), backend ``pykernels`` with the peer, and
@@ -51,6 +59,8 @@ SUITE = "e2e"
 DECODE_WARMUP_STEPS = 3
 PEER_NAME = "transformers generate"
 BAR_PREFILL = (8, 1024)  # the issue's prefill case: 8 sequences of 1024 tokens
+# Prefill chunk of an expert-parallel run: sizes the dispatch buffer (236B: ~10 KB a row per source and parity).
+EP_CHUNK_TOKENS = 8192
 
 
 @dataclass
@@ -65,6 +75,7 @@ class E2EArgs:
     layers: int | None = None
     peer: bool = True
     prefill_bar: bool = True
+    ep: int = 1
 
     def validate(self) -> None:
         for name in ("prompt_len", "context", "new_tokens", "peer_new_tokens"):
@@ -80,6 +91,10 @@ class E2EArgs:
             raise ValueError(f"--batch: expected positive batch sizes, got {self.batches}")
         if self.layers is not None and self.layers <= 0:
             raise ValueError(f"--layers: expected a positive number of layers, got {self.layers}")
+        if self.ep <= 0:
+            raise ValueError(f"--ep: expected a positive number of ranks, got {self.ep}")
+        if self.ep > 1 and self.checkpoint:
+            raise ValueError("--ep: expert-parallel runs use random weights (no sharded checkpoint loading)")
 
 
 def default_args(ctx: Context) -> E2EArgs:
@@ -96,26 +111,31 @@ def run(ctx: Context) -> None:
     run_e2e(ctx, default_args(ctx))
 
 
+def _build_model(ctx: Context, args: E2EArgs):
+    """(model, label) from the checkpoint or the preset (first ``args.layers`` layers, ``args.ep`` ranks)."""
+    from model import DeepseekV2, DeepseekV2Config
+
+    dtype = torch.bfloat16 if ctx.on_gpu else torch.float32
+    if args.checkpoint:
+        t0 = time.perf_counter()
+        model = DeepseekV2.from_pretrained(args.checkpoint, dtype=dtype, device=ctx.device)
+        ctx.note(f"loaded {args.checkpoint} in {time.perf_counter() - t0:.1f} s")
+        return model, args.checkpoint.rstrip("/").split("/")[-1]
+    cfg = DeepseekV2Config.from_preset(args.preset)
+    if args.layers is not None:
+        cfg = dataclasses.replace(cfg, num_hidden_layers=args.layers)
+    rank = torch.distributed.get_rank() if args.ep > 1 else 0
+    return DeepseekV2.random(cfg, seed=rank, dtype=dtype, device=ctx.device, ep_size=args.ep), args.preset
+
+
 # ---- the run -------------------------------------------------------------------------------------------
 
 def run_e2e(ctx: Context, args: E2EArgs) -> None:
-    from model import DeepseekV2, DeepseekV2Config
     from model import attention
 
     args.validate()
     device = ctx.device
-    dtype = torch.bfloat16 if ctx.on_gpu else torch.float32
-    if args.checkpoint:
-        t0 = time.perf_counter()
-        model = DeepseekV2.from_pretrained(args.checkpoint, dtype=dtype, device=device)
-        label = args.checkpoint.rstrip("/").split("/")[-1]
-        ctx.note(f"loaded {args.checkpoint} in {time.perf_counter() - t0:.1f} s")
-    else:
-        cfg = DeepseekV2Config.from_preset(args.preset)
-        if args.layers is not None:
-            cfg = dataclasses.replace(cfg, num_hidden_layers=args.layers)
-        model = DeepseekV2.random(cfg, seed=0, dtype=dtype, device=device)
-        label = args.preset
+    model, label = _build_model(ctx, args)
     cfg = model.cfg
     dtype_name = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}[model.dtype]
     c = ctx.ceilings
@@ -160,20 +180,108 @@ def run_e2e(ctx: Context, args: E2EArgs) -> None:
             torch.cuda.empty_cache()
 
 
-def _run_ours(model, prompts: torch.Tensor, args: E2EArgs, decode: bool) -> Iterator[dict[str, float]]:
+def run_e2e_ep(ctx: Context, args: E2EArgs) -> None:
+    """The expert-parallel run (see the module doc); every rank of the default process group calls it."""
+    import torch.distributed as dist
+
+    import pykernels as pk
+
+    args.validate()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world != args.ep:
+        raise ValueError(f"--ep: expected the process group's size {world}, got {args.ep}")
+    model, label = _build_model(ctx, args)
+    cfg = model.cfg
+    dtype_name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[model.dtype]
+    chunk = min(EP_CHUNK_TOKENS, max(args.batches) * args.prompt_len)
+    prefill_buf = pk.ep.Buffer(None, cfg.hidden_size, cfg.n_routed_experts, chunk, dtype=model.dtype,
+                               device=ctx.device)
+    decode_buf = pk.ep.Buffer(None, cfg.hidden_size, cfg.n_routed_experts, max(args.batches), dtype=model.dtype,
+                              device=ctx.device)
+    model.set_expert_parallel(prefill_buf, decode_buf)
+    graphs = ctx.on_gpu and decode_buf.backend == "nvlink"
+    ctx.note(f"model: {label}, {cfg.num_hidden_layers} of {_preset_layers(args.preset)} layers, experts over {world} "
+             f"ranks ({model.num_parameters() / 1e9:.2f} B parameters on this rank), {dtype_name}; EP backend "
+             f"{decode_buf.backend}, decode in CUDA graphs: {graphs}")
+    shape_extra = {"layers": cfg.num_hidden_layers, "ep": world}
+    no_peer = (PEER_NAME, None, "transformers has no expert-parallel generate")
+    for batch in args.batches:
+        shape_p = {"preset": label, "batch": batch, "context": args.prompt_len, **shape_extra}
+        shape_d = {"preset": label, "batch": batch, "context": args.context, **shape_extra}
+        prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt_len),
+                                generator=torch.Generator().manual_seed(1000 * rank + batch))
+        run = _run_ours(model, prompts, args, True, use_graphs=graphs, chunk_tokens=chunk, barrier=dist.barrier)
+        ours = _slowest_rank(next(run), "prefill_s")
+        _record_prefill(ctx, cfg, ours, shape_p, dtype_name, no_peer, {"ep_backend": prefill_buf.backend})
+        ours = _slowest_rank(next(run), "decode_s")
+        step_s = ours["decode_s"] / ours["steps"]
+        per_layer = step_s / cfg.num_hidden_layers
+        all_layers = _preset_layers(args.preset)
+        _record_decode(ctx, cfg, ours, shape_d, dtype_name, args, no_peer, ep=world, extra={
+            "ep_backend": decode_buf.backend, "per_layer_us": round(per_layer * 1e6, 2),
+            f"extrapolated_{all_layers}_layers_ms": round(per_layer * all_layers * 1e3, 3),
+            "extrapolation": f"per_layer_us x {all_layers}: an extrapolation from {cfg.num_hidden_layers} layers "
+                             "(embedding and lm_head counted in each layer's share), not a measurement",
+            "tokens_per_s_all_ranks": round(world * batch / step_s, 1)})
+        ctx.note(f"  per layer {per_layer * 1e6:,.1f} us; {all_layers} layers extrapolated: "
+                 f"{per_layer * all_layers * 1e3:,.2f} ms/step, {world * batch / (per_layer * all_layers):,.0f} "
+                 f"tok/s over {world} ranks (an extrapolation, not a measurement)")
+        run.close()
+        if ctx.on_gpu:
+            torch.cuda.empty_cache()
+    for buf in (decode_buf, prefill_buf):
+        buf.close()
+
+
+def _preset_layers(preset: str) -> int:
+    from model import DeepseekV2Config
+
+    return DeepseekV2Config.from_preset(preset).num_hidden_layers
+
+
+def _slowest_rank(times: dict[str, float], key: str) -> dict[str, float]:
+    """``times`` with ``times[key]`` replaced by its maximum over the ranks."""
+    import torch.distributed as dist
+
+    t = torch.tensor([times[key]], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return {**times, key: float(t.item())}
+
+
+def decode_bytes_per_rank(cfg, batch: int, context: int, ranks: int, elem_bytes: int) -> int:
+    """Minimal bytes one rank moves in an expert-parallel decode step: every non-expert weight, its share
+    (1 / ranks) of the distinct experts the batch of all ranks hits (uniform routing), and its own batch's
+    KV cache read and write (``cost_model.model_decode_step`` with the other ranks' experts taken out)."""
+    from profiles import cost_model
+
+    p = cost_model.model_params(cfg)
+    whole = cost_model.model_decode_step(cfg, batch, context, elem_bytes)
+    hit_one = cost_model.expected_experts_hit(p.num_experts, p.top_k, batch)
+    hit_all = cost_model.expected_experts_hit(p.num_experts, p.top_k, batch * ranks)
+    experts = p.num_moe_layers * p.expert * elem_bytes
+    return round(whole.bytes - experts * hit_one + experts * hit_all / ranks)
+
+
+def _run_ours(model, prompts: torch.Tensor, args: E2EArgs, decode: bool, *, use_graphs: bool | None = None,
+              chunk_tokens: int | None = None, barrier=lambda: None) -> Iterator[dict[str, float]]:
     """Yields the prefill timing (warm-up run, then the timed one), then, with ``decode``, the decode
-    timing (context fill, graph capture, warm-up steps, timed steps)."""
-    from model.engine import Engine
+    timing (context fill, graph capture, warm-up steps, timed steps). ``barrier`` lines ranks up before
+    each timed part."""
+    from model.engine import DEFAULT_CHUNK_TOKENS, Engine
 
     batch, prompt_len = prompts.shape
     steps = args.new_tokens - 1
     extra = (args.context - prompt_len) if decode else 0
     reserve = extra + DECODE_WARMUP_STEPS + steps if decode else 0
-    engine = Engine(model, batch, prompt_len + reserve, buckets=[batch])
+    engine = Engine(model, batch, prompt_len + reserve, buckets=[batch], use_graphs=use_graphs,
+                    chunk_tokens=chunk_tokens or DEFAULT_CHUNK_TOKENS)
     rows = list(range(batch))
     engine.prefill(prompts, rows, reserve)  # warm-up: kernels compiled for these shapes
     for r in rows:
         engine.cache.release(r)
+    barrier()
     t0 = _now(model.device)
     engine.prefill(prompts, rows, reserve)
     yield {"prefill_s": _now(model.device) - t0, "batch": batch, "prompt_len": prompt_len}
@@ -181,10 +289,12 @@ def _run_ours(model, prompts: torch.Tensor, args: E2EArgs, decode: bool) -> Iter
         fill_context(engine.cache, extra)
     engine.runner.capture([batch])
     engine.decode(DECODE_WARMUP_STEPS, batch)
+    _now(model.device)
+    barrier()
     t0 = _now(model.device)
     engine.decode(steps, batch)
     yield {"decode_s": _now(model.device) - t0, "steps": steps, "batch": batch,
-           "mean_context": args.context + DECODE_WARMUP_STEPS + (steps + 1) / 2}
+           "mean_context": args.context + DECODE_WARMUP_STEPS + (steps + 1) / 2, "graphs": engine.runner.use_graphs}
 
 
 def _now(device: torch.device) -> float:
@@ -214,7 +324,8 @@ def _record_prefill(ctx, cfg, ours, shape, dtype_name, peer, attention_info) -> 
     tokens = batch * prompt_len
     cost = cost_model.model_prefill(cfg, tokens, elem_bytes=_elem_bytes(dtype_name), seq_len=prompt_len)
     frac = cost.flops / (ctx.ceilings.mm_tflops * 1e12) / t
-    rec = ctx.record(op="model.prefill", backend="pykernels", shape=shape, dtype=dtype_name, time_us=t * 1e6,
+    backend = "pykernels-ep" if "ep" in shape else "pykernels"
+    rec = ctx.record(op="model.prefill", backend=backend, shape=shape, dtype=dtype_name, time_us=t * 1e6,
                      bytes=cost.bytes, flops=cost.flops, peer=peer,
                      extra={"tokens_per_s": round(tokens / t, 1), "frac_bound": round(frac, 4), "bound": "flops",
                             **attention_info})
@@ -222,19 +333,22 @@ def _record_prefill(ctx, cfg, ours, shape, dtype_name, peer, attention_info) -> 
              f"({100 * frac:.1f} % of the FLOP bound); {_peer_text(peer)}{_nvml_text(rec)}")
 
 
-def _record_decode(ctx, cfg, ours, shape, dtype_name, args, peer) -> None:
+def _record_decode(ctx, cfg, ours, shape, dtype_name, args, peer, *, ep: int = 1,
+                   extra: dict[str, Any] | None = None) -> None:
     from profiles import cost_model
 
     batch, steps = ours["batch"], ours["steps"]
     step_s = ours["decode_s"] / steps
-    cost = cost_model.model_decode_step(cfg, batch, round(ours["mean_context"]), elem_bytes=_elem_bytes(dtype_name))
-    frac = cost.bytes / (ctx.ceilings.copy_gbps * 1e9) / step_s
-    rec = ctx.record(op="model.decode", backend="pykernels", shape=shape, dtype=dtype_name, time_us=step_s * 1e6,
-                     bytes=cost.bytes, flops=cost.flops, peer=peer,
+    context, elem = round(ours["mean_context"]), _elem_bytes(dtype_name)
+    cost = cost_model.model_decode_step(cfg, batch, context, elem_bytes=elem)
+    nbytes = cost.bytes if ep == 1 else decode_bytes_per_rank(cfg, batch, context, ep, elem)
+    frac = nbytes / (ctx.ceilings.copy_gbps * 1e9) / step_s
+    rec = ctx.record(op="model.decode", backend="pykernels" if ep == 1 else "pykernels-ep", shape=shape,
+                     dtype=dtype_name, time_us=step_s * 1e6, bytes=nbytes, flops=cost.flops, peer=peer,
                      extra={"tokens_per_s": round(batch / step_s, 1), "frac_bound": round(frac, 4),
-                            "bound": "bytes", "ms_per_step": round(step_s * 1e3, 4), "steps": steps,
-                            "mean_context": ours["mean_context"], "cuda_graphs": ctx.on_gpu,
-                            "context_fill": "random cache rows past the prompt"})
+                            "bound": "bytes" if ep == 1 else "bytes per rank", "ms_per_step": round(step_s * 1e3, 4),
+                            "steps": steps, "mean_context": ours["mean_context"], "cuda_graphs": ours["graphs"],
+                            "context_fill": "random cache rows past the prompt", **(extra or {})})
     ctx.note(f"batch {batch}, context {args.context}: decode {batch / step_s:,.1f} tok/s, {step_s * 1e3:.3f} ms/step "
              f"({100 * frac:.1f} % of the bandwidth bound); {_peer_text(peer)}{_nvml_text(rec)}")
 
@@ -398,7 +512,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench e2e", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", help="model preset (GPU default lite, CPU tiny; ignored with --checkpoint)")
     p.add_argument("--checkpoint", help="Hugging Face checkpoint directory instead of random weights")
-    p.add_argument("--batch", type=_ints, dest="batches", help="batch sizes, e.g. 1,32,64")
+    p.add_argument("--batch", type=_ints, dest="batches", help="batch sizes, e.g. 1,32,64 (per rank with --ep)")
     p.add_argument("--prompt-len", type=int)
     p.add_argument("--context", type=int, help="KV length at the start of decode")
     p.add_argument("--new-tokens", type=int)
@@ -407,6 +521,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, help="keep only the first N layers (shape records say so)")
     p.add_argument("--no-peer", action="store_true", help="skip transformers")
     p.add_argument("--no-prefill-bar", action="store_true", help=f"skip the {BAR_PREFILL[0]} x {BAR_PREFILL[1]} prefill")
+    p.add_argument("--ep", type=int, help="expert-parallel ranks (launch with torchrun --nproc-per-node EP)")
     p.add_argument("--results-dir", default=str(DEFAULT_RESULTS_DIR))
     p.add_argument("--no-write", action="store_true", help="do not touch the results files")
     p.add_argument("--json", metavar="PATH", help="also write this run's records to PATH")
@@ -417,7 +532,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bench import results
 
     a = parser().parse_args(argv)
-    ctx = Context(quick=not torch.cuda.is_available(), results_dir=None if a.no_write else a.results_dir)
+    rank, device = 0, None
+    if a.ep is not None and a.ep > 1:
+        try:
+            rank, device = _init_distributed(a.ep)
+        except ValueError as e:
+            print(e, file=sys.stderr)
+            return 2
+    ctx = Context(device=device, quick=not torch.cuda.is_available(),
+                  results_dir=None if a.no_write or rank else a.results_dir, echo=rank == 0)
     given = {k: v for k, v in vars(a).items()
              if v is not None and k in {f.name for f in dataclasses.fields(E2EArgs)}}
     args = dataclasses.replace(default_args(ctx), **given)
@@ -430,18 +553,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(e, file=sys.stderr)
         return 2
-    ctx = Context(quick=not torch.cuda.is_available(), results_dir=None if a.no_write else a.results_dir)
     ctx.note(f"device: {ctx.device_name} ({ctx.slug}); torch {torch.__version__}")
     t0 = time.perf_counter()
     try:
         with ctx.suite_run(SUITE):
-            run_e2e(ctx, args)
+            (run_e2e_ep if args.ep > 1 else run_e2e)(ctx, args)
     except Exception:  # noqa: BLE001 - reported; nothing is recorded for a failed run
-        ctx.note(f"!! e2e failed, nothing recorded:\n{traceback.format_exc()}")
+        print(f"!! e2e failed on rank {rank}, nothing recorded:\n{traceback.format_exc()}", file=sys.stderr)
         return 1
+    if args.ep > 1:
+        torch.distributed.destroy_process_group()
     recs = ctx.suite_records(SUITE)
     ctx.note(f"-- e2e: {len(recs)} records in {time.perf_counter() - t0:.1f} s\n{results.format_table(recs)}")
-    if a.json:
+    if a.json and rank == 0:
         results.write_json(a.json, recs)
     return 0
 
+
+def _init_distributed(ranks: int) -> tuple[int, torch.device]:
+    """The default process group of a torchrun launch of ``ranks`` processes -> (rank, this rank's device)."""
+    import os
+
+    import torch.distributed as dist
+
+    from pykernels.ep.buffer import disable_multicast
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != ranks:
+        raise ValueError(f"--ep: expected {ranks} processes (torchrun --nproc-per-node {ranks} -m bench e2e ...), "
+                         f"WORLD_SIZE is {world}")
+    if torch.cuda.is_available():
+        disable_multicast()
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return dist.get_rank(), device

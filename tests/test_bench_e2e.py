@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -93,3 +94,70 @@ def test_command_line(tmp_path, capsys):
     assert bench_main(["e2e", "--context", "3", "--prompt-len", "4", "--no-write"]) == 2
     with pytest.raises(SystemExit):
         bench_main(["e2e", "--batch", "1,x"])
+
+
+def test_decode_bytes_per_rank():
+    cfg = DeepseekV2Config.from_preset("v2-236b")
+    from profiles import cost_model
+
+    whole = cost_model.model_decode_step(cfg, 64, 4096, 2).bytes
+    one = bench_e2e.decode_bytes_per_rank(cfg, 64, 4096, 1, 2)
+    two = bench_e2e.decode_bytes_per_rank(cfg, 64, 4096, 2, 2)
+    assert abs(one - whole) <= 1
+    # 2 ranks: each reads half of the experts 128 tokens hit (more than 64 tokens hit, fewer than all)
+    p = cost_model.model_params(cfg)
+    experts = p.num_moe_layers * p.expert * 2
+    hit = cost_model.expected_experts_hit
+    assert math.isclose(two - one, experts * (hit(160, 6, 128) / 2 - hit(160, 6, 64)), rel_tol=1e-9, abs_tol=2)
+    assert two < one
+
+
+def _ep_bench_worker(rank: int, port: int, out: str) -> None:
+    import os
+    import traceback
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        ctx = Context(quick=True, results_dir=None, echo=False)
+        args = bench_e2e.E2EArgs(preset="tiny", batches=(2,), prompt_len=6, context=12, new_tokens=3, layers=2, ep=2)
+        with ctx.suite_run(bench_e2e.SUITE):
+            bench_e2e.run_e2e_ep(ctx, args)
+        result = {"ok": True, "records": ctx.suite_records(bench_e2e.SUITE)}
+    except Exception:  # noqa: BLE001 - reported to the test
+        result = {"ok": False, "error": traceback.format_exc()}
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    os._exit(0)
+
+
+def test_expert_parallel_run_on_cpu(tmp_path):
+    """``--ep 2`` through two gloo processes (the torch EP backend, eager decode): the records rank 0 makes."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = mp.start_processes(_ep_bench_worker, args=(port, str(tmp_path)), nprocs=2, join=False,
+                               start_method="spawn")
+    deadline = time.monotonic() + 300
+    while not procs.join(timeout=1) and time.monotonic() < deadline:
+        pass
+    for p in procs.processes:
+        if p.is_alive():
+            p.kill()
+    results = [json.loads(f.read_text()) if (f := tmp_path / f"rank{r}.json").exists() else
+               {"ok": False, "error": "no result: the rank hung or died"} for r in range(2)]
+    for r in results:
+        assert r["ok"], r.get("error")
+    recs = {rec["op"]: rec for rec in results[0]["records"]}
+    assert set(recs) == {"model.prefill", "model.decode"}
+    d = recs["model.decode"]
+    assert d["backend"] == "pykernels-ep" and d["shape"] == {"preset": "tiny", "batch": 2, "context": 12,
+                                                             "layers": 2, "ep": 2}
+    assert d["extra"]["per_layer_us"] > 0 and d["extra"]["extrapolated_3_layers_ms"] > 0
+    assert "extrapolation" in d["extra"]["extrapolation"] and d["peer"]["missing"]
+    assert not d["extra"]["cuda_graphs"] and d["extra"]["ep_backend"] == "torch"
