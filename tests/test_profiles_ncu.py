@@ -204,7 +204,7 @@ def test_run_session_with_a_stand_in_ncu(monkeypatch, tmp_path):
     fake = tmp_path / "ncu"
     fake.write_text(FAKE_NCU.format(python=sys.executable, csv=str(RAW_CSV)))
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("PYKERNELS_GIT_COMMIT", "abc1234")
+    monkeypatch.setattr(ncu, "_git_commit", lambda: "abc1234")  # bench.harness.git_commit is cached per process
     out = tmp_path / "results"
     s = ncu.run_session("mla_decode", "triton", {"b": "64"}, out_root=out, ncu=str(fake))
     folder = out / "nvidia-h200"
