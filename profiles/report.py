@@ -183,9 +183,10 @@ def link_table(points: list[dict[str, Any]]) -> str:
 
 
 def _closest(points: list[dict[str, Any]], key: str, target: float) -> dict[str, Any] | None:
-    """The point whose shape[key] is nearest ``target`` on a log scale."""
+    """The point whose shape[key] is nearest ``target`` on a log scale; among the backends and layouts
+    recorded at that shape, the fastest (what ``backend=None`` would run)."""
     cands = [p for p in points if p["shape"].get(key)]
-    return min(cands, key=lambda p: abs(math.log(p["shape"][key] / target)), default=None)
+    return min(cands, key=lambda p: (abs(math.log(p["shape"][key] / target)), p["time_us"]), default=None)
 
 
 def _datasheet_fraction(p: dict[str, Any], spec: hardware.GpuSpec) -> float:
