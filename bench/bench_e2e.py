@@ -520,7 +520,8 @@ def parser() -> argparse.ArgumentParser:
                    help="tokens transformers generates per batch (its decode is ~100x slower than ours)")
     p.add_argument("--layers", type=int, help="keep only the first N layers (shape records say so)")
     p.add_argument("--no-peer", action="store_true", help="skip transformers")
-    p.add_argument("--no-prefill-bar", action="store_true", help=f"skip the {BAR_PREFILL[0]} x {BAR_PREFILL[1]} prefill")
+    p.add_argument("--no-prefill-bar", action="store_true",
+                   help=f"skip the {BAR_PREFILL[0]} x {BAR_PREFILL[1]} prefill")
     p.add_argument("--ep", type=int, help="expert-parallel ranks (launch with torchrun --nproc-per-node EP)")
     p.add_argument("--results-dir", default=str(DEFAULT_RESULTS_DIR))
     p.add_argument("--no-write", action="store_true", help="do not touch the results files")

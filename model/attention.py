@@ -199,7 +199,7 @@ def _measure(device, dtype, heads, dqk, dv, softmax_scale) -> dict[str, float | 
                 err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
                 if not err <= TOLERANCE.get(dtype, 2e-2):
                     raise ValueError(f"relative error {err:.2e} against the reference")
-            out[name] = _time_us(lambda: run(name, *probe, softmax_scale))
+            out[name] = _time_us(lambda name=name: run(name, *probe, softmax_scale))
         except Exception as e:  # noqa: BLE001 - a backend that cannot run these shapes is not eligible
             out[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
     return out

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 import pykernels as pk
+from model import attention
 from model.cache import PagedLatentCache
 from model.config import DeepseekV2Config
-from model import attention
 from model.layers import MLP, Block, MoE, RMSNorm
 
 # Scale of the random initialisation of a [out, in] weight: std = in^-0.5 keeps activations O(1);
