@@ -87,10 +87,10 @@ class DecodeGraphs:
         if padding:
             raise ValueError(f"n: rows {padding} are not empty but lie outside the first {n} rows this step "
                              f"covers; pass n > {padding[-1]}")
-        cache.decoded(n, 1)  # checks every live row has room, before anything runs
+        if self.use_graphs and b not in self._graphs:
+            self._capture(b)  # leaves the cache's lengths as they were
+        cache.decoded(n, 1)  # checks every live row has room (raising before anything runs), then counts the step
         if self.use_graphs:
-            if b not in self._graphs:
-                self._capture(b)
             self._graphs[b].replay()
             self._last = self._outputs[b]
         else:
