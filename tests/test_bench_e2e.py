@@ -121,7 +121,7 @@ def _ep_bench_worker(rank: int, port: int, out: str) -> None:
 
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-        ctx = Context(quick=True, results_dir=None, echo=False)
+        ctx = Context(device="cpu", quick=True, results_dir=None, echo=False)  # gloo: CPU tensors, also on a GPU host
         args = bench_e2e.E2EArgs(preset="tiny", batches=(2,), prompt_len=6, context=12, new_tokens=3, layers=2, ep=2)
         with ctx.suite_run(bench_e2e.SUITE):
             bench_e2e.run_e2e_ep(ctx, args)
