@@ -85,7 +85,7 @@ def test_hf_config_matches_ours():
 def test_command_line(tmp_path, capsys):
     out = tmp_path / "e2e.json"
     rc = bench_main(["e2e", "--batch", "1", "--prompt-len", "4", "--context", "9", "--new-tokens", "2", "--layers",
-                     "1", "--no-peer", "--no-write", "--json", str(out)])
+                     "1", "--no-peer", "--no-prefill-bar", "--no-write", "--json", str(out)])
     assert rc == 0
     recs = json.loads(out.read_text())
     assert {(r["op"], r["shape"]["batch"], r["shape"]["context"]) for r in recs} == {
