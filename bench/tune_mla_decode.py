@@ -7,8 +7,8 @@ access) is reported and its group is rerun without it, so the sweep still covers
 
 For each group of shapes sharing a row count (q_len x heads: 16, 32 or 128 rows per sequence):
 
-1. every kernel config of the group's grid (BLOCK_M, BLOCK_N, num_warps, num_stages, keys-major
-   or rows-major) is timed once per shape at the split count the heuristic gives it;
+1. every kernel config of the group's grid (BLOCK_M, BLOCK_N, num_warps, num_stages, programs per
+   SM) is timed once per shape at the split count the heuristic gives it;
 2. the three best configs of the group are timed again over a range of split counts.
 
 Every run is checked against the float32 reference (a wrong config is reported, never chosen),
@@ -52,11 +52,11 @@ SPLIT_MODELS = [(ppsm, cost) for ppsm in (1, 2) for cost in (0.5, 1.0, 2.0, 4.0)
 TABLE_MIN_CHUNK = 256
 
 
-def _cfg(block_m, block_n, num_warps, num_stages, swap_ab=False, ppsm=1):
+def _cfg(block_m, block_n, num_warps, num_stages, ppsm=1):
     from pykernels.triton.mla_decode import MLADecodeConfig
 
     # min_chunk = block_n: the sweep's explicit split counts are taken as given.
-    return MLADecodeConfig(block_m, block_n, num_warps, num_stages, swap_ab=swap_ab, programs_per_sm=ppsm,
+    return MLADecodeConfig(block_m, block_n, num_warps, num_stages, programs_per_sm=ppsm,
                            min_chunk=block_n)
 
 
@@ -70,7 +70,7 @@ def groups():
             (1, 16, 32, 32768, [2, 4, 6, 8, 12, 16]),
             (1, 16, 1, 32768, [64, 96, 128, 192, 256, 384]),
         ], [
-            _cfg(16, 64, 4, 2, True), _cfg(16, 64, 4, 3), _cfg(16, 64, 8, 3), _cfg(16, 32, 4, 3, ppsm=2),
+            _cfg(16, 64, 4, 3), _cfg(16, 64, 8, 3), _cfg(16, 32, 4, 3, ppsm=2),
             _cfg(16, 32, 4, 4), _cfg(16, 16, 4, 4, ppsm=2),
         ]),
         ("rows32", 0.2, [
@@ -88,7 +88,7 @@ def groups():
 
 def config_name(c) -> str:
     ppsm = f"/{c.programs_per_sm}perSM" if c.programs_per_sm != 1 else ""
-    return f"M{c.block_m}/N{c.block_n}/w{c.num_warps}/s{c.num_stages}/{'keys' if c.swap_ab else 'rows'}{ppsm}"
+    return f"M{c.block_m}/N{c.block_n}/w{c.num_warps}/s{c.num_stages}{ppsm}"
 
 
 class Sweep:
@@ -342,7 +342,7 @@ def main(argv=None) -> int:
         slow = "-" if m["slowdown"] is None else f"x{m['slowdown']:.3f}"
         print(f"  {s['group']}: {s['name']} (x{s['slowdown_vs_best_per_shape']:.3f} of the best per shape)")
         print(f"    MLADecodeConfig(block_m={c['block_m']}, block_n={c['block_n']}, num_warps={c['num_warps']}, "
-              f"num_stages={c['num_stages']}, swap_ab={c['swap_ab']}, programs_per_sm={m['programs_per_sm']})")
+              f"num_stages={c['num_stages']}, programs_per_sm={m['programs_per_sm']})")
         print(f"    split model: programs_per_sm={m['programs_per_sm']}, PROGRAM_COST_TILES={m['program_cost_tiles']}"
               f" ({slow} of this config's best splits)")
         for shape, b in s["best_per_shape"].items():

@@ -5,7 +5,6 @@ shapes, CUDA-graph replay with new lengths, torch.compile, memory safety on unch
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -146,14 +145,13 @@ INTERPRETER_CASES = [
 
 
 @interpreter_only
-@pytest.mark.parametrize("swap_ab", [False, True], ids=["rows_major", "keys_major"])
 @pytest.mark.parametrize("case", INTERPRETER_CASES, ids=lambda c: f"b{c[0]}q{c[1]}h{c[2]}bs{c[3]}c{int(c[5])}s{c[6]}")
-def test_triton_interpreter_fp16(case, swap_ab):
+def test_triton_interpreter_fp16(case):
     from pykernels.triton import mla_decode as tmla
 
     batch, q_len, heads, block_size, lens, causal, splits = case
     q, k_cache, block_table, seqlens = make_case(batch, q_len, heads, block_size, lens, dtype=torch.float16, seed=3)
-    config = dataclasses.replace(tmla.INTERPRETER_CONFIG, swap_ab=swap_ab)
+    config = tmla.INTERPRETER_CONFIG
     out, lse = tmla.mla_decode_triton(q, k_cache, block_table, seqlens, HEAD_DIM_V, HEAD_DIM**-0.5, causal,
                                       config=config, num_splits=splits, fallback=False)
     ref_out, ref_lse = mla_decode_reference(q.float(), k_cache.float(), block_table, seqlens, HEAD_DIM_V,
@@ -168,7 +166,7 @@ def test_triton_interpreter_tile_and_block_size_differ(block_size):
     M16/N128/w4/s1/keys config, with lengths ending inside a tile and NaN past each end."""
     from pykernels.triton import mla_decode as tmla
 
-    config = tmla.MLADecodeConfig(block_m=16, block_n=128, num_warps=4, num_stages=1, swap_ab=True, min_chunk=128)
+    config = tmla.MLADecodeConfig(block_m=16, block_n=128, num_warps=4, num_stages=1, min_chunk=128)
     lens = [1, 63, 129, 300]
     q, k_cache, block_table, seqlens = make_case(4, 1, 16, block_size, lens, dtype=torch.float16, seed=5)
     out, lse = tmla.mla_decode_triton(q, k_cache, block_table, seqlens, HEAD_DIM_V, HEAD_DIM**-0.5, False,
@@ -212,7 +210,7 @@ def test_triton_config_that_fails_is_replaced_once(monkeypatch):
     from pykernels.triton import mla_decode as tmla
 
     monkeypatch.setattr(tmla, "_REPLACED", {})
-    broken = tmla.MLADecodeConfig(block_m=16, block_n=24, num_warps=4, num_stages=1, swap_ab=True)  # 24: no arange
+    broken = tmla.MLADecodeConfig(block_m=16, block_n=24, num_warps=4, num_stages=1)  # 24: no arange
     q, k_cache, block_table, seqlens = make_case(2, 1, 4, 16, [9, 40], dtype=torch.float16, seed=15)
     with pytest.raises(Exception):
         tmla.mla_decode_triton(q, k_cache, block_table, seqlens, HEAD_DIM_V, 0.1, False, config=broken, fallback=False)
@@ -325,15 +323,15 @@ def _gpu_configs():
 
     return {
         "table": None,
-        "rows16_rows_major": MLADecodeConfig(16, 64, 4, 2, swap_ab=False, min_chunk=64),
-        "rows64_n32_w8": MLADecodeConfig(64, 32, 8, 2, swap_ab=False, min_chunk=32),
-        "rows32_n32_keys_major_w8": MLADecodeConfig(32, 32, 8, 3, swap_ab=True, min_chunk=32),
+        "rows16_n64_s3": MLADecodeConfig(16, 64, 4, 3, min_chunk=64),
+        "rows64_n32_w8": MLADecodeConfig(64, 32, 8, 2, min_chunk=32),
+        "rows32_n16_two_per_sm": MLADecodeConfig(32, 16, 4, 4, programs_per_sm=2, min_chunk=32),
     }
 
 
 @gpu
 @pytest.mark.parametrize("dtype, config", [(torch.bfloat16, c) for c in
-                                           ("table", "rows16_rows_major", "rows64_n32_w8", "rows32_n32_keys_major_w8")]
+                                           ("table", "rows16_n64_s3", "rows64_n32_w8", "rows32_n16_two_per_sm")]
                          + [(torch.float16, "table")])
 @pytest.mark.parametrize("case", INTERPRETER_CASES, ids=lambda c: f"b{c[0]}q{c[1]}h{c[2]}bs{c[3]}c{int(c[5])}s{c[6]}")
 def test_triton_gpu_edges(case, dtype, config):

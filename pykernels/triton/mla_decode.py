@@ -10,13 +10,13 @@ Two kernels:
    sequence in tiles of ``BLOCK_N`` cache rows; each tile is loaded once as ``[BLOCK_N, DV]`` (the
    first 512 columns) + ``[BLOCK_N, DR]`` (the 64 rope columns) and serves both as K in
    ``s = q . k`` and (its first 512 columns) as V in ``acc += p . v``. Online softmax in float32 in
-   base 2 (the softmax scale is folded into log2(e)); both products accumulate in float32. Two
-   loop bodies: rows-major (rows are the M of both dots) and keys-major (the cache tile is the M,
-   for few rows; see _attend_keys_major). With one split the program writes ``out`` and ``lse``
-   directly; with several it writes each split's normalised output and base-2 LSE to float32
-   scratch.
+   base 2 (the softmax scale is folded into log2(e)); both products accumulate in float32. The
+   block ids of a split are staged in registers before its tile loop, so the loop's loads depend on
+   no load inside it and Triton's software pipeliner keeps ``num_stages - 1`` tiles in flight while
+   the program computes on one. With one split the program writes ``out`` and ``lse`` directly;
+   with several it writes each split's normalised output and base-2 LSE to float32 scratch.
 
-2. ``_mla_decode_combine_kernel``, one program per (row, batch, 128 value columns): merges the
+2. ``_mla_decode_combine_kernel``, one program per (row, batch, column block): merges the
    splits by their LSE in float32: ``out = sum_s w_s o_s / sum_s w_s``, ``w_s = 2^(lse_s - max lse)``.
 
 Split count: chosen on the host from shapes only (batch, row blocks, ``max_blocks_per_seq *
@@ -56,14 +56,13 @@ class MLADecodeConfig:
     block_n: int  # cache rows per tile
     num_warps: int
     num_stages: int  # software-pipelining depth of the cache-tile loads
-    swap_ab: bool  # cache tile as the M of the dots (_attend_keys_major), else the rows (_attend_rows_major)
     programs_per_sm: int = 1  # programs resident per SM (shared memory / registers): the split model's slots
     min_chunk: int = 256  # fewest cache rows one split takes (rounded up to block_n)
 
 
 # Chosen configs, by rows per sequence (q_len * num_heads), for 2-byte elements, from
 # `python -m bench.tune_mla_decode` on the H200 (bench/results/nvidia-h200/tune-mla_decode.json). All are
-# rows-major and software-pipelined: while a program computes on one cache tile, the next tiles' loads
+# software-pipelined: while a program computes on one cache tile, the next tiles' loads
 # are in flight (num_stages - 1 buffers; possible because the block ids are staged in registers first).
 # - up to 16 rows (h16, q_len 1): bound by reading the cache; all 16 rows of a sequence in one program so
 #   each cache row is read once. 32-row tiles x 3 stages (93 KB of shared memory) let two programs share
@@ -77,17 +76,16 @@ class MLADecodeConfig:
 # fp32 (allowed for testing) halves block_n and pipelines one stage to fit the same shared memory.
 CONFIG_TABLE: tuple[tuple[int, MLADecodeConfig], ...] = (
     # (max rows, config); first match wins
-    (16, MLADecodeConfig(block_m=16, block_n=32, num_warps=4, num_stages=3, swap_ab=False, programs_per_sm=2)),
-    (32, MLADecodeConfig(block_m=32, block_n=64, num_warps=8, num_stages=3, swap_ab=False)),
-    (1 << 30, MLADecodeConfig(block_m=64, block_n=32, num_warps=8, num_stages=4, swap_ab=False)),
+    (16, MLADecodeConfig(block_m=16, block_n=32, num_warps=4, num_stages=3, programs_per_sm=2)),
+    (32, MLADecodeConfig(block_m=32, block_n=64, num_warps=8, num_stages=3)),
+    (1 << 30, MLADecodeConfig(block_m=64, block_n=32, num_warps=8, num_stages=4)),
 )
 
 # Most block-table entries one program stages in registers at a time (128 x 64 = 8192 positions).
 BT_CHUNK_MAX = 128
 
 # Under the interpreter: small tiles keep the CPU tests fast (shape coverage matters there, not speed).
-INTERPRETER_CONFIG = MLADecodeConfig(block_m=16, block_n=16, num_warps=4, num_stages=1, swap_ab=False,
-                                     min_chunk=16)
+INTERPRETER_CONFIG = MLADecodeConfig(block_m=16, block_n=16, num_warps=4, num_stages=1, min_chunk=16)
 
 # Split model (choose_num_splits), in units of one tile's time:
 # a program's fixed cost (launch slot, q load, prologue/epilogue, pipeline fill) is ~2 tiles;
@@ -212,11 +210,10 @@ def _load_tile(K, bt_chunk, chunk_start, stride_kblock, stride_krow, tile, end,
 
 
 @triton.jit
-def _attend_rows_major(q_v, q_r, K, bt_row, stride_btj, stride_kblock, stride_krow, start, end, limit,
-                       num_blocks, qk_scale,
-                       DV: tl.constexpr, DR: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BT_CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online softmax over [start, end) with the rows as the M of both dots:
+def _attend(q_v, q_r, K, bt_row, stride_btj, stride_kblock, stride_krow, start, end, limit, num_blocks, qk_scale,
+            DV: tl.constexpr, DR: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, BT_CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax over [start, end) of the sequence:
     ``s[M, N] = q . k^T`` then ``acc[M, DV] += p . v``. Returns (acc, m, l): the unnormalised output,
     the running max (base 2) and the running sum."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of s (base 2)
@@ -248,45 +245,6 @@ def _attend_rows_major(q_v, q_r, K, bt_row, stride_btj, stride_kblock, stride_kr
     return acc, m_i, l_i
 
 
-@triton.jit
-def _attend_keys_major(q_v, q_r, K, bt_row, stride_btj, stride_kblock, stride_krow, start, end, limit,
-                       num_blocks, qk_scale,
-                       DV: tl.constexpr, DR: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BT_CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """The same online softmax with the operands swapped, for few rows: the cache tile is the M of
-    both dots (``s^T[N, M] = k . q^T``, ``acc^T[DV, M] += v^T . p^T``), so a 16-row query still gives
-    64-row (Hopper warpgroup-sized) products and K/V feed them straight from shared memory.
-    Returns (acc [M, DV], m, l) like _attend_rows_major."""
-    q_vt = tl.trans(q_v)  # [DV, M]
-    q_rt = tl.trans(q_r)  # [DR, M]
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc_t = tl.zeros([DV, BLOCK_M], dtype=tl.float32)  # [DV, M]
-    # Whole tiles whose pages all fit one staged chunk of the block table (tiles start at multiples of
-    # BLOCK_N, not necessarily of PAGE, so a chunk of BT_CHUNK entries covers BT_CHUNK - 1 pages of tiles).
-    CHUNK_ROWS: tl.constexpr = (BT_CHUNK - 1) * PAGE // BLOCK_N * BLOCK_N
-    for chunk_start in range(start, end, CHUNK_ROWS):
-        bt_chunk = _block_table_chunk(bt_row, stride_btj, chunk_start, end, num_blocks, PAGE, BT_CHUNK)
-        for tile in range(chunk_start, tl.minimum(chunk_start + CHUNK_ROWS, end), BLOCK_N):
-            pos, pos_ok, kv, k_r = _load_tile(K, bt_chunk, chunk_start, stride_kblock, stride_krow, tile, end,
-                                                  DV, DR, PAGE, BLOCK_N, BT_CHUNK)
-            s_t = tl.dot(kv, q_vt, input_precision=DOT_PRECISION)  # [N, M]
-            s_t = tl.dot(k_r, q_rt, s_t, input_precision=DOT_PRECISION)
-            s_t = s_t * qk_scale
-            visible = pos_ok[:, None] & (pos[:, None] < limit[None, :])  # [N, M]
-            s_t = tl.where(visible, s_t, float("-inf"))
-
-            m_new = tl.maximum(m_i, tl.max(s_t, axis=0))  # [M]
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_sub)
-            p_t = tl.exp2(s_t - m_sub[None, :])  # [N, M]
-            l_i = l_i * alpha + tl.sum(p_t, axis=0)
-            acc_t = acc_t * alpha[None, :]
-            acc_t = tl.dot(tl.trans(kv), p_t.to(kv.dtype), acc_t, input_precision=DOT_PRECISION)  # [DV, M]
-            m_i = m_new
-    return tl.trans(acc_t), m_i, l_i
-
-
 # Runtime sizes that change per call are not specialised (Triton would otherwise compile a variant
 # for values equal to 1 or divisible by 16).
 @triton.jit(do_not_specialize=["stride_btb", "num_blocks", "max_blocks", "num_splits", "min_chunk"])
@@ -312,7 +270,6 @@ def _mla_decode_split_kernel(
     BT_CHUNK: tl.constexpr,  # block-table entries staged in registers per pass of the tile loop
     CAUSAL: tl.constexpr,  # query i sees positions < n - q_len + i + 1
     SPLIT: tl.constexpr,  # write float32 partials for the combine kernel, else the final out/lse
-    SWAP_AB: tl.constexpr,  # cache tile as the M of the dots (_attend_keys_major), else the rows
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32), "tf32" otherwise (ignored for 16-bit)
 ):
     row_block = tl.program_id(0)  # fastest axis: the row blocks of one (sequence, split) run together
@@ -347,14 +304,8 @@ def _mla_decode_split_kernel(
     q_r = tl.load(q_row[:, None] + DV + cols_r[None, :], mask=row_ok[:, None], other=0.0)  # [M, DR]
 
     bt_row = BLOCK_TABLE + b.to(tl.int64) * stride_btb
-    if SWAP_AB:
-        acc, m_i, l_i = _attend_keys_major(q_v, q_r, K, bt_row, stride_btj, stride_kblock, stride_krow, start, end,
-                                           limit, num_blocks, qk_scale, DV, DR, PAGE, BLOCK_M, BLOCK_N, BT_CHUNK,
-                                           DOT_PRECISION)
-    else:
-        acc, m_i, l_i = _attend_rows_major(q_v, q_r, K, bt_row, stride_btj, stride_kblock, stride_krow, start, end,
-                                           limit, num_blocks, qk_scale, DV, DR, PAGE, BLOCK_M, BLOCK_N, BT_CHUNK,
-                                           DOT_PRECISION)
+    acc, m_i, l_i = _attend(q_v, q_r, K, bt_row, stride_btj, stride_kblock, stride_krow, start, end, limit, num_blocks,
+                            qk_scale, DV, DR, PAGE, BLOCK_M, BLOCK_N, BT_CHUNK, DOT_PRECISION)
 
     seen_any = l_i > 0.0
     o = acc / tl.where(seen_any, l_i, 1.0)[:, None]  # [M, DV]; 0 for rows that saw nothing
@@ -429,10 +380,10 @@ def check_supported(head_dim: int, head_dim_v: int) -> None:
 
 
 def fallback_config(config: MLADecodeConfig) -> MLADecodeConfig:
-    """A conservative rows-major config with the same rows per program: small tiles, one stage
+    """A conservative config with the same rows per program: small tiles, one stage
     (q + one K tile stay under 120 KB of shared memory at 64 rows)."""
     return MLADecodeConfig(block_m=config.block_m, block_n=32, num_warps=8 if config.block_m >= 64 else 4,
-                           num_stages=1, swap_ab=False, min_chunk=config.min_chunk)
+                           num_stages=1, min_chunk=config.min_chunk)
 
 
 # Configs that failed to compile or launch on this machine, and what replaced them (see mla_decode_triton).
@@ -519,7 +470,6 @@ def _launch(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, c
         BT_CHUNK=bt_chunk,
         CAUSAL=causal,
         SPLIT=split,
-        SWAP_AB=config.swap_ab,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps,
         num_stages=config.num_stages,
