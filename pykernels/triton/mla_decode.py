@@ -61,7 +61,7 @@ class MLADecodeConfig:
 
 
 # Chosen configs, by rows per sequence (q_len * num_heads), for 2-byte elements, from
-# `python -m bench.tune_mla_decode` on the H200 (bench/results/nvidia-h200/tune-mla_decode.json). All are
+# `python -m bench.tune_mla_decode` on the H200 (bench/results/nvidia-h200/tune/mla_decode.json). All are
 # software-pipelined: while a program computes on one cache tile, the next tiles' loads
 # are in flight (num_stages - 1 buffers; possible because the block ids are staged in registers first).
 # - up to 16 rows (h16, q_len 1): bound by reading the cache; all 16 rows of a sequence in one program so
