@@ -11,18 +11,8 @@ Shapes (DeepSeek-V2: rotary_dim 64, kv_lora_rank 512, interleaved pairs, bf16):
            bar is >= 80 % of the measured copy bandwidth over the cost model's bytes.
 Every shape: the peer is eager torch (rotate in the input dtype, cat, index_put: what a user writes
 without a kernel); the bar is >= 4x of it. Bytes and FLOPs: profiles.cost_model.apply_rotary /
-rope_and_cache: q's rope columns read and written, k_pe and kv_latent read, the cache rows (or k_out)
-written, the int64 positions (and slots) read. cos/sin are not counted, and not read: both kernels compute
-them from inv_freq and the position (pykernels/rope.py), so the count is exactly what they move. (The
-eager peer reads a float32 table row per token, T x 64 x 4 bytes more: 4.2 MB at T = 16384, random rows
-here since positions are random.) The empty launch is ``pykernels._C.empty_kernel`` (<<<1, 32>>>) when
-the extension is built, else a one-program Triton kernel (extra: empty_launch says which); decode records
-also carry floor_us = empty launch + bytes at the measured copy bandwidth, what no launch that reads HBM
-can beat. At T = 256, h128 (9 MB a call; the rotated sets exceed the L2) it is ~3.9x the empty launch: no
-kernel meets the decode bar there. Smaller decode sets sit in the L2 (16 sets of a few MB), where the
-floor is only indicative.
-extra.default_backend names the backend ``backend=None`` takes for the shape; bench/tune_rope.py sweeps
-the launch shapes of both backends.
+rope_and_cache. The empty launch is ``pykernels._C.empty_kernel`` (<<<1, 32>>>) when the extension is
+built, else a one-program Triton kernel (extra: empty_launch says which).
 
 Input sets are rotated (ctx.sets_for) so the timed bytes come from HBM, not from the L2; cache slots are
 a random permutation over a cache of 4096 rows or T rows, whichever is larger (no -1: the eager peer
@@ -35,7 +25,6 @@ import torch
 import pykernels as pk
 from profiles import cost_model
 from pykernels import _backend, _ext
-from pykernels import rope as rope_mod
 
 SUITE = "rope"
 
@@ -150,7 +139,6 @@ def bench_shape(ctx, rope: pk.YarnRotary, phase: str, T: int, h: int, dtype: tor
     extra = {"phase": phase, "q_head_dim": q_dim, "n_sets": n_sets, "graph": graph}
     if empty is not None and decode:
         extra.update(empty_launch_us=round(empty[0], 4), empty_launch=empty[1])
-    defaults = {op: rope_mod._pick_backend(op, None, ctx.device, True) for op in costs}
     for backend in backends_for(ctx):
         def ours_ar(i, backend=backend):
             return pk.apply_rotary(q_pes[i], sets[i]["k_pe"], sets[i]["positions"], rope, backend=backend)
@@ -161,9 +149,8 @@ def bench_shape(ctx, rope: pk.YarnRotary, phase: str, T: int, h: int, dtype: tor
         times = {"apply_rotary": ctx.time(ours_ar, n_sets=n_sets, graph=graph),
                  "rope_and_cache": ctx.time(ours_rc, n_sets=n_sets, graph=graph)}
         for op, t in times.items():
-            rec_extra = dict(extra, default_backend=defaults[op])
+            rec_extra = dict(extra)
             if empty is not None and decode:
-                floor = empty[0] + costs[op].bytes / (ctx.ceilings.copy_gbps * 1e3)
-                rec_extra.update(x_empty_launch=round(t / empty[0], 3), floor_us=round(floor, 4))
+                rec_extra["x_empty_launch"] = round(t / empty[0], 3)
             ctx.record(op=op, backend=backend, shape={"T": T, "h": h}, dtype=DTYPE_NAMES[dtype], time_us=t,
                        bytes=costs[op].bytes, flops=costs[op].flops, peer=(PEER_NAME, peers[op]), extra=rec_extra)

@@ -34,13 +34,6 @@ Rotation of one row x [d] at position p, pair i in [0, d/2) made of (a, b):
 DeepSeek's original code de-interleaves q and k and then rotates halves; that permutes the columns of both
 the same way, so q . k is the same as with the interleaved rotation in place.
 
-The torch reference reads cos/sin from the table. The Triton and CUDA kernels compute them instead, from
-``inv_freq`` and the position: the same float32 angle ``float(p) * inv_freq[i]`` the table holds, reduced
-to [-pi, pi] in float64, cos/sin in float32 (CUDA: the hardware approximation, |error| < 4e-7 on that
-range), times the mscale ratio. They match the table to a few float32 ulps, and a kernel then reads only
-q, k, the latent rows and the indices: no T x d x 4 bytes of table rows, no dependent round trip
-position -> table row -> store.
-
 Bad values (positions outside [0, max_position), slot ids outside [-1, num_blocks * block_size)): CPU
 tensors (and CUDA tensors when ``PYKERNELS_CHECK_VALUES=1``, see ``_checks.value_checks_enabled``) raise
 ValueError before anything runs. Otherwise no value is read back to the host: every backend skips the bad
@@ -55,9 +48,7 @@ allocated inside the graph's memory pool.
 """
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -398,47 +389,6 @@ def rope_and_cache_reference(q: torch.Tensor, kv_latent: torch.Tensor, k_pe: tor
 # Backends
 # ---------------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class CudaLaunch:
-    """Launch shape of csrc/rope's kernel: CTAs of ``threads`` threads, each moving ``units_per_thread``
-    16-byte units (all loaded before any is stored); ``streaming`` marks every q/k/latent/cache access
-    evict-first (``.cs``: the data is touched once). See csrc/rope/rope.cu."""
-
-    threads: int = 256
-    units_per_thread: int = 1
-    streaming: bool = False
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.threads, int) or not 32 <= self.threads <= 256 or self.threads % 32:
-            raise ValueError(f"threads: expected a multiple of 32 in [32, 256], got {self.threads!r}")
-        if self.units_per_thread not in (1, 2, 4, 8):
-            raise ValueError(f"units_per_thread: expected 1, 2, 4 or 8, got {self.units_per_thread!r}")
-
-
-# Threads an SM holds at once (Hopper: 2048): the default CUDA launch gives a thread more units only once
-# every SM would otherwise be full, so small (decode) launches spread over as many SMs as they can.
-_THREADS_PER_SM = 2048
-# Units per thread for launches bigger than one full wave: 4 x 16-byte loads in flight per thread.
-_PREFILL_UNITS_PER_THREAD = 4
-
-
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def cuda_launch_for(T: int, H: int, d: int, latent_dim: int, elem_bytes: int, device: torch.device) -> CudaLaunch:
-    """The default CUDA launch shape (bench/tune_rope.py sweeps others): one unit per thread while the
-    launch fits in one wave of full SMs, more beyond."""
-    units = T * ((H + 1) * d + latent_dim) * elem_bytes // 16  # 16-byte units of the whole launch
-    per_thread = units / (_num_sms(device) * _THREADS_PER_SM)
-    if per_thread < 2:
-        return CudaLaunch(units_per_thread=1)
-    if per_thread < _PREFILL_UNITS_PER_THREAD:
-        return CudaLaunch(units_per_thread=2)
-    return CudaLaunch(units_per_thread=_PREFILL_UNITS_PER_THREAD)
-
-
 def _cuda_aligned(*pairs: tuple[torch.Tensor, tuple[int, ...]]) -> bool:
     """True when each tensor's address and the given element strides/offsets are multiples of 16 bytes."""
     for t, counts in pairs:
@@ -450,10 +400,8 @@ def _cuda_aligned(*pairs: tuple[torch.Tensor, tuple[int, ...]]) -> bool:
     return True
 
 
-def _apply_rotary_impl(q_pe, k_pe, positions, cos_sin_cache, inv_freq, cos_sin_scale, flag, interleaved, backend,
-                       launch=None):
-    """Validated inputs, returns (q_out, k_out); no value checks here (see ``_eager_value_checks``).
-    ``launch``: a TritonLaunch or CudaLaunch for that backend (None: its default)."""
+def _apply_rotary_impl(q_pe, k_pe, positions, cos_sin_cache, flag, interleaved, backend):
+    """Validated inputs, returns (q_out, k_out); no value checks here (see ``_eager_value_checks``)."""
     T, H, d = q_pe.shape
     q_out = torch.empty((T, H, d), dtype=q_pe.dtype, device=q_pe.device)
     k_out = torch.empty(k_pe.shape, dtype=k_pe.dtype, device=k_pe.device)
@@ -469,18 +417,16 @@ def _apply_rotary_impl(q_pe, k_pe, positions, cos_sin_cache, inv_freq, cos_sin_s
     elif backend == "triton":
         from pykernels.triton import rope as triton_rope
 
-        triton_rope.rope_rows(q_pe, q_out, k2, k_out2, None, positions, inv_freq, cos_sin_scale,
-                              cos_sin_cache.shape[0], None, flag, interleaved=interleaved, copy_bad_rows=True,
-                              launch=launch)
+        triton_rope.rope_rows(q_pe, q_out, k2, k_out2, None, positions, cos_sin_cache, None, flag,
+                              interleaved=interleaved, copy_bad_rows=True)
     else:
-        _cuda_launch(q_pe, q_out, k2, k_out2, None, positions, inv_freq, cos_sin_scale, cos_sin_cache.shape[0],
-                     None, flag, interleaved, copy_bad_rows=True, launch=launch)
+        _cuda_launch(q_pe, q_out, k2, k_out2, None, positions, cos_sin_cache, None, flag, interleaved,
+                     copy_bad_rows=True)
     return q_out, k_out
 
 
-def _rope_and_cache_impl(q, kv_latent, k_pe, positions, cos_sin_cache, inv_freq, cos_sin_scale, k_cache,
-                         slot_mapping, flag, interleaved, backend, launch=None):
-    """Validated inputs, writes q and k_cache in place; ``launch`` as in ``_apply_rotary_impl``."""
+def _rope_and_cache_impl(q, kv_latent, k_pe, positions, cos_sin_cache, k_cache, slot_mapping, flag,
+                         interleaved, backend):
     T, _, Dq = q.shape
     d = cos_sin_cache.shape[1]
     if T == 0:
@@ -496,29 +442,25 @@ def _rope_and_cache_impl(q, kv_latent, k_pe, positions, cos_sin_cache, inv_freq,
     if backend == "triton":
         from pykernels.triton import rope as triton_rope
 
-        triton_rope.rope_rows(q_rope, q_rope, k2, cache_rows, kv_latent, positions, inv_freq, cos_sin_scale,
-                              cos_sin_cache.shape[0], slot_mapping, flag, interleaved=interleaved,
-                              copy_bad_rows=False, launch=launch)
+        triton_rope.rope_rows(q_rope, q_rope, k2, cache_rows, kv_latent, positions, cos_sin_cache,
+                              slot_mapping, flag, interleaved=interleaved, copy_bad_rows=False)
     else:
-        _cuda_launch(q_rope, q_rope, k2, cache_rows, kv_latent, positions, inv_freq, cos_sin_scale,
-                     cos_sin_cache.shape[0], slot_mapping, flag, interleaved, copy_bad_rows=False, launch=launch)
+        _cuda_launch(q_rope, q_rope, k2, cache_rows, kv_latent, positions, cos_sin_cache, slot_mapping, flag,
+                     interleaved, copy_bad_rows=False)
 
 
-def _cuda_launch(q_src, q_dst, k_src, k_dst, latent, positions, inv_freq, cos_sin_scale, max_position, slots, flag,
-                 interleaved, copy_bad_rows, launch=None):
+def _cuda_launch(q_src, q_dst, k_src, k_dst, latent, positions, cos_sin_cache, slots, flag, interleaved,
+                 copy_bad_rows):
     """One launch of csrc/rope's kernel (see csrc/rope/rope.h); it takes the 16-byte path when it can."""
     T, H, d = q_src.shape
-    L = 0 if latent is None else latent.shape[1]
-    if launch is None:
-        launch = cuda_launch_for(T, H, d, L, q_src.element_size(), q_src.device)
     _ext.require().rope_rows(
         q_src.data_ptr(), q_src.stride(0), q_src.stride(1), q_dst.data_ptr(), q_dst.stride(0), q_dst.stride(1),
         k_src.data_ptr(), k_src.stride(0), k_dst.data_ptr(), k_dst.stride(0), k_dst.shape[0],
-        0 if latent is None else latent.data_ptr(), 0 if latent is None else latent.stride(0), L,
-        positions.data_ptr(), positions.dtype == torch.int32, inv_freq.data_ptr(), float(cos_sin_scale),
-        max_position, 0 if slots is None else slots.data_ptr(), slots is not None and slots.dtype == torch.int32,
-        flag.data_ptr(), T, H, d, _DTYPE_CODES[q_src.dtype], interleaved, copy_bad_rows, launch.threads,
-        launch.units_per_thread, launch.streaming, _ext.stream_of(q_src),
+        0 if latent is None else latent.data_ptr(), 0 if latent is None else latent.stride(0),
+        0 if latent is None else latent.shape[1],
+        positions.data_ptr(), positions.dtype == torch.int32, cos_sin_cache.data_ptr(), cos_sin_cache.shape[0],
+        0 if slots is None else slots.data_ptr(), slots is not None and slots.dtype == torch.int32,
+        flag.data_ptr(), T, H, d, _DTYPE_CODES[q_src.dtype], interleaved, copy_bad_rows, _ext.stream_of(q_src),
     )
 
 
@@ -531,32 +473,29 @@ _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 @torch.library.custom_op("pykernels::apply_rotary", mutates_args=("error_flag",))
 def _apply_rotary_op(q_pe: torch.Tensor, k_pe: torch.Tensor, positions: torch.Tensor,
-                     cos_sin_cache: torch.Tensor, inv_freq: torch.Tensor, cos_sin_scale: float,
-                     error_flag: torch.Tensor, interleaved: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                     cos_sin_cache: torch.Tensor, error_flag: torch.Tensor, interleaved: bool,
+                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     _eager_value_checks(positions, cos_sin_cache.shape[0])
-    return _apply_rotary_impl(q_pe, k_pe, positions, cos_sin_cache, inv_freq, cos_sin_scale, error_flag,
-                              interleaved, backend)
+    return _apply_rotary_impl(q_pe, k_pe, positions, cos_sin_cache, error_flag, interleaved, backend)
 
 
 @_apply_rotary_op.register_fake
-def _(q_pe, k_pe, positions, cos_sin_cache, inv_freq, cos_sin_scale, error_flag, interleaved, backend):
+def _(q_pe, k_pe, positions, cos_sin_cache, error_flag, interleaved, backend):
     return torch.empty_like(q_pe, memory_format=torch.contiguous_format), torch.empty_like(
         k_pe, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("pykernels::rope_and_cache", mutates_args=("q", "k_cache", "error_flag"))
 def _rope_and_cache_op(q: torch.Tensor, kv_latent: torch.Tensor, k_pe: torch.Tensor, positions: torch.Tensor,
-                       cos_sin_cache: torch.Tensor, inv_freq: torch.Tensor, cos_sin_scale: float,
-                       k_cache: torch.Tensor, slot_mapping: torch.Tensor, error_flag: torch.Tensor,
-                       interleaved: bool, backend: str) -> None:
+                       cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                       error_flag: torch.Tensor, interleaved: bool, backend: str) -> None:
     _eager_value_checks(positions, cos_sin_cache.shape[0], slot_mapping, k_cache.shape[0] * k_cache.shape[1])
-    _rope_and_cache_impl(q, kv_latent, k_pe, positions, cos_sin_cache, inv_freq, cos_sin_scale, k_cache,
-                         slot_mapping, error_flag, interleaved, backend)
+    _rope_and_cache_impl(q, kv_latent, k_pe, positions, cos_sin_cache, k_cache, slot_mapping, error_flag,
+                         interleaved, backend)
 
 
 @_rope_and_cache_op.register_fake
-def _(q, kv_latent, k_pe, positions, cos_sin_cache, inv_freq, cos_sin_scale, k_cache, slot_mapping, error_flag,
-      interleaved, backend):
+def _(q, kv_latent, k_pe, positions, cos_sin_cache, k_cache, slot_mapping, error_flag, interleaved, backend):
     return None
 
 
@@ -565,7 +504,7 @@ def _(q, kv_latent, k_pe, positions, cos_sin_cache, inv_freq, cos_sin_scale, k_c
 # ---------------------------------------------------------------------------------------------------------
 
 # backend=None on CUDA: the CUDA kernel when its 16-byte path applies, else Triton. Both are one launch;
-# bench/tune_rope.py prints which backend wins per size on the GPU it runs on.
+# the choice is revisited with the H200 numbers of bench/bench_rope.py.
 _CUDA_PREFERENCE = ("cuda", "triton", "torch")
 
 
@@ -626,8 +565,8 @@ def apply_rotary(q_pe: torch.Tensor, k_pe: torch.Tensor, positions: torch.Tensor
     cuda_ok = q_pe.device.type == "cuda" and T > 0 and _cuda_aligned(
         (q_pe, (q_pe.stride(0), q_pe.stride(1), 2 * d)), (k_pe, (k_pe.stride(0),)))
     chosen = _pick_backend("apply_rotary", backend, q_pe.device, cuda_ok)
-    return _apply_rotary_op(q_pe, k_pe, positions, rope.cos_sin_cache, rope.inv_freq, rope.cos_sin_scale,
-                            error_flag(q_pe.device), rope.interleaved, chosen)
+    return _apply_rotary_op(q_pe, k_pe, positions, rope.cos_sin_cache, error_flag(q_pe.device),
+                            rope.interleaved, chosen)
 
 
 def rope_and_cache(q: torch.Tensor, kv_latent: torch.Tensor, k_pe: torch.Tensor, positions: torch.Tensor,
@@ -671,5 +610,5 @@ def rope_and_cache(q: torch.Tensor, kv_latent: torch.Tensor, k_pe: torch.Tensor,
         (q, (q.stride(0), q.stride(1), Dq - d, 2 * d)), (k_pe, (k_pe.stride(0),)),
         (kv_latent, (kv_latent.stride(0), L)), (k_cache, (L + d,)))
     chosen = _pick_backend("rope_and_cache", backend, q.device, cuda_ok)
-    _rope_and_cache_op(q, kv_latent, k_pe, positions, rope.cos_sin_cache, rope.inv_freq, rope.cos_sin_scale,
-                       k_cache, slot_mapping, error_flag(q.device), rope.interleaved, chosen)
+    _rope_and_cache_op(q, kv_latent, k_pe, positions, rope.cos_sin_cache, k_cache, slot_mapping,
+                       error_flag(q.device), rope.interleaved, chosen)
