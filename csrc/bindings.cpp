@@ -35,10 +35,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("q_dst"), py::arg("q_dst_stride_t"), py::arg("q_dst_stride_h"), py::arg("k_src"),
         py::arg("k_src_stride_t"), py::arg("k_dst"), py::arg("k_dst_stride_t"), py::arg("k_dst_rows"),
         py::arg("latent"), py::arg("latent_stride_t"), py::arg("latent_dim"), py::arg("positions"),
-        py::arg("positions_int32"), py::arg("inv_freq"), py::arg("cos_sin_scale"), py::arg("max_position"),
-        py::arg("slots"), py::arg("slots_int32"), py::arg("flag"), py::arg("tokens"), py::arg("heads"),
-        py::arg("rotary_dim"), py::arg("dtype"), py::arg("interleaved"), py::arg("copy_bad_rows"), py::arg("threads"),
-        py::arg("units_per_thread"), py::arg("streaming"), py::arg("stream"),
+        py::arg("positions_int32"), py::arg("cos_sin"), py::arg("max_position"), py::arg("slots"),
+        py::arg("slots_int32"), py::arg("flag"), py::arg("tokens"), py::arg("heads"), py::arg("rotary_dim"),
+        py::arg("dtype"), py::arg("interleaved"), py::arg("copy_bad_rows"), py::arg("stream"),
         "Rotary embedding of q/k rows with the fused paged-cache write (csrc/rope/rope.h); the GIL is released.",
         py::call_guard<py::gil_scoped_release>());
   m.def("empty_kernel", &pk::empty_kernel, py::arg("stream"), "Launch an empty kernel <<<1, 32>>> (launch-overhead reference).",
