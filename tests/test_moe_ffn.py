@@ -147,7 +147,8 @@ def test_triton_layouts_match_reference(device, dtype, layout, case):
 def test_layout_choice():
     from pykernels.triton.grouped_gemm import moe_ffn_triton
 
-    assert moe_configs.layout_for(1) == "direct" and moe_configs.layout_for(moe_configs.DIRECT_MAX_TOKENS + 1) == "sorted"
+    assert moe_configs.layout_for(moe_configs.DIRECT_MAX_TOKENS) == "direct"
+    assert moe_configs.layout_for(moe_configs.DIRECT_MAX_TOKENS + 1) == "sorted"
     with pytest.raises(ValueError, match="layout"):
         moe_ffn_triton(*_bad_moe().values(), layout="aligned")
 

@@ -36,8 +36,10 @@ BUCKETS = (("decode", 4.0), ("small", 32.0), ("medium", 128.0), ("large", float(
 # moe_ffn takes the direct layout (no permutation, no top-k sum kernel: 2 launches) up to this many tokens.
 # One token's top_k routes are distinct experts, so route-major programs read each hit expert once; with
 # more tokens, routes share experts and a route-major program would read a shared expert once per route.
-# bench/tune_moe.py times the layouts at T = 1, 2, 4, 8, 64, 128 and prints the crossing.
-DIRECT_MAX_TOKENS = 1
+# bench/tune_moe.py times the layouts at T = 1, 2, 4, 8, 64, 128 and prints the crossing. 0 for now: with
+# the untuned "direct" configs below, sorted beat direct at T = 1 on the H200 (bench/results/nvidia-h200/
+# moe.json, commit ef1e0b6: Lite 41.2 vs 46.2 µs, 236B 93.8 vs 112.2 µs); layout="direct" stays selectable.
+DIRECT_MAX_TOKENS = 0
 
 # Starting points by bucket, before any sweep (Hopper, bf16). Decode tiles are thin in M and N so that
 # many programs stream each hit expert's weights once, with deep K steps and stages to keep loads in flight.
