@@ -7,6 +7,7 @@ import torch
 
 from model import DeepseekV2, DeepseekV2Config
 from model.generate import greedy
+from model_cases import rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -14,10 +15,6 @@ pytestmark = pytest.mark.gpu
 # error over all logits, 96 % equal arg-max (a few routing decisions flip in bf16).
 BF16_REL_ERR = 6e-2
 BF16_ARGMAX_AGREE = 0.85
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def run_cached(m: DeepseekV2, seqs: torch.Tensor, prompt_lens: list[int], steps: int,

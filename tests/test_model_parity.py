@@ -29,15 +29,12 @@ from transformers import DeepseekV2ForCausalLM
 from model import DeepseekV2, DeepseekV2Config
 from model.config import yarn_get_mscale
 from model.layers import MoE
+from model_cases import rel_err
 
 MAX_REL_ERR = 1e-4  # float32 logits, the bound
 
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 64,
         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8}
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def hf_config(*, q_lora_rank: int | None = 24, topk_method: str = "group_limited_greedy",
