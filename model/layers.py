@@ -21,6 +21,7 @@ import pykernels as pk
 from model import attention
 from model.cache import CacheStep
 from model.config import DeepseekV2Config
+from pykernels.profiling import nvtx_range
 
 # q_a_layernorm and kv_a_layernorm use RMSNorm's default eps in DeepSeek's code, not config.rms_norm_eps.
 LATENT_NORM_EPS = 1e-6
@@ -64,6 +65,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
+    @nvtx_range("mlp")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
@@ -84,6 +86,7 @@ class MLP(nn.Module):
         self.up_proj.weight = nn.Parameter(both[g.shape[0]:], requires_grad=False)
         self.__dict__["_gate_up_storage"] = both
 
+    @nvtx_range("mlp")
     def add_forward_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Fused glue: out += mlp(x), the down projection accumulating into ``out`` (x [T, D], out [T, D])."""
         I = self.gate_proj.weight.shape[0]
@@ -133,13 +136,15 @@ class MoE(nn.Module):
     def routed(self, x: torch.Tensor, decode: bool = False) -> torch.Tensor:
         """The routed experts' weighted sum for x [T, D] -> [T, D]."""
         cfg = self.cfg
-        router_logits = F.linear(x.float(), self.gate.weight.float())  # [T, E]
-        topk_weights, topk_ids = pk.moe_route(
-            router_logits, cfg.num_experts_per_tok, method=cfg.topk_method, n_group=cfg.n_group,
-            topk_group=cfg.topk_group, routed_scaling_factor=cfg.routed_scaling_factor,
-            norm_topk_prob=cfg.norm_topk_prob, backend=self.backend)  # float32 [T, k], int32 [T, k]
+        with nvtx_range("moe route"):
+            router_logits = F.linear(x.float(), self.gate.weight.float())  # [T, E]
+            topk_weights, topk_ids = pk.moe_route(
+                router_logits, cfg.num_experts_per_tok, method=cfg.topk_method, n_group=cfg.n_group,
+                topk_group=cfg.topk_group, routed_scaling_factor=cfg.routed_scaling_factor,
+                norm_topk_prob=cfg.norm_topk_prob, backend=self.backend)  # float32 [T, k], int32 [T, k]
         if self.ep_size == 1:
-            return pk.moe_ffn(x, self.w13, self.w2, topk_weights, topk_ids, backend=self.backend)  # [T, D]
+            with nvtx_range("moe experts"):
+                return pk.moe_ffn(x, self.w13, self.w2, topk_weights, topk_ids, backend=self.backend)  # [T, D]
         if self.ep is None:
             raise RuntimeError(f"an expert-parallel MoE layer ({self.ep_size} ranks) needs set_expert_parallel")
         buf = self.ep_decode if decode and self.ep_decode is not None else self.ep
@@ -147,12 +152,14 @@ class MoE(nn.Module):
                                              low_latency=buf is self.ep_decode and buf.backend == "nvlink",
                                              backend=self.backend)
 
+    @nvtx_range("moe")
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, D]
         y = self.routed(x)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y
 
+    @nvtx_range("moe")
     def add_forward_to(self, out: torch.Tensor, x: torch.Tensor, decode: bool = False) -> torch.Tensor:
         """Fused glue: out += moe(x) (x [T, D]); the shared experts' down projection accumulates into the
         routed output."""
@@ -241,6 +248,7 @@ class MLA(nn.Module):
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=visible, scale=softmax_scale)
         return out.transpose(1, 2)  # [B, S, H, V]
 
+    @nvtx_range("attention")
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: pk.YarnRotary,
                 softmax_scale: float) -> torch.Tensor:
         """No cache: x [B, S, D], positions int64 [B * S] -> [B, S, D] (naive form)."""
@@ -255,6 +263,7 @@ class MLA(nn.Module):
 
     # ---- with the paged latent cache --------------------------------------------------------------------
 
+    @nvtx_range("attention")
     def prefill(self, x: torch.Tensor, step: CacheStep, k_cache: torch.Tensor, rope: pk.YarnRotary,
                 softmax_scale: float, fused: bool = False,
                 groups: list[attention.Group] | None = None) -> torch.Tensor:
@@ -301,6 +310,7 @@ class MLA(nn.Module):
                 out[g.token_index] = o.reshape(G * S, H, V)
         return out
 
+    @nvtx_range("attention")
     def decode(self, x: torch.Tensor, step: CacheStep, k_cache: torch.Tensor, rope: pk.YarnRotary,
                softmax_scale: float) -> torch.Tensor:
         """Absorbed form: x [B * q_len, D] (q_len new tokens of each of B sequences) -> [B * q_len, D]."""
@@ -320,6 +330,7 @@ class MLA(nn.Module):
         out = torch.einsum("thc,hvc->thv", out_latent.reshape(T, self.n_heads, -1), w_uv)  # [T, H, V]
         return self.o_proj(out.reshape(T, -1))
 
+    @nvtx_range("attention")
     def decode_fused(self, x: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                      block_table: torch.Tensor, cache_seqlens: torch.Tensor, k_cache: torch.Tensor,
                      rope: pk.YarnRotary, softmax_scale: float) -> torch.Tensor:

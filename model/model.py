@@ -24,6 +24,7 @@ from model import attention
 from model.cache import PagedLatentCache
 from model.config import DeepseekV2Config
 from model.layers import MLP, Block, MoE, RMSNorm
+from pykernels.profiling import nvtx_range
 
 # Scale of the random initialisation of a [out, in] weight: std = in^-0.5 keeps activations O(1);
 # norm weights are 1 + NORM_JITTER * N(0, 1) so that tests see them.
@@ -148,15 +149,17 @@ class DeepseekV2(nn.Module):
 
     # ---- no cache -------------------------------------------------------------------------------------
 
+    @nvtx_range("forward")
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, S] (positions 0..S-1 in every row) -> logits [B, S, vocab]."""
         B, S = input_ids.shape
         rope, scale = self.rope(), self.softmax_scale()
         positions = torch.arange(S, device=input_ids.device).repeat(B)  # [B * S]
         x = self.embed_tokens(input_ids)  # [B, S, D]
-        for layer in self.layers:
-            x = x + layer.self_attn(layer.input_layernorm(x), positions, rope, scale)
-            x = layer.ffn(x)
+        for i, layer in enumerate(self.layers):
+            with nvtx_range(f"layer {i}"):
+                x = x + layer.self_attn(layer.input_layernorm(x), positions, rope, scale)
+                x = layer.ffn(x)
         return self.lm_head(self.norm(x))
 
     # ---- with the paged latent cache ------------------------------------------------------------------
@@ -171,6 +174,7 @@ class DeepseekV2(nn.Module):
         """Whether ``prefill`` uses the fused glue (every backend but the "torch" reference)."""
         return self.backend != "torch"
 
+    @nvtx_range("prefill")
     def prefill(self, prompts: Sequence[torch.Tensor | Sequence[int]], cache: PagedLatentCache,
                 rows: Sequence[int] | None = None) -> torch.Tensor:
         """Append one prompt (>= 1 token) to each of the cache's sequences, or to the sequences ``rows``
@@ -197,12 +201,14 @@ class DeepseekV2(nn.Module):
         rope, scale, fused = self.rope(), self.softmax_scale(), self.fused
         groups = attention.plan(step) if fused else None
         for i, layer in enumerate(self.layers):
-            h = layer.input_layernorm(x, fused)
-            a = layer.self_attn.prefill(h, step, cache.layer(i), rope, scale, fused, groups)
-            x = layer.ffn_fused(x + a) if fused else layer.ffn(x + a)
+            with nvtx_range(f"layer {i}"):
+                h = layer.input_layernorm(x, fused)
+                a = layer.self_attn.prefill(h, step, cache.layer(i), rope, scale, fused, groups)
+                x = layer.ffn_fused(x + a) if fused else layer.ffn(x + a)
         last = torch.tensor([step.starts[r + 1] - 1 for r in rows], device=self.device)  # [len(rows)]
         return self.lm_head(self.norm(x[last], fused))
 
+    @nvtx_range("decode step")
     def decode(self, input_ids: torch.Tensor, cache: PagedLatentCache) -> torch.Tensor:
         """input_ids [B, q_len] appended to the cache's B sequences -> logits [B, q_len, vocab] (absorbed MLA)."""
         B, q_len = input_ids.shape
@@ -212,12 +218,14 @@ class DeepseekV2(nn.Module):
         x = self.embed_tokens(input_ids.reshape(-1))  # [B * q_len, D]
         rope, scale = self.rope(), self.softmax_scale()
         for i, layer in enumerate(self.layers):
-            x = x + layer.self_attn.decode(layer.input_layernorm(x), step, cache.layer(i), rope, scale)
-            x = layer.ffn(x)
+            with nvtx_range(f"layer {i}"):
+                x = x + layer.self_attn.decode(layer.input_layernorm(x), step, cache.layer(i), rope, scale)
+                x = layer.ffn(x)
         return self.lm_head(self.norm(x)).view(B, q_len, -1)
 
     # ---- the fast decode step ---------------------------------------------------------------------------
 
+    @nvtx_range("decode step")
     def decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                     block_table: torch.Tensor, cache_seqlens: torch.Tensor, cache: PagedLatentCache) -> torch.Tensor:
         """One new token for each of B sequences, fused glue, no host work that reads device values
@@ -230,11 +238,12 @@ class DeepseekV2(nn.Module):
         rope, scale = self.rope(), self.softmax_scale()
         x = self.embed_tokens(input_ids)  # [B, D]
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            a = attn.decode_fused(layer.input_layernorm(x, fused=True), positions, slot_mapping, block_table,
-                                  cache_seqlens, cache.layer(i), rope, scale)  # [B, H * V]
-            x = x.addmm_(a, attn.o_proj.weight.t())  # x += o_proj(a)
-            x = layer.ffn_fused(x, decode=True)
+            with nvtx_range(f"layer {i}"):
+                attn = layer.self_attn
+                a = attn.decode_fused(layer.input_layernorm(x, fused=True), positions, slot_mapping, block_table,
+                                      cache_seqlens, cache.layer(i), rope, scale)  # [B, H * V]
+                x = x.addmm_(a, attn.o_proj.weight.t())  # x += o_proj(a)
+                x = layer.ffn_fused(x, decode=True)
         return self.lm_head(self.norm(x, fused=True))
 
     def prepare_fast(self) -> None:

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from pykernels._checks import check_choice, check_positive_int, check_tensor
+from pykernels.profiling import nvtx_range
 
 BACKENDS = ("torch", "nvlink")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -286,6 +287,7 @@ class Buffer:
 
     # -- the two calls -------------------------------------------------------------------------
 
+    @nvtx_range("ep dispatch")
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *,
                  low_latency: bool = False, return_hook: bool = False):
         """Send each token's row to the ranks that own its experts.
@@ -326,6 +328,7 @@ class Buffer:
         self._check_dispatch(x, topk_ids, topk_weights, check_values=value_checks_enabled(topk_ids))
         return self._nvlink.dispatch(x, topk_ids, topk_weights, low_latency, return_hook)
 
+    @nvtx_range("ep combine")
     def combine(self, expert_out: torch.Tensor, handle: DispatchHandle, *, return_hook: bool = False):
         """``y [T, hidden]`` on the source rank: ``y[t] = Σ_k topk_weights[t, k] · expert_out[row of (t, k)]``.
 
