@@ -306,6 +306,7 @@ def _ep_worker(rank: int, world: int, port: int, pg_backend: str, ep_backend: st
     result: dict = {}
     try:
         if pg_backend == "nccl":
+            pk.ep.buffer.disable_multicast()  # NVLink multicast stays off (it can take a shared host's GPUs down)
             torch.cuda.set_device(rank)
             device = torch.device("cuda", rank)
             dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
