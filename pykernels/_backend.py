@@ -74,3 +74,20 @@ def resolve(
         }[backend]
         raise ValueError(f"backend: {backend!r} for {op} {why}; got a tensor on {device}")
     return backend
+
+
+def direct_call_ok(*tensors: torch.Tensor) -> bool:
+    """Whether an eager call may launch a kernel directly instead of through its ``torch.library`` op.
+
+    The op's dispatch costs more host time than a small kernel runs (tens of µs a call), so plain eager
+    calls skip it; the op stays the entry point wherever it matters: under ``torch.compile`` (tracing),
+    under a dispatch or function mode (FakeTensorMode, meta propagation, ``with torch.device``), for
+    tensor subclasses, and for inputs that require grad (the op has no autograd formula, so backward
+    through it raises instead of silently giving no gradient).
+    """
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    if torch._C._is_torch_function_mode_enabled():
+        return False
+    grad = torch.is_grad_enabled()
+    return all(type(t) is torch.Tensor and not (grad and t.requires_grad) for t in tensors)

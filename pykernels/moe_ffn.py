@@ -28,7 +28,7 @@ Backends: "torch" is the reference below (float32 math, no host synchronisation,
 applications: the oracle, not a fast path); "triton" is the grouped-GEMM pipeline of
 ``pykernels/triton/grouped_gemm.py`` (moe_ffn: the direct row layout for one token, 2 launches; the
 expert-sorted layout beyond; see there). Eager calls launch it directly; the ``torch.library`` op is the
-entry point under torch.compile and dispatch modes (``pykernels.moe_route.direct_call_ok``).
+entry point under torch.compile and dispatch modes (``pykernels._backend.direct_call_ok``).
 ``backend=None`` picks Triton for CUDA tensors (the reference does E times the routed work, so it cannot
 win at any shape) and the reference on the CPU. The per-shape choices are the row layout and the tile
 configuration: ``pykernels/triton/moe_configs.py`` keys the tiles by (GEMM, H, I, rows per expert), sets
@@ -42,7 +42,6 @@ import torch.nn.functional as F
 
 from pykernels import _backend
 from pykernels._checks import check_positive_int, check_same_device, check_same_dtype, check_tensor, value_checks_enabled
-from pykernels.moe_route import direct_call_ok
 
 __all__ = ["moe_ffn", "grouped_ffn", "moe_ffn_reference", "grouped_ffn_reference"]
 
@@ -117,7 +116,7 @@ def moe_ffn(
                 f"topk_ids: expected expert ids in [0, {num_experts}) (E = w13 dimension 0), got {int(topk_ids[t, k])} at [{t}, {k}]"
             )
     chosen = _backend.resolve("moe_ffn", backend, x.device, SUPPORTED_BACKENDS, CUDA_PREFERENCE)
-    if chosen == "triton" and direct_call_ok(x, w13, w2, topk_weights):
+    if chosen == "triton" and _backend.direct_call_ok(x, w13, w2, topk_weights):
         from pykernels.triton.grouped_gemm import moe_ffn_triton
 
         return moe_ffn_triton(x, w13, w2, topk_weights, topk_ids)
@@ -161,7 +160,7 @@ def grouped_ffn(
         if int(ends[-1]) != rows:
             raise ValueError(f"offsets: expected offsets[{num_experts - 1}] = R = {rows} (x_sorted dimension 0), got {int(ends[-1])}")
     chosen = _backend.resolve("grouped_ffn", backend, x_sorted.device, SUPPORTED_BACKENDS, CUDA_PREFERENCE)
-    if chosen == "triton" and direct_call_ok(x_sorted, w13, w2):
+    if chosen == "triton" and _backend.direct_call_ok(x_sorted, w13, w2):
         from pykernels.triton.grouped_gemm import grouped_ffn_triton
 
         return grouped_ffn_triton(x_sorted, w13, w2, offsets)

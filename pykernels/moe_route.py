@@ -118,28 +118,11 @@ def moe_route(
     if method == "greedy":
         n_group, topk_group = 1, 1  # greedy is group-limited routing with one group kept
     args = (router_logits, top_k, n_group, topk_group, float(routed_scaling_factor), bool(norm_topk_prob))
-    if chosen == "triton" and direct_call_ok(router_logits):
+    if chosen == "triton" and _backend.direct_call_ok(router_logits):
         from pykernels.triton.moe_route import moe_route_triton
 
         return moe_route_triton(*args)
     return torch.ops.pykernels.moe_route(*args, chosen)
-
-
-def direct_call_ok(*tensors: torch.Tensor) -> bool:
-    """Whether an eager call may launch a kernel directly instead of through its ``torch.library`` op.
-
-    The op's dispatch costs more host time than a small kernel runs (tens of µs a call), so plain eager
-    calls skip it; the op stays the entry point wherever it matters: under ``torch.compile`` (tracing),
-    under a dispatch or function mode (FakeTensorMode, meta propagation, ``with torch.device``), for
-    tensor subclasses, and for inputs that require grad (the op has no autograd formula, so backward
-    through it raises instead of silently giving no gradient).
-    """
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
-        return False
-    if torch._C._is_torch_function_mode_enabled():
-        return False
-    grad = torch.is_grad_enabled()
-    return all(type(t) is torch.Tensor and not (grad and t.requires_grad) for t in tensors)
 
 
 def moe_route_reference(

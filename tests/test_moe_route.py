@@ -158,7 +158,7 @@ def test_triton_several_rows_per_program(monkeypatch):
 @pytest.mark.skipif(not TRITON_ON_CPU, reason="needs TRITON_INTERPRET=1 on the CPU")
 def test_triton_direct_call_and_op_agree():
     """Eager calls launch the kernel directly; the torch.library op (taken under modes, tracing, grad) gives the same."""
-    from pykernels.moe_route import direct_call_ok
+    from pykernels._backend import direct_call_ok
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     torch.manual_seed(5)
