@@ -5,6 +5,8 @@ Commands:
     detect    what NVML reports about the GPUs here (name, theoretical bandwidth, NVLink links)
     ncu       Nsight Compute sessions: ``ncu <op>|all [--backend B] [--shape k=v,...]`` (on a GPU with ncu;
               summaries under profiles/results/<device>/ncu/, see profiles/ncu.py)
+    step      where a decode step's time goes: the kernels of CUDA-graph steps by part of the model
+              (``step [--preset lite] [--batch 1,64] [--context 4096]``, see profiles/decode_step.py)
     report    the roofline report from the committed bench/results: ROOFLINE.md and roofline.png
               under profiles/results/<device>/ (see profiles/report.py)
 """
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from profiles import hardware
 
-COMMANDS = ("gpus", "detect", "ncu", "report")
+COMMANDS = ("gpus", "detect", "ncu", "step", "report")
 
 
 def _gpus() -> int:
@@ -123,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         return _detect()
     if cmd == "ncu":
         return _ncu(argv[1:])
+    if cmd == "step":
+        from profiles import decode_step
+
+        return decode_step.main(argv[1:])
     if cmd == "report":
         return _report(argv[1:])
     print(__doc__.strip())
