@@ -12,6 +12,7 @@ OUT=${OUT:-/tmp/pykernels-out}
 mkdir -p "$OUT/logs"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 status=0
+ncmd=0  # cmd stages log to cmd1.log, cmd2.log, ...
 
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -39,7 +40,7 @@ for stage in "$@"; do
     bench) step bench python3 -m bench --json "$OUT/bench.json" ;;
     bench:*) step "bench-${stage#bench:}" python3 -m bench ${stage#bench:} --json "$OUT/bench-${stage#bench:}.json" ;;
     tune:*) step "tune-${stage#tune:}" python3 -m "bench.tune_${stage#tune:}" --out "$OUT/tune-${stage#tune:}.json" ;;
-    cmd:*) step cmd bash -c "${stage#cmd:}" ;;
+    cmd:*) ncmd=$((ncmd + 1)); step "cmd$ncmd" bash -c "${stage#cmd:}" ;;
     *) echo "unknown stage $stage"; status=1 ;;
   esac
 done
