@@ -67,7 +67,10 @@ class MLADecodeConfig:
 # - up to 16 rows (h16, q_len 1): bound by reading the cache; all 16 rows of a sequence in one program so
 #   each cache row is read once. 32-row tiles x 3 stages (93 KB of shared memory) let two programs share
 #   an SM: four tiles in flight per SM (best at b64/s4096 and b32/s32K; 64-row tiles at one program per
-#   SM tie at b128/s8192 and lose elsewhere).
+#   SM tie at b128/s8192 and lose elsewhere). A split may be one tile (min_chunk 32): a program walks its
+#   tiles at ~1.3 µs each whatever the load, so a few sequences want many short splits (b1/s4096: 128
+#   splits take 9.1 µs, the 16 that a 256-row floor allowed 17.4 µs; b1/s32K: 256 splits 21.4 µs, 128
+#   20.5 µs; probe on the H200).
 # - 17 to 32 rows (h16 with q_len 2): 8 warps hold acc [32, 512]; 64-row tiles, two in flight.
 # - more (h16 with q_len 3-4, h32 ... h128): compute grows with the rows; 64 rows per program reuse each
 #   cache tile across 64 (query, head) rows; 8 warps (acc [64, 512] = 128 registers per thread), 32-row
@@ -76,7 +79,7 @@ class MLADecodeConfig:
 # fp32 (allowed for testing) halves block_n and pipelines one stage to fit the same shared memory.
 CONFIG_TABLE: tuple[tuple[int, MLADecodeConfig], ...] = (
     # (max rows, config); first match wins
-    (16, MLADecodeConfig(block_m=16, block_n=32, num_warps=4, num_stages=3, programs_per_sm=2)),
+    (16, MLADecodeConfig(block_m=16, block_n=32, num_warps=4, num_stages=3, programs_per_sm=2, min_chunk=32)),
     (32, MLADecodeConfig(block_m=32, block_n=64, num_warps=8, num_stages=3)),
     (1 << 30, MLADecodeConfig(block_m=64, block_n=32, num_warps=8, num_stages=4)),
 )
