@@ -56,6 +56,33 @@ def derived(module: nn.Module, name: str, sources: Sequence[torch.Tensor],
     return kept[1]
 
 
+def share_storage(module: nn.Module, name: str, linears: Sequence[nn.Linear]) -> None:
+    """Make the weights of ``linears`` (same input width) consecutive row blocks of one allocation, kept on
+    ``module`` as ``name``, so that ``stacked_weight`` is that allocation (values are not kept)."""
+    ws = [lin.weight for lin in linears]
+    both = torch.empty((sum(w.shape[0] for w in ws), ws[0].shape[1]), dtype=ws[0].dtype, device=ws[0].device)
+    start = 0
+    for lin, w in zip(linears, ws):
+        lin.weight = nn.Parameter(both[start:start + w.shape[0]], requires_grad=False)
+        start += w.shape[0]
+    module.__dict__[name + "_storage"] = both
+
+
+def stacked_weight(module: nn.Module, name: str, linears: Sequence[nn.Linear]) -> torch.Tensor:
+    """The weights of ``linears`` (one input, several outputs) stacked as one [sum of N, K] matrix, so the
+    fast path runs them as one GEMM: the allocation they are row blocks of after ``share_storage``, else a
+    copy made once (``derived``)."""
+    ws = [lin.weight for lin in linears]
+    both = module.__dict__.get(name + "_storage")
+    if both is not None:
+        starts = [0]
+        for w in ws[:-1]:
+            starts.append(starts[-1] + w.shape[0])
+        if all(w.data_ptr() == both[s:].data_ptr() for w, s in zip(ws, starts)):
+            return both
+    return derived(module, name, ws, lambda: torch.cat(ws))
+
+
 class MLP(nn.Module):
     """SiLU-gated MLP: down(silu(gate(x)) * up(x)). The dense layers and the shared experts."""
 
@@ -70,21 +97,12 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def gate_up(self) -> torch.Tensor:
-        """gate_proj.weight and up_proj.weight as one [2I, D] matrix: the allocation both are halves of after
-        ``fuse_storage`` (``DeepseekV2.materialize`` calls it), else a copy made once."""
-        g, u = self.gate_proj.weight, self.up_proj.weight
-        both = self.__dict__.get("_gate_up_storage")
-        if both is not None and g.data_ptr() == both.data_ptr() and u.data_ptr() == both[g.shape[0]:].data_ptr():
-            return both
-        return derived(self, "_gate_up", (g, u), lambda: torch.cat((g, u)))
+        """gate_proj.weight and up_proj.weight as one [2I, D] matrix (see ``stacked_weight``)."""
+        return stacked_weight(self, "_gate_up", (self.gate_proj, self.up_proj))
 
     def fuse_storage(self) -> None:
         """Make gate_proj.weight and up_proj.weight the two halves of one allocation (values are not kept)."""
-        g = self.gate_proj.weight
-        both = torch.empty((2 * g.shape[0], g.shape[1]), dtype=g.dtype, device=g.device)
-        self.gate_proj.weight = nn.Parameter(both[: g.shape[0]], requires_grad=False)
-        self.up_proj.weight = nn.Parameter(both[g.shape[0]:], requires_grad=False)
-        self.__dict__["_gate_up_storage"] = both
+        share_storage(self, "_gate_up", (self.gate_proj, self.up_proj))
 
     @nvtx_range("mlp")
     def add_forward_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -204,13 +222,30 @@ class MLA(nn.Module):
     def project(self, x: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, D] -> q [T, H, N + R] (rope part not rotated), latent [T, C] (normalised), k_pe [T, R]."""
         cfg = self.cfg
-        if cfg.q_lora_rank is None:
-            q = self.q_proj(x)
+        if fused:  # q (or q_a) and kv_a from one GEMM over x
+            q, kv = F.linear(x, self.input_projection()).split(
+                [self.input_projections()[0].out_features, self.kv_a_proj_with_mqa.out_features], dim=-1)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x), fused))
+            q = (self.q_proj if cfg.q_lora_rank is None else self.q_a_proj)(x)
+            kv = self.kv_a_proj_with_mqa(x)
+        if cfg.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q, fused))
         q = q.view(x.shape[0], self.n_heads, cfg.qk_head_dim)  # [T, H, N + R]
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        latent, k_pe = kv.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         return q, self.kv_a_layernorm(latent, fused), k_pe
+
+    def input_projections(self) -> tuple[nn.Linear, nn.Linear]:
+        """The two linear layers over the attention input: q_proj (q_a_proj with a q LoRA) and kv_a_proj_with_mqa."""
+        q = self.q_proj if self.cfg.q_lora_rank is None else self.q_a_proj
+        return q, self.kv_a_proj_with_mqa
+
+    def input_projection(self) -> torch.Tensor:
+        """``input_projections``' weights stacked as one matrix (see ``stacked_weight``)."""
+        return stacked_weight(self, "_q_kv_a", self.input_projections())
+
+    def fuse_storage(self) -> None:
+        """Make ``input_projections``' weights row blocks of one allocation (values are not kept)."""
+        share_storage(self, "_q_kv_a", self.input_projections())
 
     def w_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj.weight as W_UK [H, N, C] and W_UV [H, V, C]."""

@@ -23,7 +23,7 @@ import pykernels as pk
 from model import attention
 from model.cache import PagedLatentCache
 from model.config import DeepseekV2Config
-from model.layers import MLP, Block, MoE, RMSNorm
+from model.layers import MLA, MLP, Block, MoE, RMSNorm
 from pykernels.profiling import nvtx_range
 
 # Scale of the random initialisation of a [out, in] weight: std = in^-0.5 keeps activations O(1);
@@ -107,8 +107,8 @@ class DeepseekV2(nn.Module):
                 module._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=want, device=device),
                                                         requires_grad=False)
         for module in self.modules():
-            if isinstance(module, MLP):
-                module.fuse_storage()  # gate and up weights in one allocation: one GEMM on the fast path
+            if isinstance(module, (MLP, MLA)):
+                module.fuse_storage()  # weights over one input in one allocation: one GEMM on the fast path
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self._rope = None
@@ -247,11 +247,12 @@ class DeepseekV2(nn.Module):
         return self.lm_head(self.norm(x, fused=True))
 
     def prepare_fast(self) -> None:
-        """Prepare the fast path's derived weights (W_UK, W_UV^T per layer; gate+up where not fused at
+        """Prepare the fast path's derived weights (W_UK, W_UV^T per layer; q+kv_a and gate+up where not fused at
         materialize): ``random`` and ``from_pretrained`` call it once, so neither a first step nor a CUDA-graph
         capture allocates them; after weights change in place, the next call prepares them again."""
         for layer in self.layers:
             layer.self_attn.absorbed()
+            layer.self_attn.input_projection()
             mlps = [layer.mlp] if isinstance(layer.mlp, MLP) else [layer.mlp.shared_experts]
             for mlp in mlps:
                 if mlp is not None:

@@ -250,6 +250,12 @@ def test_prepared_weights():
     shared = m.layers[1].mlp.shared_experts
     shared.gate_proj.weight = torch.nn.Parameter(shared.gate_proj.weight.clone(), requires_grad=False)
     assert torch.equal(shared.gate_up(), torch.cat((shared.gate_proj.weight, shared.up_proj.weight)))
+    q_lin, kv_lin = attn.input_projections()
+    stacked = attn.input_projection()  # q (or q_a) and kv_a weights: one allocation, one GEMM
+    assert stacked.data_ptr() == q_lin.weight.data_ptr()
+    assert torch.equal(stacked, torch.cat((q_lin.weight, kv_lin.weight)))
+    kv_lin.weight = torch.nn.Parameter(kv_lin.weight * 2, requires_grad=False)  # replaced: a copy, kept current
+    assert torch.equal(attn.input_projection(), torch.cat((q_lin.weight, kv_lin.weight)))
 
 
 # ---- GPU ---------------------------------------------------------------------------------------------------
