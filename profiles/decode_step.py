@@ -33,7 +33,7 @@ PROMPT_LEN = 16  # the prompt's length: the context comes from filled cache rows
 CATEGORIES = (
     ("mla_decode", r"mla"),
     ("rope_and_cache", r"rope"),
-    ("moe routing", r"route|topk|softmax"),
+    ("moe routing", r"_route|softmax"),
     ("moe experts", r"moe|grouped|expert|permute|scatter|gate_up|_down|sum_topk|_count_kernel"),
     ("norm", r"rms|norm|RowwiseMoments"),
     ("gemm", r"gemm|gemv|nvjet|cutlass|xmma|sm90|ampere|splitK|Kernel2"),
