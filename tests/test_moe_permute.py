@@ -30,8 +30,9 @@ def _expected(ids, E):
     return order.to(torch.int32), torch.bincount(flat[valid], minlength=E)
 
 
-# (T, E, top_k): one chunk (decode), several chunks with a partial last one, an expert with no route
-CASES = [(1, 64, 6), (9, 16, 4), (50, 20, 6), (70, 160, 6)]
+# (T, E, top_k): one chunk (decode), several small chunks with a partial last one, an expert with no
+# route, and past SMALL_CHUNK_MAX_PAIRS routes (chunks of CHUNK)
+CASES = [(1, 64, 6), (9, 16, 4), (50, 20, 6), (70, 160, 6), (700, 64, 6)]
 
 
 @pytest.mark.parametrize("device", _devices())
