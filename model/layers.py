@@ -105,11 +105,25 @@ class MLP(nn.Module):
         share_storage(self, "_gate_up", (self.gate_proj, self.up_proj))
 
     @nvtx_range("mlp")
-    def add_forward_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Fused glue: out += mlp(x), the down projection accumulating into ``out`` (x [T, D], out [T, D])."""
+    def add_forward_to(self, out: torch.Tensor, x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        """Fused glue: out += mlp(x), or out = base + mlp(x) with ``base``; the down projection accumulates
+        (one addmm) (x, out, base [T, D])."""
         I = self.gate_proj.weight.shape[0]
         h = F.linear(x, self.gate_up())  # [T, 2I]
-        return out.addmm_(F.silu(h[:, :I]) * h[:, I:], self.down_proj.weight.t())
+        act = F.silu(h[:, :I]) * h[:, I:]  # [T, I]
+        if base is None:
+            return out.addmm_(act, self.down_proj.weight.t())
+        return torch.addmm(base, act, self.down_proj.weight.t(), out=out)
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One extra stream per device for work that overlaps the main stream's (MoE.add_forward_to)."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
 
 
 class MoE(nn.Module):
@@ -179,12 +193,28 @@ class MoE(nn.Module):
 
     @nvtx_range("moe")
     def add_forward_to(self, out: torch.Tensor, x: torch.Tensor, decode: bool = False) -> torch.Tensor:
-        """Fused glue: out += moe(x) (x [T, D]); the shared experts' down projection accumulates into the
-        routed output."""
-        y = self.routed(x, decode)  # [T, D]
-        if self.shared_experts is not None:
+        """Fused glue: out += moe(x) (x [T, D]).
+
+        On CUDA the shared experts run on a side stream, beside the routed ones: neither fills the GPU's
+        bandwidth at decode sizes (a Lite decode step at batch 1 spends ~19 µs a layer in the shared
+        experts' three GEMV-sized kernels and ~45 µs in the routed path), so overlapping them hides most
+        of the shorter one. The side stream computes ``out + shared(x)`` into a buffer allocated on the
+        main stream before the fork; after the join the main stream adds the routed output into ``out``.
+        """
+        if self.shared_experts is None:
+            return out.add_(self.routed(x, decode))
+        if not x.is_cuda:
+            y = self.routed(x, decode)  # [T, D]
             self.shared_experts.add_forward_to(y, x)
-        return out.add_(y)
+            return out.add_(y)
+        main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
+        with_shared = torch.empty_like(out)  # allocated on the main stream: no cross-stream reuse
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            self.shared_experts.add_forward_to(with_shared, x, base=out)  # out + shared(x)
+        y = self.routed(x, decode)  # [T, D]
+        main.wait_stream(side)
+        return torch.add(with_shared, y, out=out)
 
 
 class MLA(nn.Module):
