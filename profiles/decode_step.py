@@ -6,8 +6,9 @@ For each batch size: the model (random bf16 weights) decodes ``--steps`` CUDA-gr
 tokens of context (cache rows filled as in ``bench e2e``), once timed with CUDA events (the step time) and
 once under ``torch.profiler`` (the kernels inside the graph replays). The report groups the kernels by
 name and by part of the model (``CATEGORIES``: matched on the kernel name, first match wins), and states
-the idle time: step time minus the sum of kernel times (launch gaps and tails between dependent kernels;
-kernels of one step never overlap here, the step runs on one stream).
+the idle time: step time minus the sum of kernel times (launch gaps and tails between dependent kernels).
+The MoE layers run their shared experts on a side stream (model/layers.py), so kernels overlap and the
+idle time can be negative: kernel times are then inflated by the kernels sharing the GPU with them.
 
 Writes ``profiles/results/<device>/decode_step.md`` and ``decode_step.json``; the Markdown is what
 docs/profiling.md points to.
@@ -120,7 +121,8 @@ def profile_batch(model, batch: int, context: int, steps: int) -> dict:
 def markdown(device: str, preset: str, layers: int, runs: list[dict]) -> str:
     lines = [f"# Decode step on {device}: {preset}, {layers} layers, CUDA-graph replay",
              "", "Written by `python -m profiles step` (profiles/decode_step.py): kernel times from the profiler "
-             "inside graph replays; step time from CUDA events without the profiler; idle = step - kernels.", ""]
+             "inside graph replays; step time from CUDA events without the profiler; idle = step - kernels "
+             "(negative where kernels overlap: the shared experts run on a side stream).", ""]
     for r in runs:
         step = r["step_us"]
         lines += [f"## batch {r['batch']}, context {r['context']}", "",
