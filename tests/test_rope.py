@@ -624,6 +624,7 @@ def test_cache_without_blocks_still_rotates_q(backend, dtype, device):
 
 
 _COMPILE_FOR_SM90 = r"""
+import itertools
 import sys
 from triton import compile as triton_compile
 from triton.compiler import ASTSource
@@ -635,12 +636,12 @@ except ImportError:
 from pykernels.triton import rope as triton_rope
 
 kernel = triton_rope._rope_rows_kernel
-types = {"positions": "*i64", "cos_sin": "*fp32", "slots": "*i64", "flag": "*i32", "H": "i32",
+types = {"positions": "*i64", "cos_sin": "*fp32", "slots": "*i64", "flag": "*i32", "T": "i32", "H": "i32",
          "max_position": "i32", "k_dst_rows": "i64"}
-for cache in (False, True):
-    for interleaved in (True, False):
-        consts = dict(L=512 if cache else 0, D=64, HALF_BLOCK=32, BLOCK_H=16, BLOCK_L=512 if cache else 1,
-                      INTERLEAVED=interleaved, USE_SLOTS=cache, HAS_LATENT=cache, COPY_BAD_ROWS=not cache)
+for cache, interleaved, block_t in itertools.product((False, True), (True, False), (1, 4)):
+        consts = dict(L=512 if cache else 0, D=64, HALF_BLOCK=32, BLOCK_T=block_t, BLOCK_H=16,
+                      BLOCK_L=512 if cache else 1, INTERLEAVED=interleaved, USE_SLOTS=cache, HAS_LATENT=cache,
+                      COPY_BAD_ROWS=not cache)
         signature = {n: "constexpr" if n in consts else types.get(n, "i64" if "stride" in n else "*bf16")
                      for n in kernel.arg_names}
         hinted = [i for i, n in enumerate(kernel.arg_names) if signature[n].startswith("*") or "stride" in n]
@@ -656,7 +657,8 @@ for cache in (False, True):
             sys.exit(77)
         ptx = compiled.asm["ptx"]
         assert "st.global.v4.b32" in ptx or "st.global.v2.b32" in ptx, "the q tile is not stored with wide accesses"
-        print("compiled", "rope_and_cache" if cache else "apply_rotary", "interleaved" if interleaved else "halves")
+        print("compiled", "rope_and_cache" if cache else "apply_rotary", "interleaved" if interleaved else "halves",
+              f"BLOCK_T={block_t}")
 """
 
 
@@ -677,4 +679,4 @@ def test_triton_kernel_compiles_for_sm90():
     if done.returncode == 77:
         pytest.skip(done.stdout.strip() or "this Triton cannot compile for sm_90 here")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("compiled") == 4
+    assert done.stdout.count("compiled") == 8, done.stdout
