@@ -31,7 +31,7 @@
 namespace pk {
 namespace {
 
-constexpr int kThreads = 128;        // 4 warps; tokens kernel: one token of h16 (8 * 16 + 8 + 64 bf16 units) in 2 blocks
+constexpr int kThreads = 128;        // 4 warps; tokens kernel: an h16 token (8 * 16 + 8 + 64 bf16 units) in 2 blocks
 constexpr int kMaxGridY = 65535;     // CUDA's limit on gridDim.y; more tokens loop
 constexpr std::int64_t kMaxGridX = 2147483647;  // CUDA's limit on gridDim.x; more work loops
 constexpr std::int64_t kDecodeMaxTokens = 256;  // up to this many tokens: the tokens kernel (rows_per_thread)
@@ -216,14 +216,21 @@ struct TokenIndex {
   std::int64_t pos, slot;
 };
 
-// Both loads are issued unconditionally (without slots the second one reads the position again, from L1):
-// with the slot load behind a branch, nvcc compared the position first and so waited for it.
+// kPaired: both loads are issued unconditionally (without slots the second one reads the position again,
+// from L1), so they overlap; with the slot load behind a branch nvcc compares the position first and so
+// waits for it. The flat kernel pairs them; the tokens kernel does not: pairing raised its registers from
+// 32 to 48 (bf16), a second wave of blocks at T = 256, h128, for one L1/L2 round trip of the k threads.
+template <bool kPaired>
 __device__ __forceinline__ TokenIndex load_token_index(const RopeArgs& args, std::int64_t t) {
   const bool has_slots = args.slots != nullptr;
   const std::int64_t pos = load_index(args.positions, args.positions_int32, t);
-  const std::int64_t slot = load_index(has_slots ? args.slots : args.positions,
-                                       has_slots ? args.slots_int32 : args.positions_int32, t);
-  return {pos, has_slots ? slot : t};
+  if constexpr (kPaired) {
+    const std::int64_t slot = load_index(has_slots ? args.slots : args.positions,
+                                         has_slots ? args.slots_int32 : args.positions_int32, t);
+    return {pos, has_slots ? slot : t};
+  } else {
+    return {pos, has_slots ? load_index(args.slots, args.slots_int32, t) : t};
+  }
 }
 
 // Where token t's k row goes: row idx.slot, whether to write it, and the error bits it raises.
@@ -290,7 +297,7 @@ __device__ __forceinline__ void rotate_q_item(const RopeArgs& args, const Items&
   const std::int64_t pos = load_index(args.positions, args.positions_int32, t);
   const bool pos_ok = position_ok(args, pos);
   if (!pos_ok && !args.copy_bad_rows) return;  // rope_and_cache leaves a bad row as it is
-  const UnitTable<kUnitPairs<kInterleaved, kVec>> cs = load_table<kInterleaved, kVec>(args.cos_sin, pos, pos_ok, d, unit);
+  const auto cs = load_table<kInterleaved, kVec>(args.cos_sin, pos, pos_ok, d, unit);
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     const int h = group + r * items.head_groups;
@@ -302,12 +309,12 @@ __device__ __forceinline__ void rotate_q_item(const RopeArgs& args, const Items&
 }
 
 // Unit 0 of a token's k row also raises the token's error bits.
-template <typename T, bool kInterleaved, int kVec, int kAlign>
+template <typename T, bool kInterleaved, int kVec, int kAlign, bool kPaired>
 __device__ __forceinline__ void rotate_k_unit(const RopeArgs& args, int unit, std::int64_t t) {
   const int d = args.rotary_dim, half = d / 2;
   const T* src = static_cast<const T*>(args.k_src) + t * args.k_src_stride_t;
   const UnitValues<T, kVec> x = load_unit<T, kInterleaved, kVec, kAlign>(src, unit, half);
-  const TokenIndex idx = load_token_index(args, t);
+  const TokenIndex idx = load_token_index<kPaired>(args, t);
   const Destination to = destination(args, idx);
   if (unit == 0 && to.err != 0) atomicOr(args.flag, to.err);
   if (!to.write) return;
@@ -317,7 +324,7 @@ __device__ __forceinline__ void rotate_k_unit(const RopeArgs& args, int unit, st
                                               dst, unit, half);
 }
 
-template <typename T, int kCopy, int kAlign, int kRows>
+template <typename T, int kCopy, int kAlign, int kRows, bool kPaired>
 __device__ __forceinline__ void copy_latent_item(const RopeArgs& args, const Items& items, int group, std::int64_t t) {
   const T* src = static_cast<const T*>(args.latent) + t * args.latent_stride_t;
   Vec<T, kCopy> v[kRows];
@@ -326,7 +333,7 @@ __device__ __forceinline__ void copy_latent_item(const RopeArgs& args, const Ite
     const int c = group + r * items.copy_groups;
     if (c < items.copy_units) v[r] = load_vec<kAlign, T, kCopy>(src + c * kCopy);
   }
-  const Destination to = destination(args, load_token_index(args, t));
+  const Destination to = destination(args, load_token_index<kPaired>(args, t));
   if (!to.write) return;
   T* dst = static_cast<T*>(args.k_dst) + to.row * args.k_dst_stride_t;
 #pragma unroll
@@ -337,16 +344,17 @@ __device__ __forceinline__ void copy_latent_item(const RopeArgs& args, const Ite
 }
 
 // Item v (< items.total) of token t. kVec: values per rotation unit (see the file comment); kCopy: latent
-// values per copy unit; kAlign: the alignment every q/k/latent access may assume; kRows: see Items.
-template <typename T, bool kInterleaved, int kVec, int kCopy, int kAlign, int kRows>
+// values per copy unit; kAlign: the alignment every q/k/latent access may assume; kRows: see Items;
+// kPaired: see load_token_index.
+template <typename T, bool kInterleaved, int kVec, int kCopy, int kAlign, int kRows, bool kPaired>
 __device__ __forceinline__ void rope_item(const RopeArgs& args, const Items& items, int v, std::int64_t t) {
   if (v < items.q) {
     const int group = v / items.row;
     rotate_q_item<T, kInterleaved, kVec, kAlign, kRows>(args, items, group, v - group * items.row, t);
   } else if (v < items.q + items.row) {
-    rotate_k_unit<T, kInterleaved, kVec, kAlign>(args, v - items.q, t);
+    rotate_k_unit<T, kInterleaved, kVec, kAlign, kPaired>(args, v - items.q, t);
   } else {
-    copy_latent_item<T, kCopy, kAlign, kRows>(args, items, v - items.q - items.row, t);
+    copy_latent_item<T, kCopy, kAlign, kRows, kPaired>(args, items, v - items.q - items.row, t);
   }
 }
 
@@ -357,7 +365,7 @@ __global__ void __launch_bounds__(kThreads) rope_tokens_kernel(const RopeArgs ar
   const int v = blockIdx.x * kThreads + threadIdx.x;
   if (v >= items.total) return;
   for (std::int64_t t = blockIdx.y; t < args.tokens; t += gridDim.y) {
-    rope_item<T, kInterleaved, kVec, kCopy, kAlign, 1>(args, items, v, t);
+    rope_item<T, kInterleaved, kVec, kCopy, kAlign, 1, false>(args, items, v, t);
   }
 }
 
@@ -370,7 +378,8 @@ __global__ void __launch_bounds__(kThreads) rope_flat_kernel(const RopeArgs args
   for (std::int64_t w = std::int64_t{blockIdx.x} * kThreads + threadIdx.x; w < work;
        w += std::int64_t{gridDim.x} * kThreads) {
     const std::int64_t t = w / items.total;
-    rope_item<T, kInterleaved, kVec, kCopy, kAlign, kRows>(args, items, static_cast<int>(w - t * items.total), t);
+    rope_item<T, kInterleaved, kVec, kCopy, kAlign, kRows, true>(args, items, static_cast<int>(w - t * items.total),
+                                                                 t);
   }
 }
 
