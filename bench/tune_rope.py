@@ -1,15 +1,18 @@
-"""Tuning sweep for the rope kernels' prefill launches (GPU only): work per CUDA thread / Triton program.
+"""Tuning sweep for the Triton rope kernel's prefill launch (GPU only): tokens per program.
 
     python -m bench.tune_rope --out tune-rope.json [--tokens 16384,2048] [--heads 16,128] [--budget-s 240]
 
 For pk.apply_rotary and pk.rope_and_cache at the bar's prefill shapes (bench/bench_rope.py's inputs: q
 [T, h, 192] with the rope part in its last 64 columns, bf16, interleaved, random positions and cache slots)
-every launch choice of both backends is checked once against the torch backend (a wrong one is reported,
-never timed), then timed as CUDA-graph replays over input sets rotated past the L2. The choices are the
-tuning knobs the launchers read for T > 256:
+every launch choice is checked once against the torch backend (a wrong one is reported, never timed), then
+timed as CUDA-graph replays over input sets rotated past the L2. The choices are the values of the knob the
+Triton launcher reads for T > 256:
 
-    CUDA    PYKERNELS_ROPE_ROWS_PER_THREAD     0 (the decode launch: 2-D grid, one row a thread), 1, 2, 4, 8
-    Triton  PYKERNELS_ROPE_TOKENS_PER_PROGRAM  1 (the decode launch: one token a program), 2, 4, 8
+    PYKERNELS_ROPE_TOKENS_PER_PROGRAM  1 (the decode launch: one token a program), 2, 4, 8
+
+(A CUDA variant with 1 to 8 heads or latent units per thread was swept on the H200 and dropped: at h16 it
+was 1-12 points below the one-unit-a-thread kernel, at h128 at most 1.6 points above;
+bench/results/nvidia-h200/tune/rope.json.)
 
 Printed per shape, fastest first: µs, TB/s and % of the measured copy bandwidth over the cost model's
 bytes (the bar: >= 80 %); "table" marks the choice the launcher makes without the knob. The summary gives,
@@ -34,25 +37,22 @@ import pykernels as pk
 from bench import bench_rope
 from bench.harness import Budget, Context, time_cuda
 from profiles import cost_model
-from pykernels import _backend, _ext
+from pykernels import _backend
 
 # Short timings: a sweep compares launch choices, it does not publish numbers (bench_rope does).
 SWEEP_BUDGET = Budget(warmup_s=0.01, min_reps=10, max_reps=50, seconds=0.1)
 # A choice further than this from the torch backend (relative, bf16) is wrong.
 MAX_REL_ERR = 1e-2
-KNOBS = {"cuda": ("PYKERNELS_ROPE_ROWS_PER_THREAD", ("0", "1", "2", "4", "8")),
-         "triton": ("PYKERNELS_ROPE_TOKENS_PER_PROGRAM", ("1", "2", "4", "8"))}
+KNOBS = {"triton": ("PYKERNELS_ROPE_TOKENS_PER_PROGRAM", ("1", "2", "4", "8"))}
 OPS = ("apply_rotary", "rope_and_cache")
 BAR = 0.80  # the issue's prefill bar: fraction of the copy bandwidth
 
 
 def table_choice(backend: str, T: int) -> str:
     """The choice the launcher makes for T tokens without the knob."""
-    if backend == "triton":
-        from pykernels.triton import rope as triton_rope
+    from pykernels.triton import rope as triton_rope
 
-        return str(triton_rope.tokens_per_program(T))
-    return "0" if T <= 256 else "4"  # csrc/rope/rope.cu: rows_per_thread
+    return str(triton_rope.tokens_per_program(T))
 
 
 def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -65,9 +65,7 @@ class Sweep:
         self.ctx = Context(quick=True, results_dir=None, echo=False)
         self.device = self.ctx.device
         self.copy_gbps = self.ctx.ceilings.copy_gbps
-        self.backends = [b for b in ("cuda", "triton")
-                         if (b == "triton" and _backend.triton_usable(self.device))
-                         or (b == "cuda" and _ext.available() and hasattr(_ext.require(), "rope_rows"))]
+        self.backends = ["triton"] if _backend.triton_usable(self.device) else []
         self.rope = pk.YarnRotary(max_position=163840, device=self.device)
         self.start = time.monotonic()
         self.deadline = self.start + args.budget_s

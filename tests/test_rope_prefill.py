@@ -1,9 +1,8 @@
 """The prefill launches of pk.rope_and_cache and pk.apply_rotary (more than 256 tokens): Triton takes several
-tokens per program, CUDA a flat grid with several q rows (or latent units) per thread. Every launch choice
-(the tuning knobs PYKERNELS_ROPE_TOKENS_PER_PROGRAM and PYKERNELS_ROPE_ROWS_PER_THREAD) against the torch
-backend on the same inputs: a token count that no choice divides, heads that no row count divides, padded
-tokens (slot -1), bad positions and slots inside a token block, untouched cache rows filled with NaN, and
-the unaligned (CUDA fallback) layout.
+tokens per program; CUDA keeps its one launch shape. Every Triton launch choice (the tuning knob
+PYKERNELS_ROPE_TOKENS_PER_PROGRAM) and the CUDA kernel against the torch backend on the same inputs: a token
+count that no choice divides, odd head counts, padded tokens (slot -1), bad positions and slots inside a
+token block, untouched cache rows filled with NaN, and the unaligned (CUDA fallback) layout.
 
 CPU: Triton under TRITON_INTERPRET=1 (fp32/fp16). GPU (@pytest.mark.gpu): Triton and CUDA in bf16/fp16/fp32.
 """
@@ -21,10 +20,9 @@ CPU_TRITON = pytest.mark.skipif(not _backend.triton_interpreted(), reason="Trito
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 D = 64
 MAX_POSITION = 8192
-TRITON_KNOB, CUDA_KNOB = "PYKERNELS_ROPE_TOKENS_PER_PROGRAM", "PYKERNELS_ROPE_ROWS_PER_THREAD"
+TRITON_KNOB = "PYKERNELS_ROPE_TOKENS_PER_PROGRAM"
 
-# (T, H, Dq, L, q as a slice of a wider buffer): T > 256 and not a multiple of 2, 4 or 8; 5 and 3 heads are
-# not multiples of the rows per thread. The second shape's q row stride (70) and latent width (37) are not
+# (T, H, Dq, L, q as a slice of a wider buffer): T > 256 and not a multiple of 2, 4 or 8; odd heads. The second shape's q row stride (70) and latent width (37) are not
 # multiples of 16 bytes: the CUDA fallback path.
 SHAPES = [(259, 5, 192, 512, False), (263, 3, 70, 37, True)]
 BAD_POSITION_TOKENS = (5, 130)  # position -3 and MAX_POSITION
@@ -168,28 +166,26 @@ def test_tokens_per_program_table_and_knob(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# GPU: Triton and CUDA, every launch choice
+# GPU: every Triton launch choice, and the CUDA kernel
 # ---------------------------------------------------------------------------------------------------------
 
 def _gpu_cases():
-    """Every launch choice of both backends in bf16 interleaved (the bench's case); the table's choice also in
-    fp16 and fp32 and with the half-split layout."""
-    choices = [("triton", v) for v in (None, "1", "2", "4", "8")]
-    choices += [("cuda", v) for v in (None, "0", "1", "2", "4", "8")]
+    """Every Triton launch choice and the CUDA kernel in bf16 interleaved (the bench's case); the default
+    choices also in fp16 and fp32 and with the half-split layout."""
+    choices = [("triton", v) for v in (None, "1", "2", "4", "8")] + [("cuda", None)]
     cases = [(b, v, torch.bfloat16, True) for b, v in choices]
     cases += [(b, None, dt, il) for b in ("triton", "cuda")
               for dt, il in ((torch.float16, True), (torch.float32, True), (torch.bfloat16, False),
                              (torch.float32, False))]
-    return [pytest.param(b, v, dt, il, id=f"{b}-{'tokens' if b == 'triton' else 'rows'}-{v or 'table'}-{str(dt)[6:]}-"
+    return [pytest.param(b, v, dt, il, id=f"{b}-tokens-{v or 'table'}-{str(dt)[6:]}-"
                          f"{'interleaved' if il else 'halves'}") for b, v, dt, il in cases]
 
 
 def _set_knob(monkeypatch, backend, value):
-    knob = TRITON_KNOB if backend == "triton" else CUDA_KNOB
     if value is None:
-        monkeypatch.delenv(knob, raising=False)
+        monkeypatch.delenv(TRITON_KNOB, raising=False)
     else:
-        monkeypatch.setenv(knob, value)
+        monkeypatch.setenv(TRITON_KNOB, value)
 
 
 @pytest.mark.gpu
@@ -206,13 +202,3 @@ def test_prefill_apply_rotary_gpu(backend, value, dtype, interleaved, monkeypatc
     _set_knob(monkeypatch, backend, value)
     check_apply_rotary(backend, dtype, "cuda", interleaved, 261, 5)
     check_apply_rotary(backend, dtype, "cuda", interleaved, 4097, 128)
-
-
-@pytest.mark.gpu
-def test_cuda_knob_is_checked(monkeypatch):
-    monkeypatch.setenv(CUDA_KNOB, "3")
-    T, H = 300, 2
-    q = torch.randn(T, H, 64, device="cuda")
-    k = torch.randn(T, 64, device="cuda")
-    with pytest.raises(ValueError, match=f"^{CUDA_KNOB}"):
-        pk.apply_rotary(q, k, torch.arange(T, device="cuda"), make_rope("cuda", True), backend="cuda")

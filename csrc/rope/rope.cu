@@ -6,23 +6,15 @@
 //   [0, H * R)          q: head u / R, unit u % R of that head's d values        (R units per row)
 //   [H * R, H * R + R)  k: unit u - H * R of k's row, written to the cache row
 //   [.., + C)           latent: C units copied to the start of the cache row
+// Grid: x covers one token's units, y walks the tokens (a grid-stride loop beyond 65535 tokens).
 // Interleaved rows: a unit is kVec consecutive values = kVec / 2 pairs (x[2i], x[2i+1]), R = d / kVec.
 // Half-split rows: a unit is kVec values at [j, j + kVec) and their partners at [j + d/2, ...), R = d / 2 / kVec.
-// Two kernels run the same per-item code (rope_item, see Items), chosen by the token count (rows_per_thread):
-//   tokens kernel (decode): grid x covers one token's units, y walks the tokens (a grid-stride loop beyond
-//                           65535 tokens); a thread does one unit of one token.
-//   flat kernel (prefill):  a 1-D grid over (token, item) pairs; a q item is one unit of kRows heads of its
-//                           token and a latent item kRows copy units, all loaded before anything is stored,
-//                           so kRows 16-byte loads are in flight per thread, and every thread of every block
-//                           has work (the tokens kernel's second block of an h16 token is mostly idle).
-// Each thread reads its tokens' positions (and slots) itself: the same 8 bytes for all threads of a token,
+// Each thread reads its token's position (and slot) itself: the same 8 bytes for all threads of a token,
 // served by L1; cos/sin come from the table row of that position (d * 4 bytes, L1/L2 resident per token).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <string>
 
 #include "../common/check.h"
 #include "../common/stream.h"
@@ -31,10 +23,8 @@
 namespace pk {
 namespace {
 
-constexpr int kThreads = 128;        // 4 warps; tokens kernel: an h16 token (8 * 16 + 8 + 64 bf16 units) in 2 blocks
+constexpr int kThreads = 128;        // 4 warps: one token of h16 (8 * 16 + 8 + 64 units for bf16) in 2 blocks
 constexpr int kMaxGridY = 65535;     // CUDA's limit on gridDim.y; more tokens loop
-constexpr std::int64_t kMaxGridX = 2147483647;  // CUDA's limit on gridDim.x; more work loops
-constexpr std::int64_t kDecodeMaxTokens = 256;  // up to this many tokens: the tokens kernel (rows_per_thread)
 constexpr int kErrPosition = 1;      // same bits as pykernels/rope.py
 constexpr int kErrSlot = 2;
 
@@ -149,48 +139,30 @@ __device__ __forceinline__ UnitValues<T, kVec> load_unit(const T* src, int unit,
   return x;
 }
 
-// Pairs in one unit, and the cos/sin of those pairs.
-template <bool kInterleaved, int kVec>
-constexpr int kUnitPairs = kInterleaved ? kVec / 2 : kVec;
-
-template <int kPairs>
-struct UnitTable {
-  Vec<float, kPairs> c, s;
-};
-
-// The cos/sin of the unit's pairs from table row pos (d floats: cos, then sin); pos_ok == false gives the
-// identity (cos 1, sin 0) without reading the table. The accesses are as wide as the unit's slice.
-template <bool kInterleaved, int kVec>
-__device__ __forceinline__ UnitTable<kUnitPairs<kInterleaved, kVec>> load_table(const float* cos_sin, std::int64_t pos,
-                                                                               bool pos_ok, int d, int unit) {
-  constexpr int kPairs = kUnitPairs<kInterleaved, kVec>;
+// Rotate the unit's values by the cos/sin of the table row cs_row and store them at dst (same layout).
+// pos_ok == false rotates by nothing (cos 1, sin 0): the values are stored unchanged. The cos/sin accesses
+// are as wide as the unit's slice of the table.
+template <typename T, bool kInterleaved, int kVec, int kAlign>
+__device__ __forceinline__ void rotate_store(const UnitValues<T, kVec>& x, T* dst, int unit, const float* cs_row,
+                                             bool pos_ok, int half) {
+  constexpr int kPairs = kInterleaved ? kVec / 2 : kVec;  // pairs in the unit
   constexpr int kTable = kWideAccess<float, kPairs>;
-  const int first_pair = kInterleaved ? unit * kVec / 2 : unit * kVec;
-  UnitTable<kPairs> cs;
+  const int e = unit * kVec;
+  const int first_pair = kInterleaved ? e / 2 : e;
+  Vec<float, kPairs> c, s;
   if (pos_ok) {
-    const float* row = cos_sin + pos * d;
-    cs.c = load_vec<kTable, float, kPairs>(row + first_pair);
-    cs.s = load_vec<kTable, float, kPairs>(row + d / 2 + first_pair);
+    c = load_vec<kTable, float, kPairs>(cs_row + first_pair);
+    s = load_vec<kTable, float, kPairs>(cs_row + half + first_pair);
   } else {
 #pragma unroll
-    for (int p = 0; p < kPairs; ++p) cs.c.v[p] = 1.f, cs.s.v[p] = 0.f;
+    for (int p = 0; p < kPairs; ++p) c.v[p] = 1.f, s.v[p] = 0.f;
   }
-  return cs;
-}
-
-// Rotate the unit's values by cs and store them at dst (same layout as the source).
-template <typename T, bool kInterleaved, int kVec, int kAlign>
-__device__ __forceinline__ void rotate_store(const UnitValues<T, kVec>& x,
-                                             const UnitTable<kUnitPairs<kInterleaved, kVec>>& cs, T* dst, int unit,
-                                             int half) {
-  constexpr int kPairs = kUnitPairs<kInterleaved, kVec>;
-  const int e = unit * kVec;
   UnitValues<T, kVec> out;
 #pragma unroll
   for (int p = 0; p < kPairs; ++p) {
     const float a = kInterleaved ? to_float(x.lo.v[2 * p]) : to_float(x.lo.v[p]);
     const float b = kInterleaved ? to_float(x.lo.v[2 * p + 1]) : to_float(x.hi.v[p]);
-    const T ra = from_float<T>(a * cs.c.v[p] - b * cs.s.v[p]), rb = from_float<T>(b * cs.c.v[p] + a * cs.s.v[p]);
+    const T ra = from_float<T>(a * c.v[p] - b * s.v[p]), rb = from_float<T>(b * c.v[p] + a * s.v[p]);
     if constexpr (kInterleaved) {
       out.lo.v[2 * p] = ra;
       out.lo.v[2 * p + 1] = rb;
@@ -207,245 +179,100 @@ __device__ __forceinline__ std::int64_t load_index(const void* p, bool is_int32,
   return is_int32 ? static_cast<std::int64_t>(static_cast<const int*>(p)[i]) : static_cast<const std::int64_t*>(p)[i];
 }
 
-__device__ __forceinline__ bool position_ok(const RopeArgs& args, std::int64_t pos) {
-  return pos >= 0 && pos < args.max_position;
-}
-
-// The indices of token t: its position and its k row (slots[t], or t without slots).
-struct TokenIndex {
-  std::int64_t pos, slot;
-};
-
-// kPaired: both loads are issued unconditionally (without slots the second one reads the position again,
-// from L1), so they overlap; with the slot load behind a branch nvcc compares the position first and so
-// waits for it. The flat kernel pairs them; the tokens kernel does not: pairing raised its registers from
-// 32 to 48 (bf16), a second wave of blocks at T = 256, h128, for one L1/L2 round trip of the k threads.
-template <bool kPaired>
-__device__ __forceinline__ TokenIndex load_token_index(const RopeArgs& args, std::int64_t t) {
-  const bool has_slots = args.slots != nullptr;
-  const std::int64_t pos = load_index(args.positions, args.positions_int32, t);
-  if constexpr (kPaired) {
-    const std::int64_t slot = load_index(has_slots ? args.slots : args.positions,
-                                         has_slots ? args.slots_int32 : args.positions_int32, t);
-    return {pos, has_slots ? slot : t};
-  } else {
-    return {pos, has_slots ? load_index(args.slots, args.slots_int32, t) : t};
-  }
-}
-
-// Where token t's k row goes: row idx.slot, whether to write it, and the error bits it raises.
+// Where token t's k row goes: row slots[t] (or t), whether to write it, and the error bits it raises.
 struct Destination {
   std::int64_t row;
   bool write;
   int err;
 };
 
-__device__ __forceinline__ Destination destination(const RopeArgs& args, const TokenIndex& idx) {
-  const bool pos_ok = position_ok(args, idx.pos);
-  Destination dst{idx.slot, pos_ok || args.copy_bad_rows, pos_ok ? 0 : kErrPosition};
+__device__ __forceinline__ Destination destination(const RopeArgs& args, std::int64_t t, bool pos_ok) {
+  Destination dst{t, pos_ok || args.copy_bad_rows, pos_ok ? 0 : kErrPosition};
   if (args.slots != nullptr) {
+    dst.row = load_index(args.slots, args.slots_int32, t);
     if (dst.row < -1 || dst.row >= args.k_dst_rows) dst.err |= kErrSlot;
     dst.write = pos_ok && dst.row >= 0 && dst.row < args.k_dst_rows;
   }
   return dst;
 }
 
-// The work items of one token. A thread's item is one of
-//   q:      unit `unit` of kRows heads of the token: heads g, g + HG, g + 2 HG, ... below H (HG = ceil(H / kRows)),
-//           so the lanes of a warp read consecutive 16-byte units for each of its loads;
-//   k:      one unit of the token's k row;
-//   latent: kRows copy units of the token's latent row: g, g + LG, ... below C (LG = ceil(C / kRows)).
-// A q item loads its kRows values, then the position, then one cos/sin slice for all of them, and stores
-// last: kRows independent 16-byte loads in flight per thread, sharing the position and table loads (a
-// thread doing several tokens would hold a cos/sin slice per token: ptxas gave it 148 registers at 4
-// bf16 tokens, which leaves fewer bytes in flight per SM, not more).
-// NOTES: the stores are asm volatile with a "memory" clobber, so no load moves past one; the code is
-// written loads first for that reason.
-struct Items {
-  int row;          // R: units of one rotated row
-  int head_groups;  // HG
-  int copy_units;   // C
-  int copy_groups;  // LG
-  int q, total;     // q items (HG * R), and q + k + latent items of a token
-};
-
-template <bool kInterleaved, int kVec, int kCopy, int kRows>
-__host__ __device__ __forceinline__ Items items_of(const RopeArgs& args) {
-  Items it{};
-  it.row = kInterleaved ? args.rotary_dim / kVec : args.rotary_dim / 2 / kVec;
-  it.head_groups = (args.heads + kRows - 1) / kRows;
-  it.copy_units = args.latent == nullptr ? 0 : args.latent_dim / kCopy;
-  it.copy_groups = (it.copy_units + kRows - 1) / kRows;
-  it.q = it.head_groups * it.row;
-  it.total = it.q + it.row + it.copy_groups;
-  return it;
-}
-
-template <typename T, bool kInterleaved, int kVec, int kAlign, int kRows>
-__device__ __forceinline__ void rotate_q_item(const RopeArgs& args, const Items& items, int group, int unit,
-                                              std::int64_t t) {
-  const int d = args.rotary_dim, half = d / 2;
-  UnitValues<T, kVec> x[kRows];
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    const int h = group + r * items.head_groups;
-    if (h < args.heads) {
-      const T* src = static_cast<const T*>(args.q_src) + t * args.q_src_stride_t + h * args.q_src_stride_h;
-      x[r] = load_unit<T, kInterleaved, kVec, kAlign>(src, unit, half);
-    }
-  }
-  const std::int64_t pos = load_index(args.positions, args.positions_int32, t);
-  const bool pos_ok = position_ok(args, pos);
-  if (!pos_ok && !args.copy_bad_rows) return;  // rope_and_cache leaves a bad row as it is
-  const auto cs = load_table<kInterleaved, kVec>(args.cos_sin, pos, pos_ok, d, unit);
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    const int h = group + r * items.head_groups;
-    if (h < args.heads) {
-      T* dst = static_cast<T*>(args.q_dst) + t * args.q_dst_stride_t + h * args.q_dst_stride_h;
-      rotate_store<T, kInterleaved, kVec, kAlign>(x[r], cs, dst, unit, half);
-    }
-  }
-}
-
-// Unit 0 of a token's k row also raises the token's error bits.
-template <typename T, bool kInterleaved, int kVec, int kAlign, bool kPaired>
-__device__ __forceinline__ void rotate_k_unit(const RopeArgs& args, int unit, std::int64_t t) {
-  const int d = args.rotary_dim, half = d / 2;
-  const T* src = static_cast<const T*>(args.k_src) + t * args.k_src_stride_t;
-  const UnitValues<T, kVec> x = load_unit<T, kInterleaved, kVec, kAlign>(src, unit, half);
-  const TokenIndex idx = load_token_index<kPaired>(args, t);
-  const Destination to = destination(args, idx);
-  if (unit == 0 && to.err != 0) atomicOr(args.flag, to.err);
-  if (!to.write) return;
-  const bool pos_ok = position_ok(args, idx.pos);
-  T* dst = static_cast<T*>(args.k_dst) + to.row * args.k_dst_stride_t + args.latent_dim;
-  rotate_store<T, kInterleaved, kVec, kAlign>(x, load_table<kInterleaved, kVec>(args.cos_sin, idx.pos, pos_ok, d, unit),
-                                              dst, unit, half);
-}
-
-template <typename T, int kCopy, int kAlign, int kRows, bool kPaired>
-__device__ __forceinline__ void copy_latent_item(const RopeArgs& args, const Items& items, int group, std::int64_t t) {
-  const T* src = static_cast<const T*>(args.latent) + t * args.latent_stride_t;
-  Vec<T, kCopy> v[kRows];
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    const int c = group + r * items.copy_groups;
-    if (c < items.copy_units) v[r] = load_vec<kAlign, T, kCopy>(src + c * kCopy);
-  }
-  const Destination to = destination(args, load_token_index<kPaired>(args, t));
-  if (!to.write) return;
-  T* dst = static_cast<T*>(args.k_dst) + to.row * args.k_dst_stride_t;
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    const int c = group + r * items.copy_groups;
-    if (c < items.copy_units) store_vec<kAlign>(dst + c * kCopy, v[r]);
-  }
-}
-
-// Item v (< items.total) of token t. kVec: values per rotation unit (see the file comment); kCopy: latent
-// values per copy unit; kAlign: the alignment every q/k/latent access may assume; kRows: see Items;
-// kPaired: see load_token_index.
-template <typename T, bool kInterleaved, int kVec, int kCopy, int kAlign, int kRows, bool kPaired>
-__device__ __forceinline__ void rope_item(const RopeArgs& args, const Items& items, int v, std::int64_t t) {
-  if (v < items.q) {
-    const int group = v / items.row;
-    rotate_q_item<T, kInterleaved, kVec, kAlign, kRows>(args, items, group, v - group * items.row, t);
-  } else if (v < items.q + items.row) {
-    rotate_k_unit<T, kInterleaved, kVec, kAlign, kPaired>(args, v - items.q, t);
-  } else {
-    copy_latent_item<T, kCopy, kAlign, kRows, kPaired>(args, items, v - items.q - items.row, t);
-  }
-}
-
-// Decode (few tokens): grid x covers one token's items, y walks the tokens; one q row per item.
+// kVec: values per rotation unit (see the file comment); kCopy: latent values per copy unit; kAlign: the
+// alignment every q/k/latent access may assume.
+// NOTES: every thread loads its q/k/latent values before the token's position and slot: they do not depend
+// on them, so the two loads overlap and a decode step waits for two memory round trips (values + index,
+// then the cos/sin row), not three.
 template <typename T, bool kInterleaved, int kVec, int kCopy, int kAlign>
-__global__ void __launch_bounds__(kThreads) rope_tokens_kernel(const RopeArgs args) {
-  const Items items = items_of<kInterleaved, kVec, kCopy, 1>(args);
-  const int v = blockIdx.x * kThreads + threadIdx.x;
-  if (v >= items.total) return;
-  for (std::int64_t t = blockIdx.y; t < args.tokens; t += gridDim.y) {
-    rope_item<T, kInterleaved, kVec, kCopy, kAlign, 1, false>(args, items, v, t);
-  }
-}
+__global__ void __launch_bounds__(kThreads) rope_rows_kernel(const RopeArgs args) {
+  const int d = args.rotary_dim, half = d / 2;
+  const int row_units = kInterleaved ? d / kVec : half / kVec;
+  const int q_units = args.heads * row_units;
+  const int copy_units = args.latent == nullptr ? 0 : args.latent_dim / kCopy;
+  const int u = blockIdx.x * kThreads + threadIdx.x;
+  if (u >= q_units + row_units + copy_units) return;
 
-// Prefill (many tokens): a 1-D grid over (token, item) pairs, item fastest, so every thread of every block
-// has work (the tokens kernel's second block of an h16 token is mostly idle: 136 items in 2 x 128 threads).
-template <typename T, bool kInterleaved, int kVec, int kCopy, int kAlign, int kRows>
-__global__ void __launch_bounds__(kThreads) rope_flat_kernel(const RopeArgs args) {
-  const Items items = items_of<kInterleaved, kVec, kCopy, kRows>(args);
-  const std::int64_t work = args.tokens * items.total;
-  for (std::int64_t w = std::int64_t{blockIdx.x} * kThreads + threadIdx.x; w < work;
-       w += std::int64_t{gridDim.x} * kThreads) {
-    const std::int64_t t = w / items.total;
-    rope_item<T, kInterleaved, kVec, kCopy, kAlign, kRows, true>(args, items, static_cast<int>(w - t * items.total),
-                                                                 t);
+  for (std::int64_t t = blockIdx.y; t < args.tokens; t += gridDim.y) {
+    if (u < q_units) {
+      const int h = u / row_units, unit = u - h * row_units;
+      const T* src = static_cast<const T*>(args.q_src) + t * args.q_src_stride_t + h * args.q_src_stride_h;
+      T* dst = static_cast<T*>(args.q_dst) + t * args.q_dst_stride_t + h * args.q_dst_stride_h;
+      const UnitValues<T, kVec> x = load_unit<T, kInterleaved, kVec, kAlign>(src, unit, half);
+      const std::int64_t pos = load_index(args.positions, args.positions_int32, t);
+      const bool pos_ok = pos >= 0 && pos < args.max_position;
+      if (!pos_ok && !args.copy_bad_rows) continue;  // rope_and_cache leaves a bad row as it is
+      rotate_store<T, kInterleaved, kVec, kAlign>(x, dst, unit, args.cos_sin + (pos_ok ? pos : 0) * d, pos_ok,
+                                                  half);
+    } else if (u < q_units + row_units) {
+      const int unit = u - q_units;
+      const T* src = static_cast<const T*>(args.k_src) + t * args.k_src_stride_t;
+      const UnitValues<T, kVec> x = load_unit<T, kInterleaved, kVec, kAlign>(src, unit, half);
+      const std::int64_t pos = load_index(args.positions, args.positions_int32, t);
+      const bool pos_ok = pos >= 0 && pos < args.max_position;
+      const Destination to = destination(args, t, pos_ok);
+      if (unit == 0 && to.err != 0) atomicOr(args.flag, to.err);
+      if (!to.write) continue;
+      T* dst = static_cast<T*>(args.k_dst) + to.row * args.k_dst_stride_t + args.latent_dim;
+      rotate_store<T, kInterleaved, kVec, kAlign>(x, dst, unit, args.cos_sin + (pos_ok ? pos : 0) * d, pos_ok,
+                                                  half);
+    } else {
+      const int e = (u - q_units - row_units) * kCopy;
+      const T* src = static_cast<const T*>(args.latent) + t * args.latent_stride_t;
+      const Vec<T, kCopy> v = load_vec<kAlign, T, kCopy>(src + e);
+      const std::int64_t pos = load_index(args.positions, args.positions_int32, t);
+      const Destination to = destination(args, t, pos >= 0 && pos < args.max_position);
+      if (!to.write) continue;
+      store_vec<kAlign>(static_cast<T*>(args.k_dst) + to.row * args.k_dst_stride_t + e, v);
+    }
   }
 }
 
 __global__ void empty_kernel_impl() {}
 
-template <typename T, bool kInterleaved, int kVec, int kCopy, int kAlign, int kRows>
-void launch_flat(const RopeArgs& args, cudaStream_t stream) {
-  const std::int64_t work = args.tokens * items_of<kInterleaved, kVec, kCopy, kRows>(args).total;
-  const std::int64_t blocks = (work + kThreads - 1) / kThreads;
-  const dim3 grid(static_cast<unsigned>(blocks < kMaxGridX ? blocks : kMaxGridX));
-  rope_flat_kernel<T, kInterleaved, kVec, kCopy, kAlign, kRows><<<grid, kThreads, 0, stream>>>(args);
-}
-
-// One launch with kVec values per rotation unit and kCopy per latent unit: rows_per_thread 0 takes the
-// tokens kernel, else the flat kernel with that many q rows (or latent units) per item.
-template <typename T, bool kInterleaved, int kVec, int kCopy, int kAlign>
-void launch_items(const RopeArgs& args, int rows_per_thread, cudaStream_t stream) {
-  switch (rows_per_thread) {
-    case 0: {
-      const Items items = items_of<kInterleaved, kVec, kCopy, 1>(args);
-      const dim3 grid(static_cast<unsigned>((items.total + kThreads - 1) / kThreads),
-                      static_cast<unsigned>(args.tokens < kMaxGridY ? args.tokens : kMaxGridY));
-      rope_tokens_kernel<T, kInterleaved, kVec, kCopy, kAlign><<<grid, kThreads, 0, stream>>>(args);
-      break;
-    }
-    case 1: launch_flat<T, kInterleaved, kVec, kCopy, kAlign, 1>(args, stream); break;
-    case 2: launch_flat<T, kInterleaved, kVec, kCopy, kAlign, 2>(args, stream); break;
-    case 4: launch_flat<T, kInterleaved, kVec, kCopy, kAlign, 4>(args, stream); break;
-    default: launch_flat<T, kInterleaved, kVec, kCopy, kAlign, 8>(args, stream); break;
-  }
-}
-
 template <typename T, bool kInterleaved>
-void launch_typed(const RopeArgs& args, bool aligned, int rows_per_thread, cudaStream_t stream) {
+void launch_typed(const RopeArgs& args, bool aligned, cudaStream_t stream) {
   constexpr int kWide = 16 / sizeof(T);  // values per 16-byte access
+  const int d = args.rotary_dim;
   if (aligned) {
-    launch_items<T, kInterleaved, kWide, kWide, 16>(args, rows_per_thread, stream);
-  } else {  // one pair (interleaved) or one value and its partner (halves) per unit, one latent value per copy
-    launch_items<T, kInterleaved, kInterleaved ? 2 : 1, 1, sizeof(T)>(args, rows_per_thread, stream);
+    constexpr int kVec = kWide;
+    const int row_units = kInterleaved ? d / kVec : d / 2 / kVec;
+    const int units = args.heads * row_units + row_units + (args.latent ? args.latent_dim / kWide : 0);
+    const dim3 grid((units + kThreads - 1) / kThreads,
+                    static_cast<unsigned>(args.tokens < kMaxGridY ? args.tokens : kMaxGridY));
+    rope_rows_kernel<T, kInterleaved, kVec, kWide, 16><<<grid, kThreads, 0, stream>>>(args);
+  } else {
+    constexpr int kVec = kInterleaved ? 2 : 1;  // one pair per unit
+    const int row_units = kInterleaved ? d / kVec : d / 2 / kVec;
+    const int units = args.heads * row_units + row_units + (args.latent ? args.latent_dim : 0);
+    const dim3 grid((units + kThreads - 1) / kThreads,
+                    static_cast<unsigned>(args.tokens < kMaxGridY ? args.tokens : kMaxGridY));
+    rope_rows_kernel<T, kInterleaved, kVec, 1, sizeof(T)><<<grid, kThreads, 0, stream>>>(args);
   }
   PK_LAUNCH_CHECK();
 }
 
 template <typename T>
-void launch_layout(const RopeArgs& args, bool interleaved, bool aligned, int rows_per_thread, cudaStream_t stream) {
-  if (interleaved) return launch_typed<T, true>(args, aligned, rows_per_thread, stream);
-  return launch_typed<T, false>(args, aligned, rows_per_thread, stream);
-}
-
-// q rows (or latent units) per thread for `tokens` tokens; 0 = the tokens kernel (one row per thread).
-//   T <= 256 (decode)  0: the 2-D grid, as few instructions as possible between launch and stores; decode
-//                      time is launch latency, not bandwidth.
-//   larger (prefill)   4: four 16-byte loads in flight per thread against one position and one cos/sin
-//                      slice (~40 registers: full occupancy, ~2048 threads x 64 B = 128 KiB issued per SM,
-//                      well above the ~32 KiB Little's law asks for: ~4.2 TB/s x ~1 us / 132 SMs).
-// bench/tune_rope.py times 0, 1, 2, 4 and 8 at the prefill shapes. PYKERNELS_ROPE_ROWS_PER_THREAD (one of
-// those) overrides the table for T > 256: the sweep's knob, read only on that path.
-int rows_per_thread(std::int64_t tokens) {
-  if (tokens <= kDecodeMaxTokens) return 0;
-  if (const char* env = std::getenv("PYKERNELS_ROPE_ROWS_PER_THREAD"); env != nullptr && *env != '\0') {
-    const std::string value(env);
-    PK_CHECK(value == "0" || value == "1" || value == "2" || value == "4" || value == "8",
-             "PYKERNELS_ROPE_ROWS_PER_THREAD: expected 0, 1, 2, 4 or 8, got '", value, "'");
-    return std::stoi(value);
-  }
-  return 4;
+void launch_layout(const RopeArgs& args, bool interleaved, bool aligned, cudaStream_t stream) {
+  if (interleaved) return launch_typed<T, true>(args, aligned, stream);
+  return launch_typed<T, false>(args, aligned, stream);
 }
 
 bool multiple_of_16(std::uint64_t v) { return v % 16 == 0; }
@@ -519,11 +346,10 @@ void rope_rows(std::uintptr_t q_src, std::int64_t q_src_stride_t, std::int64_t q
   args.copy_bad_rows = copy_bad_rows;
 
   const cudaStream_t st = as_stream(stream);
-  const int per_thread = rows_per_thread(tokens);
   switch (dtype) {
-    case kRopeFloat32: return launch_layout<float>(args, interleaved, aligned, per_thread, st);
-    case kRopeFloat16: return launch_layout<__half>(args, interleaved, aligned, per_thread, st);
-    default: return launch_layout<__nv_bfloat16>(args, interleaved, aligned, per_thread, st);
+    case kRopeFloat32: return launch_layout<float>(args, interleaved, aligned, st);
+    case kRopeFloat16: return launch_layout<__half>(args, interleaved, aligned, st);
+    default: return launch_layout<__nv_bfloat16>(args, interleaved, aligned, st);
   }
 }
 

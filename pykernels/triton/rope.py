@@ -28,8 +28,10 @@ NUM_WARPS = 4
 BLOCK_L_MAX = 512
 # Up to this many tokens a launch is decode-sized: one token per program (tokens_per_program).
 DECODE_MAX_TOKENS = 256
-# Tokens per program above DECODE_MAX_TOKENS (see tokens_per_program).
-PREFILL_TOKENS_PER_PROGRAM = 4
+# Tokens per program above DECODE_MAX_TOKENS (see tokens_per_program): 2 from `python -m bench.tune_rope` on
+# the H200 at T = 16384 (% of copy, 1/2/4/8 tokens): rope_and_cache h16 65.9/71.9/69.4/66.3, h128
+# 68.3/69.2/62.9/64.3; apply_rotary h16 55.8/67.4/69.9/58.5, h128 80.0/85.9/84.6/75.8.
+PREFILL_TOKENS_PER_PROGRAM = 2
 
 ERR_POSITION = tl.constexpr(1)  # error-flag bits, the same as pykernels.rope's
 ERR_SLOT = tl.constexpr(2)
