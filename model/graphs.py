@@ -39,6 +39,27 @@ from model.model import DeepseekV2
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
+# Vocabulary columns per group of the two-stage argmax (first_argmax).
+ARGMAX_GROUP = 1024
+
+
+def first_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """argmax over the last dim of logits [b, V] -> int64 [b], the first maximum like ``Tensor.argmax``.
+
+    In two stages when V is a multiple of ARGMAX_GROUP: the maximum of each group of columns, then the first
+    group holding the largest. torch's one-stage argmax reduces a row in one thread block: 28 µs for one row
+    of Lite's 102,400 logits on the H200, against a few µs for the two small reductions.
+    """
+    b, V = logits.shape
+    if V % ARGMAX_GROUP or V == ARGMAX_GROUP:
+        return logits.argmax(-1)
+    groups = logits.view(b, V // ARGMAX_GROUP, ARGMAX_GROUP)
+    within = groups.argmax(-1)  # [b, G] first maximum of each group
+    best = groups.gather(-1, within[..., None])[..., 0]  # [b, G]
+    g = best.argmax(-1)  # [b] first group holding the maximum: the first maximum overall
+    return g * ARGMAX_GROUP + within.gather(-1, g[:, None])[:, 0]
+
+
 class DecodeGraphs:
     """Decode steps of ``model`` over ``cache``, one CUDA graph per batch-size bucket."""
 
@@ -125,7 +146,7 @@ class DecodeGraphs:
         slots = torch.where(active, block.long() * bs + pos % bs, -1)  # [b]
         seqlens.add_(active.to(torch.int32))
         logits = self.model.decode_step(self.input_ids[:b], pos, slots, block_table, seqlens, cache)  # [b, V]
-        next_ids = logits.argmax(-1)  # [b]
+        next_ids = first_argmax(logits)  # [b]
         self.input_ids[:b].copy_(next_ids)
         return logits, next_ids
 

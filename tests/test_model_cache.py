@@ -159,3 +159,15 @@ def test_cache_limits():
     step = cache.append([0, 16])
     assert step.starts == [0, 0, 16] and cache.cache_seqlens.tolist() == [33, 16]
     assert step.slot_mapping.tolist() == [3 * 16 + i for i in range(16)]
+
+
+@pytest.mark.parametrize("V", [2048, 3 * 1024, 1000, 1024])
+def test_two_stage_argmax_is_torch_argmax(V):
+    """The decode step's two-stage argmax equals torch's argmax, ties included (the first maximum wins)."""
+    from model.graphs import first_argmax
+
+    logits = torch.randn(5, V, generator=torch.Generator().manual_seed(V)).to(torch.bfloat16)
+    logits[1, V - 1] = logits[1, 3] = 50.0  # a tie across groups: the lower index wins
+    logits[2, 7] = logits[2, 9] = 50.0  # a tie inside one group
+    logits[3].fill_(0.5)  # every column ties
+    assert torch.equal(first_argmax(logits), logits.argmax(-1))
