@@ -8,13 +8,14 @@ dims and p.v over 512. Both sides are timed inside CUDA graphs (how a serving en
 decode step), with enough input sets rotated that the cache is read from HBM, not the L2.
 
 The peer (``peer`` of the record) is the absorbed decode a user writes in eager torch over a cache
-laid out contiguously per sequence, ``[b, P, 576]`` (the FACTS baseline, 197 µs at b64 s4096 h16):
-``bmm`` of the scaled queries against the cache, an additive -inf bias on keys a query must not see
-(only when some are hidden: causal q_len > 1 or ragged lengths), ``logsumexp`` in float32 for the
-lse, ``softmax``, ``bmm`` with the first 512 columns. Its contiguous cache holds the same rows as the
-op's paged cache and is built outside the timing. The same peer starting from the paged cache —
-gather the sequence's pages into ``[b, P, 576]`` first, inside the timing — is recorded beside it as
-``extra.peer_with_gather``. On the first input set of every shape the peer's out and lse are
+laid out contiguously per sequence, ``[b, P, 576]`` (the FACTS baseline "torch bmm+softmax", 197 µs at
+b64 s4096 h16): ``bmm`` of the scaled queries against the cache, an additive -inf bias on keys a query
+must not see (only when some are hidden: causal q_len > 1 or ragged lengths), ``softmax``, ``bmm`` with
+the first 512 columns; the output only, as FACTS times it. Its contiguous cache holds the same rows as
+the op's paged cache and is built outside the timing. Recorded beside it: the same peer computing the
+lse as well (``logsumexp`` in float32, what pk.mla_decode also returns), ``extra.peer_with_lse``; and the
+peer starting from the paged cache, gathering the sequence's pages into ``[b, P, 576]`` inside the
+timing, ``extra.peer_with_gather``. On the first input set of every shape the lse peer's out and lse are
 compared with the op's (PEER_ATOL); a mismatch stops the suite.
 """
 from __future__ import annotations
@@ -80,19 +81,20 @@ def attention_bias(cache_seqlens: torch.Tensor, q_len: int, positions: int, caus
     return torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill(hidden, -math.inf)[:, :, None]
 
 
-def torch_peer(q, kv, softmax_scale, bias=None, head_dim_v=HEAD_DIM_V):
+def torch_peer(q, kv, softmax_scale, bias=None, head_dim_v=HEAD_DIM_V, with_lse=True):
     """Eager absorbed MLA decode over a contiguous cache ``kv`` ``[b, P, 576]``; returns (out, lse)
-    as pk.mla_decode does: out ``[b, q_len, h, 512]`` in q's dtype, lse float32 ``[b, h, q_len]``."""
+    as pk.mla_decode does: out ``[b, q_len, h, 512]`` in q's dtype, lse float32 ``[b, h, q_len]``
+    (None without ``with_lse``)."""
     batch, q_len, heads, head_dim = q.shape
     positions = kv.shape[1]
     qs = (q * softmax_scale).view(batch, q_len * heads, head_dim)
     s = torch.bmm(qs, kv.transpose(1, 2))  # [b, q_len*h, P] scaled q.k
     if bias is not None:
         s = s.view(batch, q_len, heads, positions).add_(bias).view(batch, q_len * heads, positions)
-    lse = torch.logsumexp(s.float(), dim=-1)  # [b, q_len*h]
+    lse = torch.logsumexp(s.float(), dim=-1).view(batch, q_len, heads).transpose(1, 2) if with_lse else None
     p = torch.softmax(s, dim=-1)  # float32 inside, q's dtype out
     out = torch.bmm(p, kv[..., :head_dim_v])  # [b, q_len*h, 512]
-    return out.view(batch, q_len, heads, head_dim_v), lse.view(batch, q_len, heads).transpose(1, 2)
+    return out.view(batch, q_len, heads, head_dim_v), lse
 
 
 # The in-run check of the peer against the op. In bf16 the peer rounds the scaled q, the scores and
@@ -101,6 +103,7 @@ def torch_peer(q, kv, softmax_scale, bias=None, head_dim_v=HEAD_DIM_V):
 # (tests/test_bench_harness.py checks the peer in bf16 on the CPU); the tolerances are ~10x that.
 PEER_ATOL = {"out": 1e-2, "lse": 1e-2}
 PEER_NAME = "torch bmm+softmax (contiguous cache)"
+LSE_PEER_NAME = "torch bmm+softmax+logsumexp (contiguous cache)"
 GATHER_PEER_NAME = "torch bmm+softmax with page gather"
 
 
@@ -142,23 +145,29 @@ def bench_shape(ctx, shape: dict, backend: str, dtype: torch.dtype) -> None:
         return pk.mla_decode(*sets[i], HEAD_DIM_V, scale, causal, backend=backend)
 
     def peer(i):
+        return torch_peer(sets[i][0], contiguous[i], scale, biases[i], with_lse=False)
+
+    def peer_with_lse(i):
         return torch_peer(sets[i][0], contiguous[i], scale, biases[i])
 
     def peer_with_gather(i):
         q, k_cache, table, _ = sets[i]
-        return torch_peer(q, gather_pages(k_cache, table), scale, biases[i])
+        return torch_peer(q, gather_pages(k_cache, table), scale, biases[i], with_lse=False)
 
-    check = check_peer(ours(0), peer(0), f"at {shape}")
+    check = check_peer(ours(0), peer_with_lse(0), f"at {shape}")
     t_ours = ctx.time(ours, n_sets=n_sets, graph=True, name=record_name("mla_decode", backend, shape))
     peer_arg = ctx.time_peer(PEER_NAME, peer, n_sets=n_sets, graph=True,
                              name=record_name("mla_decode", f"peer {PEER_NAME}", shape))
-    gathered = ctx.time_peer(GATHER_PEER_NAME, peer_with_gather, n_sets=n_sets, graph=True,
-                             name=record_name("mla_decode", f"peer {GATHER_PEER_NAME}", shape))
+    variants = {"peer_with_lse": ctx.time_peer(LSE_PEER_NAME, peer_with_lse, n_sets=n_sets, graph=True,
+                                               name=record_name("mla_decode", f"peer {LSE_PEER_NAME}", shape)),
+                "peer_with_gather": ctx.time_peer(GATHER_PEER_NAME, peer_with_gather, n_sets=n_sets, graph=True,
+                                                  name=record_name("mla_decode", f"peer {GATHER_PEER_NAME}", shape))}
     cost = cost_model.mla_decode(batch, q_len, heads, batch * seqlen, HEAD_DIM, HEAD_DIM_V, elem_bytes=elem)
-    extra = {"causal": causal, "block_size": BLOCK_SIZE, "n_sets": n_sets, "peer_check": check,
-             "peer_with_gather": peer_entry(gathered)}
-    if gathered[1] is not None:
-        extra["x_peer_with_gather"] = round(gathered[1] / t_ours, 3)
+    extra = {"causal": causal, "block_size": BLOCK_SIZE, "n_sets": n_sets, "peer_check": check}
+    for key, timed in variants.items():
+        extra[key] = peer_entry(timed)
+        if timed[1] is not None:
+            extra["x_" + key] = round(timed[1] / t_ours, 3)
     if backend == "triton":
         extra.update(_triton_launch(batch, q_len, heads, seqlen, elem, ctx.device))
     ctx.record(op="mla_decode", backend=backend, shape=shape, dtype=DTYPE_NAMES[dtype], time_us=t_ours,

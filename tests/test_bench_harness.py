@@ -159,7 +159,8 @@ def test_cli_quick_cpu_run(tmp_path):
     assert all(r["ceilings"]["frac_mm_rate_of"] == harness.MM_RATE_USED and r["ceilings"]["mm_tflops_burst"] > 0
                for r in recs)
     mla = [r for r in recs if r["op"] == "mla_decode"]
-    assert all(r["peer"]["time_us"] > 0 and r["extra"]["peer_with_gather"]["time_us"] > 0 for r in mla)
+    assert all(r["peer"]["time_us"] > 0 and r["extra"]["peer_with_gather"]["time_us"] > 0
+               and r["extra"]["peer_with_lse"]["time_us"] > 0 for r in mla)
     assert all(r["extra"]["peer_check"]["out_max_abs_diff"] <= 1e-4 for r in mla)
     assert all(r["peer"]["time_us"] > 0 and "host read" in r["extra"]["peer_includes"]
                for r in recs if r["op"] == "ep.dispatch")
@@ -257,6 +258,8 @@ def test_mla_peer_matches_the_reference(q_len, heads, batch, seqlen, lengths):
     m.check_peer(ref, peer, "test")
     with pytest.raises(RuntimeError, match="disagree"):
         m.check_peer(ref, (peer[0] + 0.1, peer[1]), "test")
+    out_only, no_lse = m.torch_peer(q, kv, scale, bias, with_lse=False)  # the headline peer: out only
+    assert no_lse is None and torch.equal(out_only, peer[0])
 
 
 def test_mla_peer_in_bf16_is_within_the_in_run_tolerance():
