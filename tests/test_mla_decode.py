@@ -236,6 +236,10 @@ def test_triton_head_dim_split_must_be_powers_of_two():
         pk.mla_decode(q, k_cache, block_table, seqlens, head_dim_v=48, backend="triton")
     out, _ = pk.mla_decode(q, k_cache, block_table, seqlens, head_dim_v=48, backend="torch")
     assert out.shape == (1, 1, 2, 48)
+    # The kernel works on quarters of the value columns: 32 is a power of two but its quarters are too narrow.
+    q, k_cache, block_table, seqlens = make_case(1, 1, 2, 16, [3], head_dim=48)
+    with pytest.raises(ValueError, match="head_dim_v >= 64"):
+        pk.mla_decode(q, k_cache, block_table, seqlens, head_dim_v=32, backend="triton")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,9 +7,10 @@ Two kernels:
    (row = i * num_heads + h, the order of ``out[b]``) and cut into blocks of ``BLOCK_M``, so all 16
    heads of a DeepSeek-V2-Lite query (and 2 x 16 rows for q_len = 2) share one program and every
    cache row is read from memory once per row block. The program walks its split's slice of the
-   sequence in tiles of ``BLOCK_N`` cache rows; each tile is loaded once as ``[BLOCK_N, DV]`` (the
-   first 512 columns) + ``[BLOCK_N, DR]`` (the 64 rope columns) and serves both as K in
-   ``s = q . k`` and (its first 512 columns) as V in ``acc += p . v``. Online softmax in float32 in
+   sequence in tiles of ``BLOCK_N`` cache rows; each tile is loaded once as four ``[BLOCK_N, DV / 4]``
+   quarters of the first 512 columns + ``[BLOCK_N, DR]`` (the 64 rope columns) and serves both as K
+   in ``s = q . k`` and (the quarters) as V in ``acc += p . v``; the quarters keep the tensor-core
+   work of a tile in independent chains (see ``_attend``). Online softmax in float32 in
    base 2 (the softmax scale is folded into log2(e)); both products accumulate in float32. The
    block ids of a split are staged in registers before its tile loop, so the loop's loads depend on
    no load inside it and Triton's software pipeliner keeps ``num_stages - 1`` tiles in flight while
@@ -69,7 +70,8 @@ class MLADecodeConfig:
 #   each cache row is read once. 32-row tiles x 3 stages (93 KB of shared memory) let two programs share
 #   an SM: four tiles in flight per SM (best at b64/s4096 and b32/s32K; 64-row tiles at one program per
 #   SM tie at b128/s8192 and lose elsewhere). A split may be one tile (min_chunk 32): a program walks its
-#   tiles at ~1.3 µs each whatever the load, so a few sequences want many short splits (b1/s4096: 128
+#   tiles at ~1.3 µs each whatever the load (measured before the value columns were cut into quarters, which
+#   shortens the per-tile dependency chain; re-measure), so a few sequences want many short splits (b1/s4096: 128
 #   splits take 9.1 µs, the 16 that a 256-row floor allowed 17.4 µs; b1/s32K: 256 splits 21.4 µs, 128
 #   20.5 µs; probe on the H200).
 # - 17 to 32 rows (h16 with q_len 2): 8 warps hold acc [32, 512]; 64-row tiles, two in flight.
@@ -177,8 +179,9 @@ def _load_tile(K, bt_chunk, chunk_start, stride_kblock, stride_krow, tile, end,
                DV: tl.constexpr, DR: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                BT_CHUNK: tl.constexpr):
     """Cache rows [tile, tile + BLOCK_N) of one sequence: positions, which are < end, and the rows
-    as ``[BLOCK_N, DV]`` (K's first columns, also V) + ``[BLOCK_N, DR]`` (rope columns); rows at or
-    past ``end`` are zeros and never read. ``bt_chunk`` holds the block ids from ``chunk_start``."""
+    as four ``[BLOCK_N, DV / 4]`` quarters of K's first columns (also V) + ``[BLOCK_N, DR]`` (rope
+    columns); rows at or past ``end`` are zeros and never read. ``bt_chunk`` holds the block ids from
+    ``chunk_start``."""
     pos = tile + tl.arange(0, BLOCK_N)  # [N] cache positions
     pos_ok = pos < end
     first_page = chunk_start // PAGE
@@ -191,32 +194,62 @@ def _load_tile(K, bt_chunk, chunk_start, stride_kblock, stride_krow, tile, end,
         page = tl.minimum(pos // PAGE - first_page, BT_CHUNK - 1)  # [N]
         block_id = tl.gather(bt_chunk, page, axis=0)
         k_row = K + block_id.to(tl.int64) * stride_kblock + (pos % PAGE) * stride_krow  # [N] pointers
-    kv = tl.load(k_row[:, None] + tl.arange(0, DV)[None, :], mask=pos_ok[:, None], other=0.0)  # [N, DV]
+    DQ: tl.constexpr = DV // 4
+    cols = tl.arange(0, DQ)[None, :]
+    v0 = tl.load(k_row[:, None] + cols, mask=pos_ok[:, None], other=0.0)  # [N, DQ]
+    v1 = tl.load(k_row[:, None] + DQ + cols, mask=pos_ok[:, None], other=0.0)
+    v2 = tl.load(k_row[:, None] + 2 * DQ + cols, mask=pos_ok[:, None], other=0.0)
+    v3 = tl.load(k_row[:, None] + 3 * DQ + cols, mask=pos_ok[:, None], other=0.0)
     k_r = tl.load(k_row[:, None] + DV + tl.arange(0, DR)[None, :], mask=pos_ok[:, None], other=0.0)  # [N, DR]
-    return pos, pos_ok, kv, k_r
+    return pos, pos_ok, v0, v1, v2, v3, k_r
 
 
 @triton.jit
-def _attend(q_v, q_r, K, bt_row, stride_btj, stride_kblock, stride_krow, start, end, limit, num_blocks, qk_scale,
-            DV: tl.constexpr, DR: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
+def _attend(q0, q1, q2, q3, q_r, K, bt_row, stride_btj, stride_kblock, stride_krow, start, end, limit, num_blocks,
+            qk_scale, DV: tl.constexpr, DR: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_N: tl.constexpr, BT_CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online softmax over [start, end) of the sequence:
-    ``s[M, N] = q . k^T`` then ``acc[M, DV] += p . v``. Returns (acc, m, l): the unnormalised output,
-    the running max (base 2) and the running sum."""
+    ``s[M, N] = q . k^T`` then ``acc[M, DV] += p . v``, with q, v and acc cut into four column quarters
+    (q0..q3, acc0..acc3). Returns (acc0, acc1, acc2, acc3, m, l): the unnormalised output, the running
+    max (base 2) and the running sum.
+
+    Why quarters: below 64 rows Triton uses mma.sync, and with 16 rows a warp holds one 16 x 8 block
+    of s, so one dot over the 576 key columns is a chain of 36 dependent MMAs per warp (~33 cycles
+    each: ~0.6 us a tile, about half the per-tile time that limited a program to ~27 GB/s). Five dots
+    (four quarters + the rope columns) are independent chains of <= 8 that ptxas interleaves. The row sum is kept per column
+    (``l_cols [M, N]``) and reduced once at the end: one cross-warp reduction a tile less."""
+    DQ: tl.constexpr = DV // 4
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of s (base 2)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of 2^(s - m_i)
-    acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)  # running sum of 2^(s - m_i) v
+    l_cols = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # running sums of 2^(s - m_i), per tile column
+    acc0 = tl.zeros([BLOCK_M, DQ], dtype=tl.float32)  # running sum of 2^(s - m_i) v, by column quarter
+    acc1 = tl.zeros([BLOCK_M, DQ], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, DQ], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_M, DQ], dtype=tl.float32)
     # Whole tiles whose pages all fit one staged chunk of the block table (tiles start at multiples of
     # BLOCK_N, not necessarily of PAGE, so a chunk of BT_CHUNK entries covers BT_CHUNK - 1 pages of tiles).
     CHUNK_ROWS: tl.constexpr = (BT_CHUNK - 1) * PAGE // BLOCK_N * BLOCK_N
     for chunk_start in range(start, end, CHUNK_ROWS):
         bt_chunk = _block_table_chunk(bt_row, stride_btj, chunk_start, end, num_blocks, PAGE, BT_CHUNK)
         for tile in range(chunk_start, tl.minimum(chunk_start + CHUNK_ROWS, end), BLOCK_N):
-            pos, pos_ok, kv, k_r = _load_tile(K, bt_chunk, chunk_start, stride_kblock, stride_krow, tile, end,
-                                                  DV, DR, PAGE, BLOCK_N, BT_CHUNK)
-            s = tl.dot(q_v, tl.trans(kv), input_precision=DOT_PRECISION)  # [M, N]
-            s = tl.dot(q_r, tl.trans(k_r), s, input_precision=DOT_PRECISION)
-            s = s * qk_scale
+            pos, pos_ok, v0, v1, v2, v3, k_r = _load_tile(K, bt_chunk, chunk_start, stride_kblock, stride_krow,
+                                                          tile, end, DV, DR, PAGE, BLOCK_N, BT_CHUNK)
+            if BLOCK_M < 64:
+                # mma.sync path: five independent dots (four quarters + rope), scaled before summing
+                # (Triton folds add(dot(a, b, 0), x) into dot(a, b, x), which would chain them again).
+                s0 = tl.dot(q0, tl.trans(v0), input_precision=DOT_PRECISION)  # [M, N]
+                s1 = tl.dot(q1, tl.trans(v1), input_precision=DOT_PRECISION)
+                s2 = tl.dot(q2, tl.trans(v2), input_precision=DOT_PRECISION)
+                s3 = tl.dot(q3, tl.trans(v3), input_precision=DOT_PRECISION)
+                s_r = tl.dot(q_r, tl.trans(k_r), input_precision=DOT_PRECISION)
+                s = (s0 * qk_scale + s1 * qk_scale) + (s2 * qk_scale + s3 * qk_scale) + s_r * qk_scale
+            else:
+                # 64+ rows: warp-group MMAs, whose accumulation chain the tensor cores pipeline; one
+                # accumulator (five would cost 32 registers a thread and spill).
+                s = tl.dot(q0, tl.trans(v0), input_precision=DOT_PRECISION)  # [M, N]
+                s = tl.dot(q1, tl.trans(v1), s, input_precision=DOT_PRECISION)
+                s = tl.dot(q2, tl.trans(v2), s, input_precision=DOT_PRECISION)
+                s = tl.dot(q3, tl.trans(v3), s, input_precision=DOT_PRECISION)
+                s = tl.dot(q_r, tl.trans(k_r), s, input_precision=DOT_PRECISION) * qk_scale
             visible = pos_ok[None, :] & (pos[None, :] < limit[:, None])  # [M, N]
             s = tl.where(visible, s, float("-inf"))
 
@@ -225,11 +258,14 @@ def _attend(q_v, q_r, K, bt_row, stride_btj, stride_kblock, stride_krow, start, 
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_sub)  # [M] rescales the old sums
             p = tl.exp2(s - m_sub[:, None])  # [M, N]
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(kv.dtype), kv, acc, input_precision=DOT_PRECISION)  # [M, DV]
+            l_cols = l_cols * alpha[:, None] + p
+            p_v = p.to(v0.dtype)
+            acc0 = tl.dot(p_v, v0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)  # [M, DQ]
+            acc1 = tl.dot(p_v, v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
+            acc2 = tl.dot(p_v, v2, acc2 * alpha[:, None], input_precision=DOT_PRECISION)
+            acc3 = tl.dot(p_v, v3, acc3 * alpha[:, None], input_precision=DOT_PRECISION)
             m_i = m_new
-    return acc, m_i, l_i
+    return acc0, acc1, acc2, acc3, m_i, tl.sum(l_cols, axis=1)
 
 
 # Runtime sizes that change per call are not specialised (Triton would otherwise compile a variant
@@ -268,7 +304,6 @@ def _mla_decode_split_kernel(
     row_ok = rows < rows_total
     qi = rows // num_heads  # query position
     head = rows % num_heads
-    cols_v = tl.arange(0, DV)
     cols_r = tl.arange(0, DR)
 
     # Sequence length, clamped into what the block table can address.
@@ -287,24 +322,39 @@ def _mla_decode_split_kernel(
     end = tl.minimum(start + chunk, n)
 
     q_row = Q + b.to(tl.int64) * stride_qb + qi * stride_qi + head * stride_qh  # [M] pointers
-    q_v = tl.load(q_row[:, None] + cols_v[None, :], mask=row_ok[:, None], other=0.0)  # [M, DV]
+    DQ: tl.constexpr = DV // 4
+    q_cols = q_row[:, None] + tl.arange(0, DQ)[None, :]  # [M, DQ]: q's value columns, by quarter
+    q0 = tl.load(q_cols, mask=row_ok[:, None], other=0.0)
+    q1 = tl.load(q_cols + DQ, mask=row_ok[:, None], other=0.0)
+    q2 = tl.load(q_cols + 2 * DQ, mask=row_ok[:, None], other=0.0)
+    q3 = tl.load(q_cols + 3 * DQ, mask=row_ok[:, None], other=0.0)
     q_r = tl.load(q_row[:, None] + DV + cols_r[None, :], mask=row_ok[:, None], other=0.0)  # [M, DR]
 
     bt_row = BLOCK_TABLE + b.to(tl.int64) * stride_btb
-    acc, m_i, l_i = _attend(q_v, q_r, K, bt_row, stride_btj, stride_kblock, stride_krow, start, end, limit, num_blocks,
-                            qk_scale, DV, DR, PAGE, BLOCK_M, BLOCK_N, BT_CHUNK, DOT_PRECISION)
+    acc0, acc1, acc2, acc3, m_i, l_i = _attend(
+        q0, q1, q2, q3, q_r, K, bt_row, stride_btj, stride_kblock, stride_krow, start, end, limit, num_blocks,
+        qk_scale, DV, DR, PAGE, BLOCK_M, BLOCK_N, BT_CHUNK, DOT_PRECISION)
 
     seen_any = l_i > 0.0
-    o = acc / tl.where(seen_any, l_i, 1.0)[:, None]  # [M, DV]; 0 for rows that saw nothing
+    inv_l = 1.0 / tl.where(seen_any, l_i, 1.0)  # [M]; outputs are 0 for rows that saw nothing
     lse2 = tl.where(seen_any, m_i + tl.log2(tl.where(seen_any, l_i, 1.0)), float("-inf"))  # [M] base 2
     if SPLIT:
         part = (b * num_splits + split).to(tl.int64) * rows_total + rows  # [M]
         tl.store(LSE_PART + part, lse2, mask=row_ok)
         # Splits that saw nothing write zeros (weight 0 in the combine, which reads every partial).
-        tl.store(O_PART + part[:, None] * DV + cols_v[None, :], o, mask=row_ok[:, None])
+        o_cols = O_PART + part[:, None] * DV + tl.arange(0, DQ)[None, :]  # [M, DQ]
+        tl.store(o_cols, acc0 * inv_l[:, None], mask=row_ok[:, None])
+        tl.store(o_cols + DQ, acc1 * inv_l[:, None], mask=row_ok[:, None])
+        tl.store(o_cols + 2 * DQ, acc2 * inv_l[:, None], mask=row_ok[:, None])
+        tl.store(o_cols + 3 * DQ, acc3 * inv_l[:, None], mask=row_ok[:, None])
     else:
         out_row = b.to(tl.int64) * rows_total + rows  # [M]: out is [B, QL, H, DV] contiguous
-        tl.store(OUT + out_row[:, None] * DV + cols_v[None, :], o.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+        o_cols = OUT + out_row[:, None] * DV + tl.arange(0, DQ)[None, :]  # [M, DQ]
+        o_ty = OUT.dtype.element_ty
+        tl.store(o_cols, (acc0 * inv_l[:, None]).to(o_ty), mask=row_ok[:, None])
+        tl.store(o_cols + DQ, (acc1 * inv_l[:, None]).to(o_ty), mask=row_ok[:, None])
+        tl.store(o_cols + 2 * DQ, (acc2 * inv_l[:, None]).to(o_ty), mask=row_ok[:, None])
+        tl.store(o_cols + 3 * DQ, (acc3 * inv_l[:, None]).to(o_ty), mask=row_ok[:, None])
         lse_idx = (b.to(tl.int64) * num_heads + head) * q_len + qi  # lse is [B, H, QL]
         tl.store(LSE + lse_idx, lse2 * _LN2, mask=row_ok)
 
@@ -358,11 +408,13 @@ def _is_pow2_at_least_16(x: int) -> bool:
 
 
 def check_supported(head_dim: int, head_dim_v: int) -> None:
-    """The Triton kernel needs head_dim_v and head_dim - head_dim_v to be powers of two >= 16 (512 + 64)."""
-    if not _is_pow2_at_least_16(head_dim_v) or not _is_pow2_at_least_16(head_dim - head_dim_v):
+    """The Triton kernel needs head_dim - head_dim_v and head_dim_v / 4 (it works on quarters of the
+    value columns) to be powers of two >= 16 (512 + 64)."""
+    if (head_dim_v % 4 or not _is_pow2_at_least_16(head_dim_v // 4)
+            or not _is_pow2_at_least_16(head_dim - head_dim_v)):
         raise ValueError(
-            "head_dim_v: the triton backend needs head_dim_v and head_dim - head_dim_v to be powers of two"
-            f" >= 16 (e.g. 512 + 64), got head_dim_v={head_dim_v} of head_dim={head_dim}"
+            "head_dim_v: the triton backend needs head_dim_v >= 64 and head_dim - head_dim_v >= 16, both powers"
+            f" of two (e.g. 512 + 64), got head_dim_v={head_dim_v} of head_dim={head_dim}"
         )
 
 
