@@ -1,4 +1,4 @@
-"""MoE: pk.moe_route, pk.moe_ffn and pk.grouped_ffn against what a user would run instead.
+"""MoE: pk.moe_gate, pk.moe_route, pk.moe_ffn and pk.grouped_ffn against what a user would run instead.
 
     python -m bench moe [--quick] [--shapes T=8192,E=160]
 
@@ -7,7 +7,15 @@ Shapes (DeepSeek-V2, top-6, bf16 weights and activations, float32 router logits 
   236B  E 160, H 5120, I 1536, group_limited_greedy (8 groups, keep 3)
   T = 1, 8, 64, 128 (decode: timed as CUDA-graph replays) and 8192 (prefill: CUDA events).
 
-Records (shape {T, E, H, I, top_k}):
+Records (shape {T, E, H, I, top_k}; moe_gate {T, E, H}):
+  moe_gate     router logits float32(x) @ gate.T (x bf16 [T, H], gate float32 [E, H]) at T = 1, 64 (decode) and
+               8192 (prefill); peer: the eager F.linear(x.float(), gate) the model runs. Cost:
+               profiles.cost_model.moe_gate (x + gate + logits bytes, 2·T·E·H FLOPs). Both timed as CUDA-graph
+               replays at every T (eager timings in extra, as for moe_route). backend "triton" is forced at every
+               T (at 8192 the dot kernel, which backend=None does not take: extra.default_backend says what it
+               takes). NOTES: the harness rotates at most 16 sets, whose gate weights (8 MB Lite, 53 MB 236B) fit
+               in the 60 MB L2 of an H200, so decode timings read the weight from L2; in a model step the other
+               layers' weights evict it and it comes from HBM.
   moe_route    peer: eager torch gate (DeepSeek's MoEGate code: softmax, group max, topk, scatter mask,
                topk, scale). Bar: one launch, >= 5x the peer. Cost: profiles.cost_model.moe_route.
                Both timed as CUDA-graph replays at every T, i.e. GPU time: at T = 8192 the kernel runs a
@@ -53,12 +61,14 @@ MODELS = {
 DECODE_T = (1, 8, 64, 128)
 PREFILL_T = (8192,)
 ROUTE_T = (64, 8192)
+GATE_T = (1, 64, 8192)
 CPU_MODELS = {"tiny": (16, 64, 48, "group_limited_greedy", 4, 2, 1.0)}
 CPU_T = (1, 16)
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 PIPELINE = "torch._grouped_mm pipeline"
 LOOP = "per-expert loop"
 GATE = "eager torch gate"
+GATE_LINEAR = "eager F.linear(x.float(), gate)"
 
 
 # ------------------------------------------------------------------------------------------ peers
@@ -225,6 +235,42 @@ def _other_layouts(ctx, sets, w13, w2, n_sets, graph, default, shape, cost, peer
                    extra=dict(extra, **_configs_extra(H, two_i // 2, T * TOP_K, E, layout)))
 
 
+def _bench_gate(ctx, name, T, E, H, dtype, backend) -> None:
+    """One moe_gate record: ours (forced backend) and the eager F.linear peer over rotated (x, gate) sets."""
+    from pykernels.moe_gate import TRITON_DEFAULT_MAX_TOKENS
+
+    shape = {"T": T, "E": E, "H": H}
+    if not ctx.want(shape):
+        return
+    elem = torch.tensor([], dtype=dtype).element_size()
+    cost = cost_model.moe_gate(T, E, H, x_bytes=elem)
+    n_sets = ctx.sets_for(cost.bytes)
+    g = torch.Generator(device=ctx.device).manual_seed(T)
+    xs = [torch.randn(T, H, generator=g, device=ctx.device).to(dtype) for _ in range(n_sets)]
+    gates = [torch.randn(E, H, generator=g, device=ctx.device) / H**0.5 for _ in range(n_sets)]
+    graph = ctx.on_gpu
+
+    def ours(i):
+        return pk.moe_gate(xs[i], gates[i], backend=backend)
+
+    def peer_fn(i):
+        return F.linear(xs[i].float(), gates[i])
+
+    t_ours = ctx.time(ours, n_sets=n_sets, graph=graph)
+    peer = _time_or_missing(ctx, GATE_LINEAR, peer_fn, n_sets, graph)
+    default = backend if backend == "torch" or T <= TRITON_DEFAULT_MAX_TOKENS else "torch"
+    extra = {"model": name, "graph": graph, "n_sets": n_sets, "default_backend": default}
+    if backend == "triton":
+        from pykernels.triton.moe_gate import launch_config
+
+        extra["config"] = launch_config(T, E, H)._asdict()
+    if graph:  # the eager launch path too (CUDA events around plain calls)
+        extra.update(eager_us=round(ctx.time(ours, n_sets=n_sets), 3),
+                     peer_eager_us=_time_or_missing(ctx, GATE_LINEAR, peer_fn, n_sets, False)[1])
+    ctx.record(op="moe_gate", backend=backend, shape=shape, dtype=DTYPE_NAMES[dtype], time_us=t_ours,
+               bytes=cost.bytes, flops=cost.flops, peer=peer, extra=extra)
+
+
 def run(ctx) -> None:
     device = ctx.device
     dtype = torch.bfloat16 if ctx.on_gpu else torch.float32
@@ -234,9 +280,13 @@ def run(ctx) -> None:
     models = MODELS if ctx.on_gpu else CPU_MODELS
     ffn_t = (DECODE_T + PREFILL_T) if ctx.on_gpu else CPU_T
     route_t = ROUTE_T if ctx.on_gpu else CPU_T
+    gate_t = GATE_T if ctx.on_gpu else CPU_T
 
     for name, model in models.items():
         E, H, I, method, n_group, topk_group, scale = model
+        # ---- router logits
+        for T in gate_t:
+            _bench_gate(ctx, name, T, E, H, dtype, backend)
         # ---- routing
         for T in route_t:
             shape = {"T": T, "E": E, "H": H, "I": I, "top_k": TOP_K}

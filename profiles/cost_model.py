@@ -61,6 +61,15 @@ def mla_decode(b: int, q_len: int, h: int, total_seqlen: int, head_dim: int = 57
     return OpCost(nbytes, flops)
 
 
+def moe_gate(T: int, E: int, H: int, x_bytes: int = 2) -> OpCost:
+    """Router logits: float32(x [T, H]) @ weight [E, H].T with a float32 weight, float32 out.
+
+    bytes = T·H·x_bytes (x read) + E·H·4 (weight read) + T·E·4 (logits written)
+    flops = 2·T·E·H
+    """
+    return OpCost(T * H * x_bytes + E * H * 4 + T * E * 4, 2 * T * E * H)
+
+
 def moe_route(T: int, E: int, top_k: int, logit_bytes: int = 2) -> OpCost:
     """DeepSeek's gate: softmax over E logits per token, then top-k.
 

@@ -6,6 +6,7 @@ backend; ``backend=None`` picks the fastest correct one for the device. See DESI
 from pykernels import ep
 from pykernels.mla_decode import mla_decode
 from pykernels.moe_ffn import grouped_ffn, moe_ffn
+from pykernels.moe_gate import moe_gate
 from pykernels.moe_route import moe_route
 from pykernels.rope import YarnRotary, apply_rotary, rope_and_cache
 
@@ -16,6 +17,7 @@ __all__ = [
     "YarnRotary",
     "apply_rotary",
     "rope_and_cache",
+    "moe_gate",
     "moe_route",
     "moe_ffn",
     "grouped_ffn",

@@ -40,6 +40,14 @@ def test_moe_route():
     assert cm.moe_route(4, 8, 2, logit_bytes=4).bytes == 4 * 8 * 4 + 64
 
 
+def test_moe_gate():
+    # x 3·5·2 B, weight 4·5·4 B (float32), logits 3·4·4 B; 2·3·4·5 FLOPs
+    assert cm.moe_gate(3, 4, 5) == cm.OpCost(30 + 80 + 48, 120)
+    assert cm.moe_gate(3, 4, 5, x_bytes=4).bytes == 60 + 80 + 48
+    # Lite decode at T = 1: the 0.5 MB float32 gate weight is nearly all of it.
+    assert cm.moe_gate(1, 64, 2048) == cm.OpCost(2048 * 2 + 64 * 2048 * 4 + 64 * 4, 2 * 64 * 2048)
+
+
 def test_grouped_and_moe_ffn():
     # weights 3 experts · 3·4·5 · 2 B = 360; activations 2·12·4·2 = 192; flops 6·12·4·5
     assert cm.grouped_ffn(12, 3, 4, 5) == cm.OpCost(552, 1440)
