@@ -32,24 +32,6 @@ def triton_usable(device: torch.device) -> bool:
     return triton_available() and (device.type == "cuda" or triton_interpreted())
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-# Off the GPU (Triton's interpreter runs programs one after another) launch heuristics that size grids by
-# the SM count see this many "SMs": a few programs, so their multi-program paths (MLA splits, split-K) run
-# in the CPU tests without hundreds of serial programs.
-INTERPRETER_SMS = 8
-
-
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (132 on an H200); INTERPRETER_SMS off the GPU."""
-    if device.type != "cuda":
-        return INTERPRETER_SMS
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def cuda_ext_usable(device: torch.device) -> bool:
     from pykernels import _ext
 

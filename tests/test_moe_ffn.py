@@ -198,31 +198,6 @@ def test_triton_tiles_and_rows_past_the_end(device, dtype, variant):
 
 
 @pytest.mark.parametrize("device,dtype", _fast_devices())
-@pytest.mark.parametrize("variant", ["pointers", "tma"])
-def test_triton_down_split_k(device, dtype, variant):
-    """The sorted layout's down GEMM with its reduction split (float32 partials summed with the k routes):
-    2 and 3 splits, I not a multiple of the split or of BLOCK_K, an expert with no route, a bad id; the
-    automatic choice splits a small grid (one token) and not a large one; bit-identical on a rerun."""
-    from pykernels.triton.grouped_gemm import SPLIT_K_MIN_STEPS, down_split_k_for, moe_ffn_triton
-
-    cfg = moe_configs.GemmConfig(16, 16, 16, 2, 4, 2, variant == "tma", False)
-    x, w13, w2, tw, ids = _case_inputs((9, 5, 32, 88, 3, "random"), dtype, device)  # I = 88: 6 k-steps of 16
-    ids[2, 1] = 7  # outside [0, E): skipped
-    ref = moe_ffn_reference(x.float(), w13.float(), w2.float(), tw, ids)
-    for split in (2, 3):
-        y = moe_ffn_triton(x, w13, w2, tw, ids, gate_up_config=cfg, down_config=cfg, layout="sorted",
-                           down_split_k=split)
-        assert _rel(y, ref) <= TOL[dtype], split
-        again = moe_ffn_triton(x, w13, w2, tw, ids, gate_up_config=cfg, down_config=cfg, layout="sorted",
-                               down_split_k=split)
-        assert torch.equal(y, again)
-    big_i = torch.zeros(4, 8, SPLIT_K_MIN_STEPS * 2 * 16)  # [E, H, I]: just enough k-steps for two splits
-    assert down_split_k_for(3, big_i, cfg, sms=8) == 2  # 3 routes x 1 N tile: a small grid
-    assert down_split_k_for(300, big_i, cfg, sms=8) == 1  # up to 23 M tiles: more than two per "SM"
-    assert down_split_k_for(3, big_i[..., :-16], cfg, sms=8) == 1  # too few k-steps to split
-
-
-@pytest.mark.parametrize("device,dtype", _fast_devices())
 def test_triton_strided_rows_int64_ids_half_weights(device, dtype):
     """x with a row stride > H, int64 topk_ids, routing weights in x's dtype."""
     x, w13, w2, tw, ids = _case_inputs((9, 5, 40, 24, 2, "random"), dtype, device)

@@ -21,10 +21,6 @@
                                                               to route order, weighted, rounded once to x's dtype
     y[t]   = sum_k buf[t * top_k + k]                         _sum_topk_kernel, float32, k = 0, 1, ... in order
 
-    When the down GEMM's output tiles fill less than two programs per SM (Lite at one token), its
-    reduction is split in two (``down_split_k_for``): buf holds a float32 partial per split, and the sum
-    runs over k and the splits in a fixed order.
-
 "padded" (vLLM's align layout, moe_permute.permute_padded): as "sorted", but each expert's rows are padded
 to whole tiles, so a GEMM program reads its tile's expert with one load (ROWS="padded") instead of a
 prefix sum over the E offsets, and masks the padding rows by their sentinel route N.
@@ -63,15 +59,12 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from pykernels._backend import num_sms
 from pykernels.triton import moe_configs
 from pykernels.triton.moe_configs import GemmConfig
 from pykernels.triton.moe_permute import permute, permute_padded
 
 # Hidden columns per program of the top-k sum (8 KiB of bf16 per route row read).
 _SUM_BLOCK_H = 1024
-# Fewest k-steps each split of a split-K down GEMM keeps (down_split_k).
-SPLIT_K_MIN_STEPS = 4
 LAYOUTS = ("direct", "sorted", "padded")
 
 
@@ -245,8 +238,7 @@ def _down_kernel(
     h_ptr,  # [R, I] expert-sorted rows
     w2_ptr,  # [E, H, I]; stride 1 along I
     w2_desc,  # TMA descriptor of w2 viewed as [E * H, I], blocks [BLOCK_N, BLOCK_K] (USE_TMA only)
-    out_ptr,  # [N, H] route-ordered ("gather"/"padded") or [R, H] expert-sorted rows ("sorted") out, x's dtype;
-    #           with SPLIT_K > 1: float32 [SPLIT_K, N, H], one partial per split of the reduction
+    out_ptr,  # [N, H] route-ordered ("gather"/"padded") or [R, H] expert-sorted rows ("sorted") out, x's dtype
     map_ptr,  # "sorted"/"gather": [E] int32 cumulative row ends; "padded": [R / PAD] block experts
     pair_ptr,  # "gather"/"padded": [R] int32 sorted row -> route
     weights_ptr,  # "gather"/"padded": [N] routing weight per route
@@ -259,8 +251,6 @@ def _down_kernel(
     stride_we,
     stride_wn,
     stride_om,
-    stride_os,  # elements between the partials of two splits (SPLIT_K > 1)
-    k_per_split,  # reduction columns per split: a multiple of BLOCK_K (I when SPLIT_K == 1)
     num_m_tiles,  # M tiles launched (an upper bound of the real ones)
     ROWS: tl.constexpr,  # "sorted": out[r] = row; "gather"/"padded": out[sorted_pair[r]] = w * row
     PAD: tl.constexpr,  # "padded": rows per block of the padded layout (a multiple of BLOCK_M)
@@ -272,12 +262,8 @@ def _down_kernel(
     GROUP_M: tl.constexpr,  # M tiles per swizzle group
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32 rounding); 16-bit inputs ignore it
     USE_TMA: tl.constexpr,  # weight tiles through the TMA descriptor instead of pointer loads
-    SPLIT_K: tl.constexpr,  # programs per output tile, each over k_per_split columns of the reduction
 ):
     pid_m, pid_n = _tile_ids(num_m_tiles, tl.cdiv(hidden, BLOCK_N), GROUP_M)
-    split = tl.program_id(1)
-    k_begin = split * k_per_split
-    k_end = tl.minimum(k_begin + k_per_split, inter)
     m = tl.arange(0, BLOCK_M)
     if ROWS == "padded":
         expert = tl.load(map_ptr + pid_m * BLOCK_M // PAD)
@@ -295,12 +281,12 @@ def _down_kernel(
     cols_ld = cols % hidden
     ks = tl.arange(0, BLOCK_K)
 
-    a_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + k_begin + ks[None, :]  # [BM, BK]
+    a_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + ks[None, :]  # [BM, BK]
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     if USE_TMA:
         # Rows of the [E * H, I] view; past column H they belong to the next expert (never stored).
         w_row = expert * hidden + pid_n * BLOCK_N
-        for k0 in range(k_begin, k_end, BLOCK_K):
+        for k0 in range(0, inter, BLOCK_K):
             if EVEN_K:
                 a = tl.load(a_ptrs)
             else:
@@ -309,9 +295,8 @@ def _down_kernel(
             acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
             a_ptrs += BLOCK_K
     else:
-        b_ptrs = (w2_ptr + expert.to(tl.int64) * stride_we + cols_ld[None, :].to(tl.int64) * stride_wn
-                  + k_begin + ks[:, None])
-        for k0 in range(k_begin, k_end, BLOCK_K):
+        b_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + cols_ld[None, :].to(tl.int64) * stride_wn + ks[:, None]
+        for k0 in range(0, inter, BLOCK_K):
             if EVEN_K:
                 a = tl.load(a_ptrs)
                 b = tl.load(b_ptrs)
@@ -335,7 +320,7 @@ def _down_kernel(
         dest = tl.where(row_ok, route, 0)
         w = tl.load(weights_ptr + dest, mask=row_ok, other=0.0).to(tl.float32)
         acc = acc * w[:, None]
-    o_ptrs = out_ptr + split.to(tl.int64) * stride_os + dest.to(tl.int64)[:, None] * stride_om + cols[None, :]
+    o_ptrs = out_ptr + dest.to(tl.int64)[:, None] * stride_om + cols[None, :]
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < hidden)[None, :])
 
 
@@ -403,14 +388,12 @@ def _down_route_kernel(
 
 @triton.jit
 def _sum_topk_kernel(
-    buf_ptr,  # [SPLITS, T * TOP_K, H] weighted expert outputs in route order (one partial per split)
+    buf_ptr,  # [T * TOP_K, H] weighted expert outputs in route order
     ids_ptr,  # [T * TOP_K] expert id per route (int32 or int64)
     y_ptr,  # [T, H] out
     hidden,
     num_experts,
-    split_stride,  # elements between two splits' partials
     TOP_K: tl.constexpr,  # routes per token
-    SPLITS: tl.constexpr,  # partials per route (the down GEMM's SPLIT_K)
     BLOCK_H: tl.constexpr,  # hidden columns per program
 ):
     t = tl.program_id(0).to(tl.int64)
@@ -421,9 +404,8 @@ def _sum_topk_kernel(
         e = tl.load(ids_ptr + t * TOP_K + k)
         # Routes with a bad id were never computed: read none of their row.
         limit = tl.where((e >= 0) & (e < num_experts), hidden, 0)
-        for split in tl.static_range(SPLITS):
-            v = tl.load(buf_ptr + split * split_stride + (t * TOP_K + k) * hidden + cols, mask=cols < limit, other=0.0)
-            acc += v.to(tl.float32)
+        v = tl.load(buf_ptr + (t * TOP_K + k) * hidden + cols, mask=cols < limit, other=0.0)
+        acc += v.to(tl.float32)
     tl.store(y_ptr + t * hidden + cols, acc.to(y_ptr.dtype.element_ty), mask=col_ok)
 
 
@@ -470,43 +452,22 @@ def _gate_up(x, w13, cfg: GemmConfig, rows: str, row_map, *, pair=None, weights=
     return h
 
 
-def down_tiles(h_rows: int, w2: torch.Tensor, cfg: GemmConfig, rows: str) -> int:
-    """Output tiles (programs without split-K) the down GEMM launches for ``h_rows`` rows of h."""
-    num_experts, hidden, _ = w2.shape
-    m_tiles = h_rows // cfg.block_m if rows == "padded" else _m_tiles(h_rows, num_experts, cfg.block_m)
-    return m_tiles * triton.cdiv(hidden, cfg.block_n)
-
-
-def down_split_k_for(num_pairs: int, w2: torch.Tensor, cfg: GemmConfig, sms: int) -> int:
-    """Splits of the sorted layout's down reduction for ``num_pairs`` routes: 2 when its output tiles fill
-    less than two programs per SM and each half keeps ``SPLIT_K_MIN_STEPS`` k-steps (Lite at one token:
-    6 experts x 32 tiles = 192 programs on 132 SMs, a wave and a half; split, 384), else 1."""
-    steps = triton.cdiv(w2.shape[2], cfg.block_k)
-    if down_tiles(num_pairs, w2, cfg, "gather") >= 2 * sms or steps < 2 * SPLIT_K_MIN_STEPS:
-        return 1
-    return 2
-
-
-def _down(h, w2, cfg: GemmConfig, rows: str, row_map, out, *, pair=None, weights=None, num_pairs=0, pad=0,
-          split_k: int = 1) -> None:
-    """out = the down GEMM of h in row layout ``rows`` ("sorted", "gather", "padded"; see _gate_up);
-    with ``split_k`` > 1, out is float32 [split_k, N, H], one partial per split of the reduction."""
+def _down(h, w2, cfg: GemmConfig, rows: str, row_map, out, *, pair=None, weights=None, num_pairs=0, pad=0) -> None:
+    """out = the down GEMM of h in row layout ``rows`` ("sorted", "gather", "padded"; see _gate_up)."""
     num_experts, hidden, inter = w2.shape
     num_rows = h.shape[0]
     m_tiles = num_rows // cfg.block_m if rows == "padded" else _m_tiles(num_rows, num_experts, cfg.block_m)
-    grid = (m_tiles * triton.cdiv(hidden, cfg.block_n), split_k)
-    k_per_split = triton.cdiv(triton.cdiv(inter, split_k), cfg.block_k) * cfg.block_k
+    grid = (m_tiles * triton.cdiv(hidden, cfg.block_n),)
     use_tma = cfg.tma and _tma_ok(w2)
     w2_desc = TensorDescriptor.from_tensor(w2.view(-1, inter), [cfg.block_n, cfg.block_k]) if use_tma else w2
     _down_kernel[grid](
         h, w2, w2_desc, out, row_map, row_map if pair is None else pair, h if weights is None else weights,
         num_rows, num_pairs, hidden, inter, num_experts,
-        h.stride(0), w2.stride(0), w2.stride(1), out.stride(-2), out.stride(0) if split_k > 1 else 0,
-        k_per_split, m_tiles,
+        h.stride(0), w2.stride(0), w2.stride(1), out.stride(0), m_tiles,
         ROWS=rows, PAD=pad, EVEN_K=inter % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         BLOCK_E=triton.next_power_of_2(num_experts), GROUP_M=cfg.group_m, DOT_PRECISION=_precision(h.dtype),
-        USE_TMA=use_tma, SPLIT_K=split_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        USE_TMA=use_tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
@@ -534,11 +495,9 @@ def moe_ffn_triton(
     gate_up_config: GemmConfig | None = None,
     down_config: GemmConfig | None = None,
     layout: str | None = None,
-    down_split_k: int | None = None,
 ) -> torch.Tensor:
     """``pykernels.moe_ffn`` on validated inputs. ``layout``: "direct", "sorted" or "padded" (None: the
-    table's choice for the token count, ``moe_configs.layout_for``); the configs override the table (tuning),
-    ``down_split_k`` the sorted layout's split of the down reduction (None: ``down_split_k()``)."""
+    table's choice for the token count, ``moe_configs.layout_for``); the configs override the table (tuning)."""
     num_tokens, hidden = x.shape
     num_experts, two_i, _ = w13.shape
     inter = two_i // 2
@@ -560,31 +519,20 @@ def moe_ffn_triton(
         h = _gate_up(x, w13, cfg_gu, "route", ids, weights=weights, num_rows=num_pairs, top_k=top_k)  # [N, I]
         _down_route(h, w2, ids, y, top_k, cfg_dn)
         return y
-    if layout != "sorted":
-        split_k = 1
-    elif down_split_k is None:
-        split_k = down_split_k_for(num_pairs, w2, cfg_dn, num_sms(x.device))
-    else:
-        split_k = down_split_k
-    # [splits, N, H] route order: the weighted down output, rounded once to x's dtype; float32 partials
-    # when the reduction is split (summed by _sum_topk_kernel in a fixed order, like the k routes)
-    buf = torch.empty((split_k, num_pairs, hidden), dtype=x.dtype if split_k == 1 else torch.float32,
-                      device=x.device)
+    buf = torch.empty((num_pairs, hidden), dtype=x.dtype, device=x.device)  # [N, H] route order
     if layout == "padded":
         pad = max(cfg_gu.block_m, cfg_dn.block_m)
         block_expert, sorted_pair = permute_padded(topk_ids, num_experts, pad)
         h = _gate_up(x, w13, cfg_gu, "padded", block_expert, pair=sorted_pair, num_rows=sorted_pair.numel(),
                      num_pairs=num_pairs, top_k=top_k, pad=pad)  # [R_padded, I]
-        _down(h, w2, cfg_dn, "padded", block_expert, buf[0], pair=sorted_pair, weights=weights,
-              num_pairs=num_pairs, pad=pad)
+        _down(h, w2, cfg_dn, "padded", block_expert, buf, pair=sorted_pair, weights=weights, num_pairs=num_pairs,
+              pad=pad)
     else:
         offsets, sorted_pair = permute(topk_ids, num_experts)
         h = _gate_up(x, w13, cfg_gu, "gather", offsets, pair=sorted_pair, num_rows=num_pairs, top_k=top_k)  # [N, I]
-        _down(h, w2, cfg_dn, "gather", offsets, buf if split_k > 1 else buf[0], pair=sorted_pair, weights=weights,
-              split_k=split_k)
+        _down(h, w2, cfg_dn, "gather", offsets, buf, pair=sorted_pair, weights=weights)
     grid = (num_tokens, triton.cdiv(hidden, _SUM_BLOCK_H))
-    _sum_topk_kernel[grid](buf, ids, y, hidden, num_experts, buf.stride(0), TOP_K=top_k, SPLITS=split_k,
-                           BLOCK_H=_SUM_BLOCK_H, num_warps=4)
+    _sum_topk_kernel[grid](buf, ids, y, hidden, num_experts, TOP_K=top_k, BLOCK_H=_SUM_BLOCK_H, num_warps=4)
     return y
 
 

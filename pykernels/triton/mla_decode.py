@@ -44,7 +44,6 @@ import triton
 import triton.language as tl
 
 from pykernels import _backend
-from pykernels._backend import num_sms
 
 _LOG2E = 1.4426950408889634
 _LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # converts base-2 LSE to natural log
@@ -121,6 +120,23 @@ def default_config(rows: int, elem_bytes: int) -> MLADecodeConfig:
     if elem_bytes > 2:
         config = dataclasses.replace(config, block_n=max(16, config.block_n // 2), num_stages=1)
     return config
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+# Off the GPU (Triton's interpreter runs programs one after another) the split model sees this
+# many "SMs": a few splits, so the combine path is exercised without hundreds of serial programs.
+INTERPRETER_SMS = 8
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (132 on an H200); INTERPRETER_SMS off the GPU."""
+    if device.type != "cuda":
+        return INTERPRETER_SMS
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=4096)
