@@ -169,7 +169,7 @@ class MoE(nn.Module):
         """The routed experts' weighted sum for x [T, D] -> [T, D]."""
         cfg = self.cfg
         with nvtx_range("moe route"):
-            router_logits = F.linear(x.float(), self.gate.weight.float())  # [T, E]
+            router_logits = pk.moe_gate(x, self.gate.weight, backend=self.backend)  # float32 [T, E]
             topk_weights, topk_ids = pk.moe_route(
                 router_logits, cfg.num_experts_per_tok, method=cfg.topk_method, n_group=cfg.n_group,
                 topk_group=cfg.topk_group, routed_scaling_factor=cfg.routed_scaling_factor,
