@@ -27,12 +27,11 @@ SUPPORTED_BACKENDS = ("torch", "triton")
 # Fastest first on CUDA tensors: the Triton kernel reads x once in its own dtype and the weight once, in one
 # launch; the reference is three kernels on the decode path (x.float() copy, cuBLAS GEMV/GEMM, split-K reduce).
 CUDA_PREFERENCE = ("triton", "torch")
-# backend=None takes the Triton kernel up to this many tokens (decode batches) and the reference beyond.
-# NOTES: past a few hundred tokens the op is a real float32 GEMM (2·T·E·H FLOPs on CUDA cores, no tensor
-# cores: TF32 would round the inputs), where cuBLAS's tuned SIMT SGEMM is expected to beat Triton's FMA dot
-# despite the x.float() copy in front of it. Not yet measured: bench/bench_moe.py records the Triton dot kernel
-# (forced) at T = 8192 against the eager peer, and this cutoff moves if it wins.
-TRITON_DEFAULT_MAX_TOKENS = 256
+# backend=None takes the Triton kernel up to this many tokens and the reference beyond. In a Lite decode step
+# on the H200 (python -m profiles step) the Triton kernel took 6.5 µs at T = 1 against 7.7 µs for the
+# reference's three kernels, but 16.0 µs at T = 64 against 11.6: its rows kernel keeps one float32 sum per
+# (token, expert) per thread, so its work per program grows with T. Between the two it is unmeasured.
+TRITON_DEFAULT_MAX_TOKENS = 8
 
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 

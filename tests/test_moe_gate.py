@@ -271,19 +271,15 @@ for T, E, H in [(1, 64, 2048), (1, 160, 5120), (8, 64, 2048), (64, 64, 2048), (6
         usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
         os.unlink(f.name)
         fields = dict(item.split(":", 1) for line in usage.splitlines() if "REG:" in line for item in line.split())
-        # The rows kernel's only layout change is the final [BT, BE] store (none per chunk).
-        converts = compiled.asm["ttgir"].count("ttg.convert_layout")
         print("compiled", T, E, H, x_type, tuple(cfg), "registers", fields["REG"], "stack", fields["STACK"],
-              "local", fields["LOCAL"], "converts", converts)
+              "local", fields["LOCAL"])
         assert fields["STACK"] == "0" and fields["LOCAL"] == "0", "spills"
-        assert cfg.dot or converts == 1, "the rows kernel converts layouts inside its chunk loop"
 """
 
 
 def test_triton_kernels_compile_for_sm90_without_spills():
     """Compile both kernels at the model's shapes for sm_90 without a GPU (in a process without TRITON_INTERPRET,
-    with the 16-byte divisibility hints a real launch gets): no stack or local memory (spills), and no layout
-    conversion inside the rows kernel's chunk loop."""
+    with the 16-byte divisibility hints a real launch gets): no stack or local memory (spills)."""
     pytest.importorskip("triton")
     import os
     import subprocess
