@@ -1,6 +1,7 @@
 """Where a decode step's time goes: every kernel of the CUDA-graph step, timed by the profiler (CUPTI).
 
     python -m profiles step [--preset lite] [--batch 1,64] [--context 4096] [--steps 16] [--layers N]
+    python -m profiles step --render      # the Markdown again from the committed JSON (any machine)
 
 For each batch size: the model (random bf16 weights) decodes ``--steps`` CUDA-graph steps at ``--context``
 tokens of context (cache rows filled as in ``bench e2e``), once timed with CUDA events (the step time) and
@@ -34,7 +35,7 @@ PROMPT_LEN = 16  # the prompt's length: the context comes from filled cache rows
 CATEGORIES = (
     ("mla_decode", r"mla"),
     ("rope_and_cache", r"rope"),
-    ("moe routing", r"_route|softmax"),
+    ("moe routing", r"_route|softmax|_gate_rows|_gate_dot"),
     ("moe experts", r"moe|grouped|expert|permute|scatter|gate_up|_down|sum_topk|_count_kernel"),
     ("norm", r"rms|norm|RowwiseMoments"),
     ("gemm", r"gemm|gemv|nvjet|cutlass|xmma|sm90|ampere|splitK|Kernel2"),
@@ -141,6 +142,24 @@ def markdown(device: str, preset: str, layers: int, runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def render(root: Path) -> int:
+    """Rewrite each ``<device>/decode_step.md`` under ``root`` from its JSON, categories taken anew."""
+    paths = sorted(root.glob("*/decode_step.json"))
+    for path in paths:
+        data = json.loads(path.read_text())
+        for run in data["runs"]:
+            rows = [KernelRow(k["name"], categorize(k["name"]), k["calls_per_step"], k["us_per_step"])
+                    for k in run["kernels"]]
+            run["kernels"] = [dataclasses.asdict(r) for r in rows]
+            run["categories"] = {k: {"kernels": round(n, 2), "us": round(us, 2)} for k, (n, us) in
+                                 by_category(rows).items()}
+        path.write_text(json.dumps(data, indent=1) + "\n")
+        (path.parent / "decode_step.md").write_text(markdown(data["device"], data["preset"], data["layers"],
+                                                             data["runs"]))
+        print(path.parent / "decode_step.md")
+    return 0 if paths else 1
+
+
 def main(argv: list[str]) -> int:
     from model import DeepseekV2, DeepseekV2Config
     from profiles import hardware
@@ -152,7 +171,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--layers", type=int, help="only the first N layers")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results root (default profiles/results)")
+    p.add_argument("--render", action="store_true",
+                   help="rewrite decode_step.md of every device under --out from its decode_step.json (no GPU)")
     args = p.parse_args(argv)
+    if args.render:
+        return render(args.out)
     if not torch.cuda.is_available():
         print("profiles step: needs a CUDA GPU")
         return 1

@@ -52,3 +52,21 @@ def test_markdown_states_idle_time():
            "kernels": [r.__dict__ for r in rows]}
     text = decode_step.markdown("H200", "tiny", 2, [run])
     assert "idle 41.5 µs (41.5%)" in text and "| moe experts | 1 | 30.0 | 30.0% |" in text
+
+
+def test_render_rebuilds_markdown_and_categories(tmp_path):
+    import json
+
+    rows = decode_step.summarize(decode_step.kernel_events(TRACE), steps=1)
+    run = {"batch": 1, "context": 64, "steps": 1, "step_us": 100.0, "kernel_us": 58.5, "idle_us": 41.5,
+           "kernels_per_step": 5, "categories": {"stale": {"kernels": 5, "us": 58.5}},
+           "kernels": [dict(r.__dict__, category="stale") for r in rows]}
+    folder = tmp_path / "some-gpu"
+    folder.mkdir()
+    (folder / "decode_step.json").write_text(json.dumps(
+        {"device": "GPU", "preset": "tiny", "layers": 2, "torch": "x", "runs": [run]}))
+    assert decode_step.render(tmp_path) == 0
+    data = json.loads((folder / "decode_step.json").read_text())
+    assert "stale" not in data["runs"][0]["categories"] and data["runs"][0]["kernels"][0]["category"] == "moe experts"
+    assert "| moe experts | 1 | 30.0 | 30.0% |" in (folder / "decode_step.md").read_text()
+    assert decode_step.render(tmp_path / "nothing") == 1
