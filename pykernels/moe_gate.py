@@ -27,10 +27,11 @@ SUPPORTED_BACKENDS = ("torch", "triton")
 # Fastest first on CUDA tensors: the Triton kernel reads x once in its own dtype and the weight once, in one
 # launch; the reference is three kernels on the decode path (x.float() copy, cuBLAS GEMV/GEMM, split-K reduce).
 CUDA_PREFERENCE = ("triton", "torch")
-# backend=None takes the Triton kernel up to this many tokens and the reference beyond. In a Lite decode step
-# on the H200 (python -m profiles step) the Triton kernel took 6.5 µs at T = 1 against 7.7 µs for the
-# reference's three kernels, but 16.0 µs at T = 64 against 11.6: its rows kernel keeps one float32 sum per
-# (token, expert) per thread, so its work per program grows with T. Between the two it is unmeasured.
+# backend=None takes the Triton kernel up to this many tokens and the reference beyond. On the H200
+# (bench/results/nvidia-h200/moe.json, alone; weights from the L2): T = 1 1.65 µs vs 6.0 (Lite) and 4.05 vs
+# 7.79 (236B), but T = 64 on 236B 249 µs vs 21: the rows kernel keeps a float32 sum per (token, expert) per
+# thread and its programs grow with T. In the Lite decode step (python -m profiles step, beside the shared
+# experts' stream) T = 64 took 16.0 µs against 11.6 for the reference. Between 1 and 64 it is unmeasured.
 TRITON_DEFAULT_MAX_TOKENS = 8
 
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
