@@ -8,6 +8,7 @@ float32 accumulation rounds), against ``ref = float64(x) @ float64(weight).T``:
 """
 import pytest
 import torch
+from compiled_triton import run_compile_script
 
 import pykernels as pk
 from pykernels import _backend
@@ -280,17 +281,5 @@ for T, E, H in [(1, 64, 2048), (1, 160, 5120), (8, 64, 2048), (64, 64, 2048), (6
 def test_triton_kernels_compile_for_sm90_without_spills():
     """Compile both kernels at the model's shapes for sm_90 without a GPU (in a process without TRITON_INTERPRET,
     with the 16-byte divisibility hints a real launch gets): no stack or local memory (spills)."""
-    pytest.importorskip("triton")
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, cwd=root, capture_output=True,
-                          text=True, timeout=600, check=False)
-    if done.returncode == 77:
-        pytest.skip(done.stdout.strip() or "this Triton cannot compile for sm_90 here")
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("compiled") == 20, done.stdout
+    out = run_compile_script(_COMPILE_FOR_SM90)
+    assert out.count("compiled") == 20, out

@@ -11,6 +11,7 @@ import types
 
 import pytest
 import torch
+from compiled_triton import run_compile_script
 
 import pykernels as pk
 from pykernels import _backend, _ext
@@ -666,17 +667,5 @@ def test_triton_kernel_compiles_for_sm90():
     """Compiled (not interpreted) Triton has stricter rules (globals, types across branches): compile the
     kernel for sm_90 without a GPU, with the 16-byte divisibility hints a real launch gets, in a process
     without TRITON_INTERPRET."""
-    pytest.importorskip("triton")
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, cwd=root, capture_output=True,
-                          text=True, timeout=600, check=False)
-    if done.returncode == 77:
-        pytest.skip(done.stdout.strip() or "this Triton cannot compile for sm_90 here")
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("compiled") == 8, done.stdout
+    out = run_compile_script(_COMPILE_FOR_SM90)
+    assert out.count("compiled") == 8, out
