@@ -69,10 +69,10 @@ class MLADecodeConfig:
 #   each cache row is read once. 32-row tiles x 3 stages (93 KB of shared memory) let two programs share
 #   an SM: four tiles in flight per SM (best at b64/s4096 and b32/s32K; 64-row tiles at one program per
 #   SM tie at b128/s8192 and lose elsewhere). A split may be one tile (min_chunk 32): a program walks its
-#   tiles at ~1.3 µs each whatever the load (measured before the value columns were cut into quarters, which
-#   shortens the per-tile dependency chain; re-measure), so a few sequences want many short splits (b1/s4096: 128
-#   splits take 9.1 µs, the 16 that a 256-row floor allowed 17.4 µs; b1/s32K: 256 splits 21.4 µs, 128
-#   20.5 µs; probe on the H200).
+#   tiles at 1.3-2 µs each whatever the load (1.30 µs with one program per SM since the value columns are
+#   cut into quarters, 1.79 before), so a few sequences want many short splits (H200 probe, quarters:
+#   b1/s4096 128 splits 8.4 µs, 16 splits (a 256-row floor) 16.1 µs; b1/s32K 128 splits 19.4 µs, the 256
+#   this model picks 20.8 µs: the split model wants re-fitting with bench.tune_mla_decode).
 # - 17 to 32 rows (h16 with q_len 2): 8 warps hold acc [32, 512]; 64-row tiles, two in flight.
 # - more (h16 with q_len 3-4, h32 ... h128): compute grows with the rows; 64 rows per program reuse each
 #   cache tile across 64 (query, head) rows; 8 warps (acc [64, 512] = 128 registers per thread), 32-row
