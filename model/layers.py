@@ -252,12 +252,11 @@ class MLA(nn.Module):
     def project(self, x: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, D] -> q [T, H, N + R] (rope part not rotated), latent [T, C] (normalised), k_pe [T, R]."""
         cfg = self.cfg
+        q_lin, kv_lin = self.input_projections()
         if fused:  # q (or q_a) and kv_a from one GEMM over x
-            q, kv = F.linear(x, self.input_projection()).split(
-                [self.input_projections()[0].out_features, self.kv_a_proj_with_mqa.out_features], dim=-1)
+            q, kv = F.linear(x, self.input_projection()).split([q_lin.out_features, kv_lin.out_features], dim=-1)
         else:
-            q = (self.q_proj if cfg.q_lora_rank is None else self.q_a_proj)(x)
-            kv = self.kv_a_proj_with_mqa(x)
+            q, kv = q_lin(x), kv_lin(x)
         if cfg.q_lora_rank is not None:
             q = self.q_b_proj(self.q_a_layernorm(q, fused))
         q = q.view(x.shape[0], self.n_heads, cfg.qk_head_dim)  # [T, H, N + R]
