@@ -1,6 +1,11 @@
 """Tuning sweep for the Triton MLA decode kernel at the performance bar's shapes (GPU only).
 
     python -m bench.tune_mla_decode --out tune-mla_decode.json [--budget-s 225] [--only rows16] [--skip NAME,..]
+    python -m bench.tune_mla_decode --out tune-mla_decode_splits.json --split-grid
+
+``--split-grid`` times the table's 16-row config over a grid of (batch, length) x split counts and
+prints, per shape, the best split count against the one ``choose_num_splits`` picks: the data the
+split model's constants (PROGRAM_COST_TILES, CO_RESIDENT_SPEEDUP) are fitted to.
 
 Each row group runs in its own process; a config that kills the CUDA context (an illegal memory
 access) is reported and its group is rerun without it, so the sweep still covers the rest.
@@ -47,9 +52,13 @@ TOP_CONFIGS = 3
 # A config whose output is further than this from the reference (relative, bf16) is wrong.
 MAX_REL_ERR = 1e-2
 # The split model's parameters fitted by the summary: (programs_per_sm, program_cost_tiles).
-SPLIT_MODELS = [(ppsm, cost) for ppsm in (1, 2) for cost in (0.5, 1.0, 2.0, 4.0)]
-# min_chunk of the table's configs (the sweep's own configs use block_n to honour explicit splits).
-TABLE_MIN_CHUNK = 256
+SPLIT_MODELS = [(ppsm, cost) for ppsm in (1, 2) for cost in (1.0, 2.0, 3.0, 4.0, 6.0)]
+# --split-grid: (batch, length) shapes at h16, q_len 1, each timed at these split counts (those that give
+# a split at least one 32-row tile and at most ~600 programs) and at the model's pick.
+SPLIT_GRID_SHAPES = [(1, 32768), (1, 16384), (1, 8192), (1, 4096), (2, 32768), (4, 32768), (8, 8192), (16, 4096),
+                     (32, 4096), (64, 4096), (32, 32768), (128, 8192)]
+SPLIT_GRID_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384)
+SPLIT_GRID_MAX_PROGRAMS = 600
 
 
 def _cfg(block_m, block_n, num_warps, num_stages, ppsm=1):
@@ -76,7 +85,8 @@ def groups():
         ("rows32", 0.2, [
             (2, 16, 64, 4096, [1, 2, 3, 4, 6, 8]),
         ], [
-            _cfg(32, 64, 8, 3), _cfg(32, 16, 4, 4, ppsm=2), _cfg(32, 16, 4, 3, ppsm=2), _cfg(16, 32, 4, 3, ppsm=2),
+            _cfg(32, 64, 8, 3), _cfg(32, 32, 8, 3, ppsm=2), _cfg(32, 32, 8, 4), _cfg(32, 32, 4, 3, ppsm=2),
+            _cfg(32, 64, 4, 3), _cfg(16, 32, 4, 3, ppsm=2),
         ]),
         ("rows128", 0.3, [
             (1, 128, 64, 4096, [1, 2, 3, 4]),
@@ -162,11 +172,14 @@ class Sweep:
         q_len, heads, batch, seqlen = shape
         row_blocks = math.ceil(q_len * heads / config.block_m)
         capacity = math.ceil(seqlen / BLOCK_SIZE) * BLOCK_SIZE
-        model = dataclasses.replace(config, min_chunk=TABLE_MIN_CHUNK, programs_per_sm=programs_per_sm)
+        table_min_chunk = self.tmla.default_config(q_len * heads, 2).min_chunk
+        model = dataclasses.replace(config, min_chunk=table_min_chunk, programs_per_sm=programs_per_sm)
         cost = self.tmla.PROGRAM_COST_TILES if program_cost_tiles is None else program_cost_tiles
         return self.tmla.choose_num_splits(batch, row_blocks, capacity, model, self.sms, program_cost_tiles=cost)
 
-    def run_group(self, name, shapes, configs) -> list[dict]:
+    def run_group(self, name, shapes, configs, fixed=None) -> list[dict]:
+        """Phases 1 and 2 below over ``configs``; with ``fixed = (config, split counts)``, that config at
+        each of the counts instead."""
         group_results = []
         for q_len, heads, batch, seqlen, split_list in shapes:
             shape = (q_len, heads, batch, seqlen)
@@ -180,9 +193,11 @@ class Sweep:
                                                     HEAD_DIM_V, HEAD_DIM**-0.5, q_len > 1)
             ref = (ref_out.float(), ref_lse)
             rows = []
+            if fixed is not None:
+                rows = [self.measure(shape, inputs, ref, fixed[0], splits) for splits in fixed[1]]
             for config in configs:  # phase 1: every config at its heuristic split count
                 rows.append(self.measure(shape, inputs, ref, config, self.heuristic_splits(shape, config)))
-            ranked = sorted((r for r in rows if "time_us" in r), key=lambda r: r["time_us"])
+            ranked = sorted((r for r in rows if "time_us" in r), key=lambda r: r["time_us"]) if configs else []
             seen = {(r["name"], r["splits"]) for r in rows}
             for best in ranked[:TOP_CONFIGS]:  # phase 2: the best configs over split counts
                 config = next(c for c in configs if config_name(c) == best["name"])
@@ -213,6 +228,27 @@ class Sweep:
             else:
                 print(f"  {r['name']:<26} {r['splits']:>6}  {r['error']}")
         sys.stdout.flush()
+
+    def run_split_grid(self) -> dict:
+        """The table's 16-row config over SPLIT_GRID_SHAPES x split counts; per shape the best split
+        count, the model's pick and the pick's slowdown against the best."""
+        config = self.tmla.default_config(16, 2)
+        summary = {}
+        for batch, seqlen in SPLIT_GRID_SHAPES:
+            pick = self.tmla.choose_num_splits(batch, 1, seqlen, config, self.sms)
+            counts = sorted({pick} | {c for c in SPLIT_GRID_COUNTS
+                                      if batch * c <= SPLIT_GRID_MAX_PROGRAMS and seqlen // c >= config.block_n})
+            rows = self.run_group("split-grid", [(1, 16, batch, seqlen, [])], [], fixed=(config, counts))
+            timed = {r["splits"]: r["time_us"] for r in rows if "time_us" in r}
+            if timed:
+                best = min(timed, key=timed.get)
+                key = json.dumps({"b": batch, "s": seqlen})
+                summary[key] = {"best_splits": best, "best_us": timed[best], "model_pick": pick,
+                                "pick_us": timed.get(pick), "pick_slowdown": timed[pick] / timed[best] if pick in timed else None}
+                print(f"  b={batch} s={seqlen}: best {best} splits {timed[best]:.2f} µs; model picks {pick}"
+                      f" ({summary[key]['pick_slowdown'] or float('nan'):.3f}x)", flush=True)
+            self.write({"split_grid": summary})
+        return summary
 
     def summarise(self, name, shapes, rows) -> dict | None:
         """The config with the best geometric mean over the group's shapes (each at its best split
@@ -306,10 +342,12 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=225.0, help="stop starting new timings after this long")
     parser.add_argument("--only", default=None, help="comma-separated row groups (rows16, rows32, rows128)")
     parser.add_argument("--skip", default=None, help="comma-separated config names to leave out (M16/N128/w4/s1/keys)")
+    parser.add_argument("--split-grid", action="store_true",
+                        help="time the 16-row table config over (batch, length) x split counts instead")
     parser.add_argument("--in-process", action="store_true",
                         help="run the groups in this process (what each isolated group process does)")
     args = parser.parse_args(argv)
-    if torch.cuda.is_available() and not args.in_process:
+    if torch.cuda.is_available() and not args.in_process and not args.split_grid:
         return run_isolated(args)
     if not torch.cuda.is_available():
         print("tune_mla_decode: needs a CUDA GPU; nothing to do")
@@ -317,6 +355,9 @@ def main(argv=None) -> int:
             json.dump({"meta": {"skipped": "no CUDA GPU"}, "results": [], "summary": None}, f)
         return 0
     sweep = Sweep(args)
+    if args.split_grid:
+        sweep.run_split_grid()
+        return 0
     wanted = set(args.only.split(",")) if args.only else None
     summary = []
     skip = set(args.skip.split(",")) if args.skip else set()

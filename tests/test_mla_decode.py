@@ -455,3 +455,18 @@ def test_unchecked_bad_values_stay_in_bounds():
     torch.cuda.synchronize()
     assert torch.isfinite(out).all()
     assert torch.isinf(lse[2]).all() and (out[2] == 0).all()
+
+
+@pytest.mark.parametrize("batch, seqlen, splits", [
+    (1, 32768, 128),  # one program per SM: 256 would share SMs and double the partials
+    (1, 4096, 128),  # one 32-row tile per split (min_chunk)
+    (16, 4096, 8),
+    (64, 4096, 4),  # two long programs per SM
+    (128, 8192, 2),
+])
+def test_split_model_picks(batch, seqlen, splits):
+    """The split model on a 132-SM GPU gives the split counts measured best on the H200 (tune/mla_decode_splits.json)."""
+    from pykernels.triton import mla_decode as tmla
+
+    config = tmla.CONFIG_TABLE[0][1]  # 16 rows: h16, q_len 1
+    assert tmla.choose_num_splits(batch, 1, seqlen, config, 132) == splits

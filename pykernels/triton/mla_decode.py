@@ -73,7 +73,8 @@ class MLADecodeConfig:
 #   cut into quarters, 1.79 before), so a few sequences want many short splits (H200 probe, quarters:
 #   b1/s4096 128 splits 8.4 µs, 16 splits (a 256-row floor) 16.1 µs; b1/s32K 128 splits 19.4 µs, the 256
 #   this model picks 20.8 µs: the split model wants re-fitting with bench.tune_mla_decode).
-# - 17 to 32 rows (h16 with q_len 2): 8 warps hold acc [32, 512]; 64-row tiles, two in flight.
+# - 17 to 32 rows (h16 with q_len 2): as for 16 rows, 32-row tiles x 3 stages and two programs per SM (b64/s4096
+#   at 4 splits: 110.8 µs, against 115.1 for 8 warps with 64-row tiles at one per SM; tune/mla_decode_rows32.json).
 # - more (h16 with q_len 3-4, h32 ... h128): compute grows with the rows; 64 rows per program reuse each
 #   cache tile across 64 (query, head) rows; 8 warps (acc [64, 512] = 128 registers per thread), 32-row
 #   tiles, three in flight. h128 has two row blocks; they run side by side (row block is the fastest grid
@@ -82,7 +83,7 @@ class MLADecodeConfig:
 CONFIG_TABLE: tuple[tuple[int, MLADecodeConfig], ...] = (
     # (max rows, config); first match wins
     (16, MLADecodeConfig(block_m=16, block_n=32, num_warps=4, num_stages=3, programs_per_sm=2, min_chunk=32)),
-    (32, MLADecodeConfig(block_m=32, block_n=64, num_warps=8, num_stages=3)),
+    (32, MLADecodeConfig(block_m=32, block_n=32, num_warps=4, num_stages=3, programs_per_sm=2, min_chunk=32)),
     (1 << 30, MLADecodeConfig(block_m=64, block_n=32, num_warps=8, num_stages=4)),
 )
 
@@ -92,10 +93,17 @@ BT_CHUNK_MAX = 128
 # Under the interpreter: small tiles keep the CPU tests fast (shape coverage matters there, not speed).
 INTERPRETER_CONFIG = MLADecodeConfig(block_m=16, block_n=16, num_warps=4, num_stages=1, min_chunk=16)
 
-# Split model (choose_num_splits), in units of one tile's time:
-# a program's fixed cost (launch slot, q load, prologue/epilogue, pipeline fill) is ~2 tiles;
-PROGRAM_COST_TILES = 2.0
-# the combine kernel's launch and its dependent wait are ~2 tiles (~4 µs) whenever there are splits.
+# Split model (choose_num_splits), in units of one tile's time for a program alone on its SM, fitted to the
+# split-count grid of `python -m bench.tune_mla_decode --split-grid` on the H200 (h16, b 1..128, s 4K..32K;
+# bench/results/nvidia-h200/tune/mla_decode_splits.json):
+# a program's fixed cost (launch slot, the seqlen -> block table -> first tile chain, epilogue) is ~3 tiles;
+PROGRAM_COST_TILES = 3.0
+# two programs sharing an SM stream 1.2x the tiles of one (the second hides the first's load latency), so each
+# of them takes 2 / 1.2 tile times a tile: sharing pays for long splits (b64 s4096: 4 splits, 84 µs against
+# 94 at 2) and loses for short ones (b16 s4096: 8 splits 30.6 µs against 32.1 at 16; b1 s32K: 128 splits
+# 19.5 µs against 20.9 at 256);
+CO_RESIDENT_SPEEDUP = 1.2
+# the combine kernel's launch and its dependent wait are ~2 tiles whenever there are splits.
 COMBINE_LAUNCH_TILES = 2.0
 # The largest split count the model considers (b = 1 fills 132 SMs with ~128).
 MAX_SPLITS = 512
@@ -147,17 +155,19 @@ def choose_num_splits(batch: int, row_blocks: int, capacity: int, config: MLADec
 
     ``capacity`` = max_blocks_per_seq * block_size, the longest length the block table allows; the
     model assumes every sequence is that long. With P = batch * row_blocks programs per split,
-    ``slots = sms * config.programs_per_sm`` and ``tiles = capacity / block_n``, it takes the split
-    count s minimising, in tile times::
+    ``tiles = capacity / block_n`` and k = min(programs_per_sm, ceil(P * s / sms)) programs sharing an SM,
+    it takes the split count s minimising, in tile times of a program alone on its SM::
 
-        ceil(P * s / slots) * (ceil(tiles / s) + program_cost_tiles)            waves x program time
-        + [s > 1] * (COMBINE_LAUNCH_TILES + partial_tiles * P * s / slots)      the combine
+        ceil(P * s / (sms * programs_per_sm)) * (ceil(tiles / s) * u_k + k * program_cost_tiles)   waves
+        + [s > 1] * (COMBINE_LAUNCH_TILES + partial_tiles * P * s / (sms * programs_per_sm))       combine
 
-    where ``partial_tiles`` is a split's float32 partial (written and read back) over a tile's
-    bytes. Wave quantisation is what it weighs: b = 64 at 16 heads gets 2 splits (128 programs on
-    132 SMs) rather than 3 (192: two waves, the second half empty); b = 1, s = 32K gets ~128 splits;
-    b = 128 gets 1. Splits never get shorter than ``config.min_chunk`` rows. ``program_cost_tiles``
-    (default PROGRAM_COST_TILES) is exposed for the tuning sweep, which fits it.
+    where u_1 = 1 and u_2 = 2 / CO_RESIDENT_SPEEDUP (co-resident programs share the SM's bandwidth), and
+    ``partial_tiles`` is a split's float32 partial (written and read back) over a tile's bytes. Wave
+    quantisation and co-residency are what it weighs: b = 1 at s = 32K gets 128 splits (one program per SM;
+    256 would halve each program's tiles but share SMs and double the partials), b = 64 at s = 4096 gets 4
+    (two long programs per SM), b = 128 at s = 8192 gets 2. Splits never get shorter than
+    ``config.min_chunk`` rows. ``program_cost_tiles`` (default PROGRAM_COST_TILES) is exposed for the
+    tuning sweep, which fits it.
     """
     programs = batch * row_blocks
     if programs == 0 or capacity == 0:
@@ -169,7 +179,9 @@ def choose_num_splits(batch: int, row_blocks: int, capacity: int, config: MLADec
     partial_tiles = (config.block_m * head_dim_v * 4 * 2) / (config.block_n * head_dim * 2)
 
     def modelled(s: int) -> float:
-        t = math.ceil(programs * s / slots) * (math.ceil(tiles / s) + program_cost_tiles)
+        sharing = min(config.programs_per_sm, math.ceil(programs * s / sms))  # programs per SM
+        tile_time = 1.0 if sharing == 1 else sharing / CO_RESIDENT_SPEEDUP
+        t = math.ceil(programs * s / slots) * (math.ceil(tiles / s) * tile_time + sharing * program_cost_tiles)
         if s > 1:
             t += COMBINE_LAUNCH_TILES + partial_tiles * programs * s / slots
         return t
