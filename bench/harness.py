@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time as _time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,9 @@ class Timing:
     inner: int       # calls per sample
     n_sets: int
     timer: str       # "cuda-events" | "cuda-graph" | "cpu-wall"
+    # Every sample's µs per call, in the order taken (not in records: the pytest-benchmark route
+    # makes its entries' statistics from them, see bench/conftest.py).
+    samples_us: tuple[float, ...] = field(default=(), repr=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {"min_us": _round(self.min_us, 6), "p10_us": _round(self.p10_us, 6),
@@ -111,7 +114,8 @@ def _percentile(sorted_vals: list[float], q: float) -> float:
 def _stats(samples_us: list[float], inner: int, n_sets: int, timer: str) -> Timing:
     s = sorted(samples_us)
     return Timing(median_us=statistics.median(s), min_us=s[0], p10_us=_percentile(s, 0.1),
-                  p90_us=_percentile(s, 0.9), reps=len(s), inner=inner, n_sets=n_sets, timer=timer)
+                  p90_us=_percentile(s, 0.9), reps=len(s), inner=inner, n_sets=n_sets, timer=timer,
+                  samples_us=tuple(samples_us))
 
 
 def _plan(per_call_us: float, budget: Budget, target_us: float) -> tuple[int, int]:
@@ -330,6 +334,7 @@ class Context:
         self.suite: str | None = None
         self._pending: list[dict[str, Any]] = []      # records of the suite in progress
         self._timings: list[Timing] = []
+        self._record_timings: dict[int, Timing] = {}  # id(record) -> the Timing its time_us came from
         self._sampler = NvmlSampler(_nvml_index(device)) if self.on_gpu else None
         self._window_start = _time.monotonic()
 
@@ -418,6 +423,9 @@ class Context:
             return {}
         rec = self._make_record(op, backend, shape, dtype, float(time_us), bytes, flops, peer, extra,
                                 bandwidth)
+        timing = self._timing_of(float(time_us))
+        if timing is not None:
+            self._record_timings[id(rec)] = timing
         self._pending.append(rec)
         if self.echo:
             _write(_results.format_row(rec))
@@ -443,10 +451,19 @@ class Context:
                 self.records.extend(self._pending)
                 if self.results_dir is not None and self._pending:
                     _results.write_suite(self.results_dir / self.slug / f"{name}.json", self._pending)
+            else:
+                for rec in self._pending:
+                    self._record_timings.pop(id(rec), None)
             self.suite, self._pending = None, []
 
     def suite_records(self, name: str) -> list[dict[str, Any]]:
         return [r for r in self.records if r["suite"] == name]
+
+    def samples_of(self, rec: dict[str, Any]) -> tuple[float, ...]:
+        """The µs per call of every timed sample behind a kept record's ``time_us`` (its median);
+        empty when the suite measured that time otherwise (a generate run, spawned processes)."""
+        timing = self._record_timings.get(id(rec))
+        return timing.samples_us if timing is not None else ()
 
     @property
     def timer_label(self) -> str:

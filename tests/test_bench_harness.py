@@ -1,6 +1,7 @@
 """The benchmark harness on the CPU: timing, records, results files, tables and the CLI."""
 import json
 import os
+import statistics
 import subprocess
 import sys
 import types
@@ -325,6 +326,94 @@ def test_ep_peer_and_aligned_timer_with_gloo(tmp_path):
 def test_cli_rejects_unknown_suite(capsys):
     assert bench_main(["no_such_suite", "--no-write"]) == 2
     assert "unknown suite" in capsys.readouterr().err
+
+
+def test_samples_of_a_record_are_its_timing(ctx):
+    x = torch.randn(64, 64)
+    with pytest.raises(RuntimeError), ctx.suite_run("broken"):
+        dropped = _record(ctx)
+        raise RuntimeError("suite broke")
+    assert ctx.samples_of(dropped) == ()
+    with ctx.suite_run("toy"):
+        timed = _record(ctx)
+        untimed = _record(ctx, shape={"n": 1}, time_us=ctx.time(lambda i: x @ x) + 0.5)  # not a median
+    samples = ctx.samples_of(timed)
+    assert len(samples) == timed["timing"]["reps"] and min(samples) == pytest.approx(timed["timing"]["min_us"], rel=1e-5)
+    assert statistics.median(samples) == pytest.approx(timed["time_us"], rel=1e-5)
+    assert ctx.samples_of(untimed) == () and untimed["timing"] is None
+
+
+def _suite_entry(ctx, flat):
+    """A pytest-benchmark entry of a suite test as bench/test_benchmarks.py fills it (JSON or table form)."""
+    from bench.conftest import suite_extra_info
+
+    with ctx.suite_run("toy"):
+        _record(ctx)
+        _record(ctx, shape={"n": 1}, time_us=12.5, peer=None)        # a time the suite measured otherwise
+        _record(ctx)                                                   # the same key again
+    entry = {"group": "toy", "name": "test_suite[toy]", "fullname": "bench/test_benchmarks.py::test_suite[toy]",
+             "params": {"name": "toy"}, "param": "toy", "options": {}, "extra_info": suite_extra_info(ctx, "toy")}
+    stats = {"min": 1.0, "median": 1.0, "rounds": 1, "iterations": 1}
+    if flat:  # the table's rows carry no samples
+        return dict(entry, **stats, path=None, source=None)
+    return dict(entry, stats=dict(stats, data=[1.0]))
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_pytest_benchmark_entries_one_per_record(ctx, flat):
+    from bench.conftest import record_entries
+
+    entry = _suite_entry(ctx, flat)
+    timed, untimed, again = ctx.suite_records("toy")
+    out = record_entries(entry, flat=flat)
+    assert [e["name"] for e in out] == ["toy.mm[torch fp32 n=64]", "toy.mm[torch fp32 n=1]",
+                                        "toy.mm[torch fp32 n=64]'"]
+    assert out[0]["fullname"] == "bench/test_benchmarks.py::test_suite[toy]::toy.mm[torch fp32 n=64]"
+    assert all(e["group"] == "toy" for e in out)
+    assert out[0]["params"] == {"op": "toy.mm", "backend": "torch", "dtype": "fp32", "n": 64}
+    assert out[0]["extra_info"] is timed and out[2]["extra_info"] is again
+    assert out[0]["extra_info"]["gbps"] > 0 and out[0]["extra_info"]["speedup_vs_peer"] > 0
+    for e, rec in zip(out, (timed, untimed, again)):
+        st = e if flat else e["stats"]
+        samples = ctx.samples_of(rec)
+        assert st["median"] == pytest.approx(rec["time_us"] * 1e-6, rel=1e-5)
+        assert st["rounds"] == max(1, len(samples)) and st["min"] <= st["median"] <= st["max"]
+        assert st["iterations"] == (rec["timing"]["inner"] if samples else 1)
+        assert ("data" in st) == (not flat)
+        assert e["options"]["timer"] == "cpu-wall"
+    assert out[1]["options"]["samples"] == "the record's time_us only"
+    other = {"name": "test_other", "fullname": "x::test_other", "extra_info": {}, "stats": {}}
+    assert record_entries(other, flat=False) == [other]
+
+
+def test_pytest_benchmark_route_on_the_cpu(tmp_path):
+    """`pytest bench/ --bench-quick -k rope --benchmark-json`: one entry per record, the harness's statistics;
+    --collect-only runs nothing."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    base = [sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider", "--bench-quick"]
+    proc = subprocess.run(base + ["--collect-only"], check=False, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "test_suite[rope]" in proc.stdout and "test_suite[mla_decode]" in proc.stdout
+    assert "pykernels bench records" not in proc.stdout
+    out_json = tmp_path / "pb.json"
+    proc = subprocess.run(base + ["-k", "rope", f"--benchmark-json={out_json}", "--bench-shapes", "T=1", "T=16"],
+                          check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    entries = json.loads(out_json.read_text())["benchmarks"]
+    assert entries and all(e["group"] == "rope" and e["fullname"].startswith("bench/test_benchmarks.py::"
+                                                                             "test_suite[rope]::") for e in entries)
+    assert {e["params"]["op"] for e in entries} == {"apply_rotary", "rope_and_cache"}
+    assert {e["params"]["T"] for e in entries} == {1, 16}
+    for e in entries:
+        rec = e["extra_info"]
+        assert e["name"].startswith(rec["op"] + "[")
+        assert e["stats"]["median"] == pytest.approx(rec["time_us"] * 1e-6, rel=1e-5)
+        assert e["stats"]["rounds"] == rec["timing"]["reps"] == len(e["stats"]["data"])
+        assert e["stats"]["iterations"] == rec["timing"]["inner"]
+    assert "apply_rotary[torch fp32 T=1 h=16]" in proc.stdout           # pytest-benchmark's table, a row a record
+    assert "pykernels bench records" in proc.stdout and "GB/s" in proc.stdout   # and the harness's table
 
 
 def test_plain_pytest_does_not_collect_bench():
