@@ -1,6 +1,6 @@
 """Tuning sweep for the grouped-GEMM expert FFN's tile configurations and row layouts (GPU only, ~4 minutes).
 
-    python -m bench.tune_moe --out tune-moe.json [--budget-s 240] [--only lite] [--decode-only]
+    python -m bench.tune_moe --out tune-moe.json [--budget-s 240] [--only lite] [--decode-only | --prefill-only]
     python -m bench.tune_moe --out compile.json --compile-only     # no GPU: shared memory, registers, spills
 
 Three parts, in this order (the budget stops the sweep between configs; the JSON is written after every
@@ -16,6 +16,9 @@ case, so a run stopped by the budget keeps what it measured):
    (Lite E 64 / H 2048 / I 1408; 236B E 160 / H 5120 / I 1536; tensor-parallel shards of the 236B experts,
    I 768 and 192) at T = 1, 8, 64, 128 (decode) and 8192 (prefill). Each case belongs to a key
    ``(gemm, H, I, bucket)`` of pykernels/triton/moe_configs.py (bucket from rows per expert).
+
+``--prefill-only`` runs part 3 alone at T = 8192 on Lite and 236B (~3 minutes): the table's large-bucket
+entry of each shape against ``PREFILL_CANDIDATES``; with ``--compile-only`` it compiles just those.
 
 Each GEMM candidate is timed alone (weights through pointer loads, TMA descriptors, or gate_up as one
 wide dot) on a permutation computed beforehand, and checked against a bf16 torch per-expert loop
@@ -71,20 +74,40 @@ CASES = [
 ]
 
 
-def candidates(gemm: str, bucket: str):
-    """Configs tried for a (gemm, bucket): the table's default first, then the alternatives."""
-    from pykernels.triton.moe_configs import DEFAULTS, GemmConfig as C
+# The large bucket's newer candidates (all of them with --prefill-only): the table's winners with deeper
+# stages, half-height last tiles and other swizzle groups, and 64-row tiles with 256-wide MMAs.
+# (block_m, block_n, block_k, group_m, num_warps, num_stages, tma, single_dot, split_tail)
+PREFILL_CANDIDATES = {
+    "gate_up": [(128, 128, 64, 8, 8, 3, False, True, True), (128, 128, 64, 8, 8, 4, False, True, True),
+                (128, 128, 64, 16, 8, 3, False, True, True), (128, 128, 64, 8, 8, 3, True, False, True),
+                (64, 128, 64, 8, 4, 4, False, True, False), (64, 128, 64, 8, 8, 4, False, True, False)],
+    "down": [(128, 256, 64, 8, 8, 3, True, False, True), (128, 256, 64, 8, 8, 4, True, False, True),
+             (128, 256, 64, 16, 8, 3, True, False, True), (128, 128, 64, 8, 8, 4, True, False, True),
+             (64, 256, 64, 8, 4, 4, True, False, False), (64, 256, 64, 8, 8, 4, True, False, False)],
+}
+
+
+def candidates(gemm: str, bucket: str, prefill_only: bool = False, hidden: int = 0, inter: int = 0):
+    """Configs tried for a (gemm, bucket): the table's default first, then the alternatives; with
+    ``prefill_only`` ("large" bucket), the table's entry for (H, I) and the PREFILL_CANDIDATES only."""
+    from pykernels.triton.moe_configs import DEFAULTS, TABLE
+    from pykernels.triton.moe_configs import GemmConfig as C
 
     # Each list: pointer loads first, then TMA weight loads (tma=True), then gate_up as one wide dot.
     if bucket == "large":
+        # split_tail (last field): an expert's last tile of <= BLOCK_M / 2 rows at half height. BLOCK_M 64
+        # with wide N: less padding per expert (307 rows on 236B: 320 computed instead of 384), one
+        # 64 x 256 MMA tile per program.
         extra = {
             "gate_up": [C(128, 64, 64, 8, 8, 3), C(128, 128, 64, 8, 8, 3), C(64, 128, 64, 8, 4, 4),
                         C(128, 64, 128, 8, 8, 3), C(64, 64, 64, 8, 4, 4),
                         C(128, 64, 64, 8, 8, 3, True), C(128, 128, 64, 8, 8, 3, True),
-                        C(128, 64, 64, 8, 8, 3, False, True), C(128, 128, 64, 8, 8, 3, False, True)],
+                        C(128, 64, 64, 8, 8, 3, False, True), C(128, 128, 64, 8, 8, 3, False, True),
+                        *map(C._make, PREFILL_CANDIDATES["gate_up"])],
             "down": [C(128, 128, 64, 8, 8, 3), C(128, 256, 64, 8, 8, 3), C(64, 128, 64, 8, 4, 4),
                      C(128, 64, 64, 8, 4, 4), C(128, 128, 128, 8, 8, 2),
-                     C(128, 128, 64, 8, 8, 3, True), C(128, 256, 64, 8, 8, 3, True)],
+                     C(128, 128, 64, 8, 8, 3, True), C(128, 256, 64, 8, 8, 3, True),
+                     *map(C._make, PREFILL_CANDIDATES["down"])],
         }[gemm]
     elif bucket == "medium":
         extra = [C(64, 64, 64, 8, 4, 4), C(64, 128, 64, 8, 4, 3), C(32, 64, 128, 4, 4, 4), C(128, 64, 64, 8, 8, 3)]
@@ -109,6 +132,9 @@ def candidates(gemm: str, bucket: str):
         if gemm == "gate_up":
             extra += [C(16, 32, 256, 1, 4, 4, False, True)]
     first = DEFAULTS[(gemm, bucket)]
+    if prefill_only and bucket == "large":
+        first = TABLE.get((gemm, hidden, inter, bucket), first)
+        extra = list(map(C._make, PREFILL_CANDIDATES[gemm]))
     return [first] + [c for c in dict.fromkeys(extra) if c != first]
 
 
@@ -211,7 +237,7 @@ def _weights(cache, E, H, I):
     return cache[(E, H, I)]
 
 
-def _sweep_case(report, scores, label, E, H, I, T, w13, w2, bucket, start, budget_s):
+def _sweep_case(report, scores, label, E, H, I, T, w13, w2, bucket, start, budget_s, prefill_only=False):
     """Time every candidate of the case's two GEMMs; record the case and each config's ratio to the case best."""
     rows = T * TOP_K
     decode = T <= 128
@@ -225,7 +251,7 @@ def _sweep_case(report, scores, label, E, H, I, T, w13, w2, bucket, start, budge
         flops = 2 * rows * H * (2 * I if gemm == "gate_up" else I)
         # The direct layout reads an expert once per route using it (one token: once per hit expert).
         weight_bytes = (rows if direct else hit) * (2 if gemm == "gate_up" else 1) * H * I * 2
-        for cfg in candidates(gemm, bucket):
+        for cfg in candidates(gemm, bucket, prefill_only, H, I):
             if time.monotonic() - start > budget_s:
                 break
             entry = {"config": cfg._asdict()}
@@ -306,11 +332,13 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=240.0, help="stop starting new configs after this many seconds")
     p.add_argument("--only", help="run only the cases whose label contains this (lite, 236b, tp2, tp8)")
     p.add_argument("--decode-only", action="store_true", help="skip the prefill (T = 8192) GEMM cases")
+    p.add_argument("--prefill-only", action="store_true",
+                   help="only the prefill (T = 8192) GEMM cases, with the table's config and PREFILL_CANDIDATES")
     p.add_argument("--compile-only", action="store_true",
                    help="no GPU needed: compile every candidate for sm_90a and report shared memory, registers, spills")
     args = p.parse_args(argv)
     if args.compile_only:
-        return compile_report(args.out)
+        return compile_report(args.out, args.prefill_only)
     if not torch.cuda.is_available():
         print("tune_moe: needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -327,10 +355,13 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
 
-    work = [(label, E, H, I, 1, "direct") for label, E, H, I in DIRECT_SHAPES]
-    work += [("layouts",)]
+    if args.decode_only and args.prefill_only:
+        p.error("--decode-only and --prefill-only exclude each other")
+    work = [] if args.prefill_only else [(label, E, H, I, 1, "direct") for label, E, H, I in DIRECT_SHAPES]
+    work += [] if args.prefill_only else [("layouts",)]
     work += [(label, E, H, I, T, bucket_of(T * TOP_K, E)) for label, E, H, I, T in CASES
-             if not (args.decode_only and T > 128)]
+             if not (args.decode_only and T > 128)
+             and not (args.prefill_only and (T <= 128 or label not in ("lite", "236b")))]
     for item in work:
         if time.monotonic() - start > args.budget_s:
             print(f"budget of {args.budget_s:.0f} s spent: stopping before {item}")
@@ -344,7 +375,7 @@ def main(argv=None) -> int:
             if args.only and args.only not in label:
                 continue
             w13, w2 = _weights(cache, E, H, I)
-            _sweep_case(report, scores, label, E, H, I, T, w13, w2, bucket, start, args.budget_s)
+            _sweep_case(report, scores, label, E, H, I, T, w13, w2, bucket, start, args.budget_s, args.prefill_only)
         save()
     save()
     print(f"\nwrote {args.out} after {time.monotonic() - start:.0f} s; paste into TABLE in pykernels/triton/moe_configs.py:")
@@ -377,13 +408,15 @@ def _print_layouts(report) -> None:
 SM90_MAX_SHARED = 232448
 
 
-def compile_report(out_path: str) -> int:
+def compile_report(out_path: str, prefill_only: bool = False) -> int:
     """Compile each candidate's kernels (bf16, H and I multiples of 16 as at the model's shapes) for sm_90a
     without a GPU: gate_up and down in moe_ffn's sorted ("gather") and padded row layouts for the bucket
     candidates, the direct layout's route-major gate_up and token-major down for the "direct" candidates.
     Writes shared bytes, registers, stack/local bytes (spills, from the bundled cuobjdump) and the number
     of multi-buffered shared-memory allocations (pipelined operands: a load inside a k loop that feeds an
-    address leaves none) per kernel; exit 1 when one overflows shared memory, spills or is not pipelined."""
+    address leaves none) per kernel; exit 1 when one overflows shared memory, spills or is not pipelined.
+    ``prefill_only``: the large bucket's PREFILL_CANDIDATES alone, in grouped_ffn's "sorted" and moe_ffn's
+    "gather" row layouts."""
     import os
     import re
     import subprocess
@@ -394,6 +427,7 @@ def compile_report(out_path: str) -> int:
     from triton.compiler import ASTSource
 
     from pykernels.triton import grouped_gemm
+    from pykernels.triton.moe_configs import GemmConfig
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     aligned = {"x_ptr", "w13_ptr", "h_ptr", "map_ptr", "pair_ptr", "w2_ptr", "out_ptr", "y_ptr", "ids_ptr",
@@ -402,12 +436,16 @@ def compile_report(out_path: str) -> int:
     ints = ("num_rows", "num_pairs", "num_tokens", "hidden", "inter", "num_experts", "top_k", "stride_xm", "stride_wn",
             "stride_hm", "stride_om", "stride_ym", "up_shift", "num_m_tiles")
     variants = []  # (name, kernel, rows, config)
-    for b in ("decode", "small", "medium", "large"):
+    for gemm in ("gate_up", "down") if prefill_only else ():
+        for c in map(GemmConfig._make, PREFILL_CANDIDATES[gemm]):
+            variants += [(gemm, gemm, "sorted", c), (gemm, gemm, "gather", c)]
+    for b in () if prefill_only else ("decode", "small", "medium", "large"):
         for gemm in ("gate_up", "down"):
             for c in candidates(gemm, b):
                 variants += [(gemm, gemm, "gather", c), (gemm, gemm, "padded", c)]
-    variants += [("gate_up", "gate_up", "route", c) for c in candidates("gate_up", "direct")]
-    variants += [("down_route", "down_route", None, c) for c in candidates("down", "direct")]
+    if not prefill_only:
+        variants += [("gate_up", "gate_up", "route", c) for c in candidates("gate_up", "direct")]
+        variants += [("down_route", "down_route", None, c) for c in candidates("down", "direct")]
     kernels = {"gate_up": grouped_gemm._gate_up_kernel, "down": grouped_gemm._down_kernel,
                "down_route": grouped_gemm._down_route_kernel}
     rows, bad = [], 0
@@ -420,6 +458,8 @@ def compile_report(out_path: str) -> int:
             consts.update(TOP_K=TOP_K, BLOCK_R=8)
         else:
             consts.update(ROWS=layout, PAD=cfg.block_m, BLOCK_E=256, GROUP_M=cfg.group_m)
+        if which != "down_route":
+            consts.update(SPLIT_TAIL=cfg.split_tail and layout != "padded")
         if which == "gate_up":
             consts.update(SINGLE_DOT=cfg.single_dot and not cfg.tma)
         sig = {}
@@ -464,7 +504,7 @@ def compile_report(out_path: str) -> int:
               + (f"shared {entry['shared']:6d}  registers {entry['registers']:3d}  stack {entry['stack']}"
                  f"  local {entry['local']}  pipelined operands {entry['pipelined_buffers']}" if "local" in entry
                  else entry.get("error", "")) + ("" if entry["ok"] else "   <-- NOT OK"), flush=True)
-    routes = _compile_route_kernels(cuobjdump)
+    routes = [] if prefill_only else _compile_route_kernels(cuobjdump)
     bad += sum(not r["ok"] for r in routes)
     with open(out_path, "w") as f:
         json.dump({"triton": triton.__version__, "target": "sm_90a", "configs": rows, "moe_route": routes}, f, indent=1)

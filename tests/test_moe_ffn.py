@@ -198,6 +198,38 @@ def test_triton_tiles_and_rows_past_the_end(device, dtype, variant):
 
 
 @pytest.mark.parametrize("device,dtype", _fast_devices())
+@pytest.mark.parametrize("variant", ["pointers", "tma", "single dot"])
+def test_triton_split_tail(device, dtype, variant):
+    """split_tail: an expert's last tile of <= BLOCK_M / 2 rows runs half-height. 32-row tiles over experts of
+    0 rows, 16 (all half), 36 (32 + a half tail of 4), 17 and 47 (tails just past half: full height), 61;
+    H and I not multiples of BLOCK_K; moe_ffn's sorted layout and grouped_ffn, bit-identical when repeated;
+    every route on one expert (several full tiles and a half tail)."""
+    from pykernels.triton.grouped_gemm import grouped_ffn_triton, moe_ffn_triton
+
+    E, H, I = 6, 40, 24
+    counts = [16, 36, 0, 17, 47, 61]
+    ids = torch.cat([torch.full((n,), e, dtype=torch.int32) for e, n in enumerate(counts)])
+    ids = ids[torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(3))].view(-1, 1).to(device)
+    T = ids.shape[0]
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(7)).to(dtype).to(device)
+    w13, w2 = _weights(E, H, I, dtype, device)
+    tw = (torch.rand(T, 1, generator=torch.Generator().manual_seed(5)) + 0.1).to(device)
+    cfg = moe_configs.GemmConfig(32, 16, 16, 2, 4, 2, variant == "tma", variant == "single dot", True)
+    ref = moe_ffn_reference(x.float(), w13.float(), w2.float(), tw, ids)
+    y = moe_ffn_triton(x, w13, w2, tw, ids, gate_up_config=cfg, down_config=cfg, layout="sorted")
+    assert _rel(y, ref) <= TOL[dtype]
+    assert torch.equal(y, moe_ffn_triton(x, w13, w2, tw, ids, gate_up_config=cfg, down_config=cfg, layout="sorted"))
+    y = moe_ffn_triton(x, w13, w2, tw, ids, gate_up_config=cfg, down_config=cfg, layout="padded")  # full tiles
+    assert _rel(y, ref) <= TOL[dtype]
+    xs, offsets = _sorted_rows(x, ids, E)
+    y = grouped_ffn_triton(xs, w13, w2, offsets, gate_up_config=cfg, down_config=cfg)
+    assert _rel(y, grouped_ffn_reference(xs.float(), w13.float(), w2.float(), offsets)) <= TOL[dtype]
+    one = torch.full_like(ids, 4)[:80]  # 80 rows on expert 4: tiles of 32, 32, 16 (half)
+    y = moe_ffn_triton(x[:80], w13, w2, tw[:80], one, gate_up_config=cfg, down_config=cfg, layout="sorted")
+    assert _rel(y, moe_ffn_reference(x[:80].float(), w13.float(), w2.float(), tw[:80], one)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("device,dtype", _fast_devices())
 def test_triton_strided_rows_int64_ids_half_weights(device, dtype):
     """x with a row stride > H, int64 topk_ids, routing weights in x's dtype."""
     x, w13, w2, tw, ids = _case_inputs((9, 5, 40, 24, 2, "random"), dtype, device)
@@ -347,6 +379,7 @@ def _all_configs():
     configs = set(moe_configs.DEFAULTS.values()) | set(moe_configs.TABLE.values())
     variants = {c._replace(tma=not c.tma, single_dot=False) for c in configs}
     variants |= {c._replace(tma=False, single_dot=not c.single_dot) for c in configs}
+    variants |= {c._replace(split_tail=not c.split_tail) for c in configs if c.block_m >= 64}
     return sorted(configs | variants)
 
 

@@ -33,6 +33,9 @@ expert e's rows [offsets[e-1], offsets[e]) are cut into ceil(count / BLOCK_M) ti
 (no padding in memory). A program finds its expert by a prefix sum of the tiles per expert, computed from
 ``offsets`` (E values) at its start; the grid is launched for the most tiles any routing can need,
 ``min(rows, cdiv(rows, BLOCK_M) + E)``, and programs past the real tiles return at once.
+With ``GemmConfig.split_tail`` an expert's last tile, when it holds at most BLOCK_M / 2 rows, runs the
+same code at half height (a second compiled k loop in the same kernel; shared memory is reused, not
+added): the 236B prefill's 307 rows per expert then cost 128 + 128 + 64 computed rows instead of 3 x 128.
 
 The gate/up GEMM computes the gate and the up columns of the same I-columns in one program (two
 accumulators over one A tile), so silu(gate) * up happens in registers: the 2I-wide intermediate never
@@ -100,72 +103,36 @@ def _tile_ids(num_m_tiles, num_n_tiles, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _gate_up_kernel(
-    x_ptr,  # [T, H] tokens, or [R, H] expert-sorted rows (ROWS="sorted")
-    w13_ptr,  # [E, 2I, H] gate rows then up rows; stride 1 along H
-    w13_desc,  # TMA descriptor of w13 viewed as [E * 2I, H], blocks [BLOCK_N, BLOCK_K] (USE_TMA only)
-    h_ptr,  # [R, I] out: silu(gate) * up (ROWS="route": times the routing weight), x's dtype
-    map_ptr,  # "sorted"/"gather": [E] int32 cumulative row ends; "padded": [R / PAD] block experts;
-    #           "route": [N] expert id per route (topk_ids flattened, int32 or int64)
-    pair_ptr,  # "gather"/"padded": [R] int32 sorted row -> route (padded: N in padding rows)
-    weights_ptr,  # "route": [N] routing weight per route
-    num_rows,  # R: rows of h (N for "route")
-    num_pairs,  # N: routes (the padding sentinel of "padded")
-    hidden,  # H (reduction)
-    inter,  # I (output columns)
-    num_experts,
-    top_k,  # routes per token
-    stride_xm,
-    stride_we,
-    stride_wn,
-    stride_hm,
-    up_shift,  # I * stride_wn: from a gate row to the up row of the same column
-    num_m_tiles,  # M tiles launched (an upper bound of the real ones; "route": N, one per route)
-    ROWS: tl.constexpr,  # "sorted" | "gather" | "padded" | "route" (see the module docstring)
-    PAD: tl.constexpr,  # "padded": rows per block of the padded layout (a multiple of BLOCK_M)
-    EVEN_K: tl.constexpr,  # H % BLOCK_K == 0: no mask along the reduction
-    BLOCK_M: tl.constexpr,  # rows per tile ("route": the one route's row, repeated)
-    BLOCK_N: tl.constexpr,  # I-columns per tile (of gate and of up each)
-    BLOCK_K: tl.constexpr,  # reduction step
-    BLOCK_E: tl.constexpr,  # next power of two >= E
-    GROUP_M: tl.constexpr,  # M tiles per swizzle group
-    DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32 rounding); 16-bit inputs ignore it
-    USE_TMA: tl.constexpr,  # weight tiles through the TMA descriptor instead of pointer loads
-    SINGLE_DOT: tl.constexpr,  # (pointer loads only) gate and up tiles as one [BK, 2 * BN] operand, one dot
+def _gate_up_tile(
+    x_ptr, w13_ptr, w13_desc, h_ptr, pair_ptr, weights_ptr,
+    expert,  # the tile's expert (in range)
+    pid_n,  # I tile
+    row_begin,  # first row of h ("route": the route)
+    row_end,  # "sorted"/"gather": end of the expert's rows (rows >= it are masked); others: unused
+    num_pairs, hidden, inter, top_k, stride_xm, stride_we, stride_wn, stride_hm, up_shift,
+    ROWS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, SINGLE_DOT: tl.constexpr,
 ):
+    """h[rows, cols] of one (M tile, N tile) of _gate_up_kernel (its arguments; BLOCK_M may be half the kernel's)."""
     m = tl.arange(0, BLOCK_M)  # [BM]
     if ROWS == "route":
-        # One route per program, N-tile-major order: the routes of one N tile are consecutive, so routes
-        # that share an expert (several tokens) read the same weight tile at about the same time (from the
-        # L2 after the first). Every row of the A tile is the route's token; only row 0 is stored.
-        route = tl.program_id(0) % num_m_tiles
-        pid_n = tl.program_id(0) // num_m_tiles
-        e_raw = tl.load(map_ptr + route)
-        expert = tl.where((e_raw >= 0) & (e_raw < num_experts), e_raw, 0).to(tl.int32)
-        rows = route + 0 * m  # [BM] rows of h
+        # Every row of the A tile is the route's token; only row 0 is stored.
+        rows = row_begin + 0 * m  # [BM] rows of h
         row_ok = m == 0
         src = rows // top_k
+    elif ROWS == "padded":
+        rows = row_begin + m  # [BM] padded sorted rows
+        route = tl.load(pair_ptr + rows)
+        row_ok = route < num_pairs
+        src = tl.where(row_ok, route, 0) // top_k
     else:
-        pid_m, pid_n = _tile_ids(num_m_tiles, tl.cdiv(inter, BLOCK_N), GROUP_M)
-        if ROWS == "padded":
-            expert = tl.load(map_ptr + pid_m * BLOCK_M // PAD)
-            if expert >= num_experts:
-                return
-            rows = pid_m * BLOCK_M + m  # [BM] padded sorted rows
-            route = tl.load(pair_ptr + rows)
-            row_ok = route < num_pairs
-            src = tl.where(row_ok, route, 0) // top_k
+        rows = row_begin + m  # [BM] sorted rows
+        row_ok = rows < row_end
+        rows = tl.where(row_ok, rows, 0)
+        if ROWS == "gather":
+            src = tl.load(pair_ptr + rows, mask=row_ok, other=0) // top_k  # [BM] token of each row
         else:
-            expert, row_begin, row_end = _expert_tile(map_ptr, num_experts, num_rows, pid_m, BLOCK_M, BLOCK_E)
-            if expert >= num_experts:
-                return
-            rows = row_begin + m  # [BM] sorted rows
-            row_ok = rows < row_end
-            rows = tl.where(row_ok, rows, 0)
-            if ROWS == "gather":
-                src = tl.load(pair_ptr + rows, mask=row_ok, other=0) // top_k  # [BM] token of each row
-            else:
-                src = rows
+            src = rows
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] I-columns
     cols_ld = cols % inter  # in range for loads; columns >= I are never stored
     ks = tl.arange(0, BLOCK_K)  # [BK]
@@ -228,53 +195,98 @@ def _gate_up_kernel(
 
     h = acc_g * tl.sigmoid(acc_g) * acc_u  # silu(gate) * up, float32
     if ROWS == "route":
-        h = h * tl.load(weights_ptr + route).to(tl.float32)
+        h = h * tl.load(weights_ptr + row_begin).to(tl.float32)
     h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + cols[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < inter)[None, :])
 
 
 @triton.jit
-def _down_kernel(
-    h_ptr,  # [R, I] expert-sorted rows
-    w2_ptr,  # [E, H, I]; stride 1 along I
-    w2_desc,  # TMA descriptor of w2 viewed as [E * H, I], blocks [BLOCK_N, BLOCK_K] (USE_TMA only)
-    out_ptr,  # [N, H] route-ordered ("gather"/"padded") or [R, H] expert-sorted rows ("sorted") out, x's dtype
-    map_ptr,  # "sorted"/"gather": [E] int32 cumulative row ends; "padded": [R / PAD] block experts
-    pair_ptr,  # "gather"/"padded": [R] int32 sorted row -> route
-    weights_ptr,  # "gather"/"padded": [N] routing weight per route
-    num_rows,  # R
-    num_pairs,  # N (the padding sentinel of "padded")
-    hidden,  # H (output columns)
-    inter,  # I (reduction)
+def _gate_up_kernel(
+    x_ptr,  # [T, H] tokens, or [R, H] expert-sorted rows (ROWS="sorted")
+    w13_ptr,  # [E, 2I, H] gate rows then up rows; stride 1 along H
+    w13_desc,  # TMA descriptor of w13 viewed as [E * 2I, H], blocks [BLOCK_N, BLOCK_K] (USE_TMA only)
+    h_ptr,  # [R, I] out: silu(gate) * up (ROWS="route": times the routing weight), x's dtype
+    map_ptr,  # "sorted"/"gather": [E] int32 cumulative row ends; "padded": [R / PAD] block experts;
+    #           "route": [N] expert id per route (topk_ids flattened, int32 or int64)
+    pair_ptr,  # "gather"/"padded": [R] int32 sorted row -> route (padded: N in padding rows)
+    weights_ptr,  # "route": [N] routing weight per route
+    num_rows,  # R: rows of h (N for "route")
+    num_pairs,  # N: routes (the padding sentinel of "padded")
+    hidden,  # H (reduction)
+    inter,  # I (output columns)
     num_experts,
-    stride_hm,
+    top_k,  # routes per token
+    stride_xm,
     stride_we,
     stride_wn,
-    stride_om,
-    num_m_tiles,  # M tiles launched (an upper bound of the real ones)
-    ROWS: tl.constexpr,  # "sorted": out[r] = row; "gather"/"padded": out[sorted_pair[r]] = w * row
+    stride_hm,
+    up_shift,  # I * stride_wn: from a gate row to the up row of the same column
+    num_m_tiles,  # M tiles launched (an upper bound of the real ones; "route": N, one per route)
+    ROWS: tl.constexpr,  # "sorted" | "gather" | "padded" | "route" (see the module docstring)
     PAD: tl.constexpr,  # "padded": rows per block of the padded layout (a multiple of BLOCK_M)
-    EVEN_K: tl.constexpr,  # I % BLOCK_K == 0: no mask along the reduction
-    BLOCK_M: tl.constexpr,  # rows per tile
-    BLOCK_N: tl.constexpr,  # H-columns per tile
+    EVEN_K: tl.constexpr,  # H % BLOCK_K == 0: no mask along the reduction
+    BLOCK_M: tl.constexpr,  # rows per tile ("route": the one route's row, repeated)
+    BLOCK_N: tl.constexpr,  # I-columns per tile (of gate and of up each)
     BLOCK_K: tl.constexpr,  # reduction step
     BLOCK_E: tl.constexpr,  # next power of two >= E
     GROUP_M: tl.constexpr,  # M tiles per swizzle group
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32 rounding); 16-bit inputs ignore it
     USE_TMA: tl.constexpr,  # weight tiles through the TMA descriptor instead of pointer loads
+    SINGLE_DOT: tl.constexpr,  # (pointer loads only) gate and up tiles as one [BK, 2 * BN] operand, one dot
+    SPLIT_TAIL: tl.constexpr,  # ("sorted"/"gather" only) an expert's last tile of <= BLOCK_M / 2 rows runs half-height
 ):
-    pid_m, pid_n = _tile_ids(num_m_tiles, tl.cdiv(hidden, BLOCK_N), GROUP_M)
-    m = tl.arange(0, BLOCK_M)
-    if ROWS == "padded":
-        expert = tl.load(map_ptr + pid_m * BLOCK_M // PAD)
-        if expert >= num_experts:
-            return
-        rows = pid_m * BLOCK_M + m  # [BM] padded sorted rows (padding rows: never stored)
+    tl.static_assert(not SPLIT_TAIL or (BLOCK_M >= 32 and (ROWS == "sorted" or ROWS == "gather")))
+    if ROWS == "route":
+        # One route per program, N-tile-major order: the routes of one N tile are consecutive, so routes
+        # that share an expert (several tokens) read the same weight tile at about the same time (from the
+        # L2 after the first).
+        route = tl.program_id(0) % num_m_tiles
+        pid_n = tl.program_id(0) // num_m_tiles
+        e_raw = tl.load(map_ptr + route)
+        expert = tl.where((e_raw >= 0) & (e_raw < num_experts), e_raw, 0).to(tl.int32)
+        row_begin = route
+        row_end = route + 1
     else:
-        expert, row_begin, row_end = _expert_tile(map_ptr, num_experts, num_rows, pid_m, BLOCK_M, BLOCK_E)
-        if expert >= num_experts:
-            return
-        rows = row_begin + m  # [BM] sorted rows
+        pid_m, pid_n = _tile_ids(num_m_tiles, tl.cdiv(inter, BLOCK_N), GROUP_M)
+        if ROWS == "padded":
+            expert = tl.load(map_ptr + pid_m * BLOCK_M // PAD)
+            if expert >= num_experts:
+                return
+            row_begin = pid_m * BLOCK_M
+            row_end = row_begin + BLOCK_M
+        else:
+            expert, row_begin, row_end = _expert_tile(map_ptr, num_experts, num_rows, pid_m, BLOCK_M, BLOCK_E)
+            if expert >= num_experts:
+                return
+    if SPLIT_TAIL:
+        if row_end - row_begin <= BLOCK_M // 2:
+            _gate_up_tile(x_ptr, w13_ptr, w13_desc, h_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
+                          num_pairs, hidden, inter, top_k, stride_xm, stride_we, stride_wn, stride_hm, up_shift,
+                          ROWS, EVEN_K, BLOCK_M // 2, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA, SINGLE_DOT)
+        else:
+            _gate_up_tile(x_ptr, w13_ptr, w13_desc, h_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
+                          num_pairs, hidden, inter, top_k, stride_xm, stride_we, stride_wn, stride_hm, up_shift,
+                          ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA, SINGLE_DOT)
+    else:
+        _gate_up_tile(x_ptr, w13_ptr, w13_desc, h_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
+                      num_pairs, hidden, inter, top_k, stride_xm, stride_we, stride_wn, stride_hm, up_shift,
+                      ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA, SINGLE_DOT)
+
+
+@triton.jit
+def _down_tile(
+    h_ptr, w2_ptr, w2_desc, out_ptr, pair_ptr, weights_ptr,
+    expert,  # the tile's expert (in range)
+    pid_n,  # H tile
+    row_begin,  # first sorted row of the tile
+    row_end,  # "sorted"/"gather": end of the expert's rows (rows >= it are masked); "padded": unused
+    num_pairs, hidden, inter, stride_hm, stride_we, stride_wn, stride_om,
+    ROWS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """out rows of one (M tile, N tile) of _down_kernel (its arguments; BLOCK_M may be half the kernel's)."""
+    rows = row_begin + tl.arange(0, BLOCK_M)  # [BM] sorted rows ("padded": padding rows are never stored)
+    if ROWS != "padded":
         row_ok = rows < row_end
         rows = tl.where(row_ok, rows, 0)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] H-columns
@@ -322,6 +334,64 @@ def _down_kernel(
         acc = acc * w[:, None]
     o_ptrs = out_ptr + dest.to(tl.int64)[:, None] * stride_om + cols[None, :]
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < hidden)[None, :])
+
+
+@triton.jit
+def _down_kernel(
+    h_ptr,  # [R, I] expert-sorted rows
+    w2_ptr,  # [E, H, I]; stride 1 along I
+    w2_desc,  # TMA descriptor of w2 viewed as [E * H, I], blocks [BLOCK_N, BLOCK_K] (USE_TMA only)
+    out_ptr,  # [N, H] route-ordered ("gather"/"padded") or [R, H] expert-sorted rows ("sorted") out, x's dtype
+    map_ptr,  # "sorted"/"gather": [E] int32 cumulative row ends; "padded": [R / PAD] block experts
+    pair_ptr,  # "gather"/"padded": [R] int32 sorted row -> route
+    weights_ptr,  # "gather"/"padded": [N] routing weight per route
+    num_rows,  # R
+    num_pairs,  # N (the padding sentinel of "padded")
+    hidden,  # H (output columns)
+    inter,  # I (reduction)
+    num_experts,
+    stride_hm,
+    stride_we,
+    stride_wn,
+    stride_om,
+    num_m_tiles,  # M tiles launched (an upper bound of the real ones)
+    ROWS: tl.constexpr,  # "sorted": out[r] = row; "gather"/"padded": out[sorted_pair[r]] = w * row
+    PAD: tl.constexpr,  # "padded": rows per block of the padded layout (a multiple of BLOCK_M)
+    EVEN_K: tl.constexpr,  # I % BLOCK_K == 0: no mask along the reduction
+    BLOCK_M: tl.constexpr,  # rows per tile
+    BLOCK_N: tl.constexpr,  # H-columns per tile
+    BLOCK_K: tl.constexpr,  # reduction step
+    BLOCK_E: tl.constexpr,  # next power of two >= E
+    GROUP_M: tl.constexpr,  # M tiles per swizzle group
+    DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32 rounding); 16-bit inputs ignore it
+    USE_TMA: tl.constexpr,  # weight tiles through the TMA descriptor instead of pointer loads
+    SPLIT_TAIL: tl.constexpr,  # ("sorted"/"gather" only) an expert's last tile of <= BLOCK_M / 2 rows runs half-height
+):
+    tl.static_assert(not SPLIT_TAIL or (BLOCK_M >= 32 and ROWS != "padded"))
+    pid_m, pid_n = _tile_ids(num_m_tiles, tl.cdiv(hidden, BLOCK_N), GROUP_M)
+    if ROWS == "padded":
+        expert = tl.load(map_ptr + pid_m * BLOCK_M // PAD)
+        if expert >= num_experts:
+            return
+        row_begin = pid_m * BLOCK_M
+        row_end = row_begin + BLOCK_M
+    else:
+        expert, row_begin, row_end = _expert_tile(map_ptr, num_experts, num_rows, pid_m, BLOCK_M, BLOCK_E)
+        if expert >= num_experts:
+            return
+    if SPLIT_TAIL:
+        if row_end - row_begin <= BLOCK_M // 2:
+            _down_tile(h_ptr, w2_ptr, w2_desc, out_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
+                       num_pairs, hidden, inter, stride_hm, stride_we, stride_wn, stride_om,
+                       ROWS, EVEN_K, BLOCK_M // 2, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA)
+        else:
+            _down_tile(h_ptr, w2_ptr, w2_desc, out_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
+                       num_pairs, hidden, inter, stride_hm, stride_we, stride_wn, stride_om,
+                       ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA)
+    else:
+        _down_tile(h_ptr, w2_ptr, w2_desc, out_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
+                   num_pairs, hidden, inter, stride_hm, stride_we, stride_wn, stride_om,
+                   ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA)
 
 
 @triton.jit
@@ -447,7 +517,8 @@ def _gate_up(x, w13, cfg: GemmConfig, rows: str, row_map, *, pair=None, weights=
         ROWS=rows, PAD=pad, EVEN_K=hidden % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         BLOCK_E=triton.next_power_of_2(num_experts), GROUP_M=cfg.group_m, DOT_PRECISION=_precision(x.dtype),
-        USE_TMA=use_tma, SINGLE_DOT=single_dot, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        USE_TMA=use_tma, SINGLE_DOT=single_dot, SPLIT_TAIL=cfg.split_tail and rows in ("sorted", "gather"),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return h
 
@@ -467,7 +538,8 @@ def _down(h, w2, cfg: GemmConfig, rows: str, row_map, out, *, pair=None, weights
         ROWS=rows, PAD=pad, EVEN_K=inter % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         BLOCK_E=triton.next_power_of_2(num_experts), GROUP_M=cfg.group_m, DOT_PRECISION=_precision(h.dtype),
-        USE_TMA=use_tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        USE_TMA=use_tma, SPLIT_TAIL=cfg.split_tail and rows != "padded", num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
 
 

@@ -29,6 +29,10 @@ class GemmConfig(NamedTuple):
     num_stages: int
     tma: bool = False  # weight tiles through TMA descriptors (needs H and I rows 16-byte aligned, else pointers)
     single_dot: bool = False  # gate_up with pointer loads: gate and up as one [BK, 2*BN] operand (down ignores it)
+    # An expert's last M tile, when it holds <= block_m / 2 rows, runs at half height (block_m >= 32; the
+    # unpadded layouts only): at 307 rows per expert (236B prefill) 128-row tiles compute 384 rows, with
+    # the split 320.
+    split_tail: bool = False
 
 
 BUCKETS = (("decode", 4.0), ("small", 32.0), ("medium", 128.0), ("large", float("inf")))
