@@ -405,7 +405,8 @@ class _Peer:
         except Exception as e:  # noqa: BLE001
             return cls(None, f"building the transformers model failed: {type(e).__name__}: {str(e)[:200]}")
         ctx.note(f"peer: transformers {transformers.__version__} DeepseekV2ForCausalLM, attention "
-                 f"{hf.config._attn_implementation}, random {str(model.dtype).removeprefix('torch.')} weights")
+                 f"{hf.config._attn_implementation}, experts {_experts_implementation(hf)}, random "
+                 f"{str(model.dtype).removeprefix('torch.')} weights")
         peer = cls(hf, None)
         peer._generate(torch.zeros(1, 4, dtype=torch.int64, device=model.device), 2)  # warm-up
         return peer
@@ -440,7 +441,8 @@ def _peer_prefill(ctx, peer: _Peer, prompts, shape, dtype_name) -> tuple[tuple, 
     batch, prompt_len = prompts.shape
     ctx.record(op="model.prefill", backend="transformers", shape=shape, dtype=dtype_name, time_us=t * 1e6,
                extra={"tokens_per_s": round(batch * prompt_len / t, 1), "what": "generate(max_new_tokens=1)",
-                      "attention": peer.hf.config._attn_implementation})
+                      "attention": peer.hf.config._attn_implementation,
+                      "experts": _experts_implementation(peer.hf)})
     return (PEER_NAME, t * 1e6), t
 
 
@@ -456,8 +458,15 @@ def _peer_decode(ctx, peer: _Peer, prompts, prefill_s, new_tokens, shape, dtype_
     ctx.record(op="model.decode", backend="transformers", shape=shape, dtype=dtype_name, time_us=s * 1e6,
                extra={"tokens_per_s": round(batch / s, 1), "ms_per_step": round(s * 1e3, 4),
                       "context_used": f"the prompt ({prompt_len} tokens), not the shape's context",
-                      "new_tokens": new_tokens, "attention": peer.hf.config._attn_implementation})
+                      "new_tokens": new_tokens, "attention": peer.hf.config._attn_implementation,
+                      "experts": _experts_implementation(peer.hf)})
     return PEER_NAME, s * 1e6
+
+
+def _experts_implementation(hf) -> str | None:
+    """The expert FFN path transformers chose ("grouped_mm", "eager", ...; None where the version has no
+    choice): it sets how many launches and host syncs a peer step makes, so the records say it."""
+    return getattr(hf.config, "_experts_implementation", None)
 
 
 def _failure(ctx, e: Exception) -> str:
