@@ -78,12 +78,11 @@ CASES = [
 # stages, half-height last tiles and other swizzle groups, and 64-row tiles with 256-wide MMAs.
 # (block_m, block_n, block_k, group_m, num_warps, num_stages, tma, single_dot, split_tail)
 PREFILL_CANDIDATES = {
-    "gate_up": [(128, 128, 64, 8, 8, 3, False, True, True), (128, 128, 64, 8, 8, 4, False, True, True),
-                (128, 128, 64, 16, 8, 3, False, True, True), (128, 128, 64, 8, 8, 3, True, False, True),
-                (64, 128, 64, 8, 4, 4, False, True, False), (64, 128, 64, 8, 8, 4, False, True, False)],
-    "down": [(128, 256, 64, 8, 8, 3, True, False, True), (128, 256, 64, 8, 8, 4, True, False, True),
-             (128, 256, 64, 16, 8, 3, True, False, True), (128, 128, 64, 8, 8, 4, True, False, True),
-             (64, 256, 64, 8, 4, 4, True, False, False), (64, 256, 64, 8, 8, 4, True, False, False)],
+    "gate_up": [(128, 128, 64, 8, 8, 3, False, True, True), (128, 128, 64, 8, 8, 4, True, False, True),
+                (128, 128, 64, 4, 8, 3, True, False, True), (128, 128, 128, 8, 8, 2, True, False, True),
+                (128, 128, 64, 16, 8, 3, True, False, True)],
+    "down": [(128, 256, 64, 8, 8, 3, True, False, True), (128, 256, 64, 4, 8, 4, True, False, True),
+             (128, 256, 128, 8, 8, 2, True, False, True), (128, 256, 64, 16, 8, 4, True, False, True)],
 }
 
 

@@ -66,12 +66,12 @@ DEFAULTS: dict[tuple[str, str], GemmConfig] = {
 # Measured winners per shape: (gemm, H, I, bucket) -> config. Lite: H 2048, I 1408; 236B: H 5120, I 1536;
 # tensor-parallel shards of the 236B experts: I 768 (TP2), 192 (TP8). Filled from bench/tune_moe.py.
 TABLE: dict[tuple[str, int, int, str], GemmConfig] = {
-    # H200, triton 3.6, `python -m bench.tune_moe --prefill-only` (2026-11-29, bench/results/nvidia-h200/tune/
-    # moe_prefill.json): split tails + TMA weights; Lite gate_up 1029 -> 977 µs, down 538 -> 491; 236B gate_up
-    # 3180 -> 2960, down 1811 -> 1501
-    ("gate_up", 2048, 1408, "large"): GemmConfig(128, 128, 64, 8, 8, 3, True, False, True),
+    # H200, triton 3.6, `python -m bench.tune_moe --prefill-only` (2026-11-29, two sweeps, bench/results/
+    # nvidia-h200/tune/moe_prefill.json is the second): split tails + TMA weights; Lite gate_up 1029 -> 977 µs,
+    # down 538 -> 491; 236B gate_up 3180 -> 2896 (4 stages), down 1811 -> 1501
+    ("gate_up", 2048, 1408, "large"): GemmConfig(128, 128, 64, 8, 8, 4, True, False, True),
     ("down", 2048, 1408, "large"): GemmConfig(128, 256, 64, 8, 8, 4, True, False, True),
-    ("gate_up", 5120, 1536, "large"): GemmConfig(128, 128, 64, 8, 8, 3, True, False, True),
+    ("gate_up", 5120, 1536, "large"): GemmConfig(128, 128, 64, 8, 8, 4, True, False, True),
     ("down", 5120, 1536, "large"): GemmConfig(128, 256, 64, 8, 8, 4, True, False, True),
     # H200, triton 3.6, `python -m bench.tune_moe` (2026-11-28; 107 s budget, best of each bucket's candidates)
     ("gate_up", 2048, 1408, "decode"): GemmConfig(16, 64, 128, 1, 4, 4, True, False),
