@@ -160,6 +160,25 @@ def test_triton_interpreter_fp16(case):
 
 
 @interpreter_only
+@pytest.mark.parametrize("case", [
+    (3, 1, 64, BS, [0, BS + 3, 3 * BS], False, 2),  # 64 rows: one row block
+    (2, 4, 20, BS, [4, 2 * BS + 1], True, 1),  # 80 rows: two row blocks, the second partly masked
+], ids=lambda c: f"b{c[0]}q{c[1]}h{c[2]}s{c[6]}")
+def test_triton_interpreter_wide_rows(case):
+    """64-row programs take the warp-group path (_attend_wide: whole-width q, tiles and accumulator)."""
+    from pykernels.triton import mla_decode as tmla
+
+    batch, q_len, heads, block_size, lens, causal, splits = case
+    q, k_cache, block_table, seqlens = make_case(batch, q_len, heads, block_size, lens, dtype=torch.float16, seed=9)
+    config = tmla.MLADecodeConfig(block_m=64, block_n=16, num_warps=4, num_stages=1, min_chunk=16)
+    out, lse = tmla.mla_decode_triton(q, k_cache, block_table, seqlens, HEAD_DIM_V, HEAD_DIM**-0.5, causal,
+                                      config=config, num_splits=splits, fallback=False)
+    ref_out, ref_lse = mla_decode_reference(q.float(), k_cache.float(), block_table, seqlens, HEAD_DIM_V,
+                                            HEAD_DIM**-0.5, causal)
+    assert_close(out, lse, ref_out, ref_lse, torch.float16)
+
+
+@interpreter_only
 @pytest.mark.parametrize("block_size", [16, 64, 256])
 def test_triton_interpreter_tile_and_block_size_differ(block_size):
     """BLOCK_N = 128 tiles spanning several cache blocks (16, 64) or part of one (256): the sweep's

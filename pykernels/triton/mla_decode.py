@@ -7,10 +7,11 @@ Two kernels:
    (row = i * num_heads + h, the order of ``out[b]``) and cut into blocks of ``BLOCK_M``, so all 16
    heads of a DeepSeek-V2-Lite query (and 2 x 16 rows for q_len = 2) share one program and every
    cache row is read from memory once per row block. The program walks its split's slice of the
-   sequence in tiles of ``BLOCK_N`` cache rows; each tile is loaded once as four ``[BLOCK_N, DV / 4]``
-   quarters of the first 512 columns + ``[BLOCK_N, DR]`` (the 64 rope columns) and serves both as K
-   in ``s = q . k`` and (the quarters) as V in ``acc += p . v``; the quarters keep the tensor-core
-   work of a tile in independent chains (see ``_attend``). Online softmax in float32 in
+   sequence in tiles of ``BLOCK_N`` cache rows; each tile is loaded once, its first 512 columns + the
+   64 rope columns, and serves both as K in ``s = q . k`` and (the first 512) as V in ``acc += p . v``.
+   Below 64 rows (mma.sync) the 512 columns come as four quarters, which keeps the tensor-core work of
+   a tile in independent chains (``_attend``); 64+ rows (warp-group MMAs) take them whole
+   (``_attend_wide``). Online softmax in float32 in
    base 2 (the softmax scale is folded into log2(e)); both products accumulate in float32. The
    block ids of a split are staged in registers before its tile loop, so the loop's loads depend on
    no load inside it and Triton's software pipeliner keeps ``num_stages - 1`` tiles in flight while
@@ -76,15 +77,17 @@ class MLADecodeConfig:
 # - 17 to 32 rows (h16 with q_len 2): as for 16 rows, 32-row tiles x 3 stages and two programs per SM (b64/s4096
 #   at 4 splits: 110.8 µs, against 115.1 for 8 warps with 64-row tiles at one per SM; tune/mla_decode_rows32.json).
 # - more (h16 with q_len 3-4, h32 ... h128): compute grows with the rows; 64 rows per program reuse each
-#   cache tile across 64 (query, head) rows; 8 warps (acc [64, 512] = 128 registers per thread), 32-row
-#   tiles, three in flight. h128 has two row blocks; they run side by side (row block is the fastest grid
-#   axis), so the second read of a tile comes from the L2.
+#   cache tile across 64 (query, head) rows; 8 warps (acc [64, 512] = 128 registers per thread), 64-row
+#   tiles, two stages (221 KB of shared memory with q; H200 probe with _attend_wide: h128 b64 s4096 338-360
+#   µs at 2/1 splits against 367-375 for 32-row tiles; q_len 4 h16 176 against 189). h128 has two row
+#   blocks; they run side by side (row block is the fastest grid axis), so the second read of a tile
+#   comes from the L2.
 # fp32 (allowed for testing) halves block_n and pipelines one stage to fit the same shared memory.
 CONFIG_TABLE: tuple[tuple[int, MLADecodeConfig], ...] = (
     # (max rows, config); first match wins
     (16, MLADecodeConfig(block_m=16, block_n=32, num_warps=4, num_stages=3, programs_per_sm=2, min_chunk=32)),
     (32, MLADecodeConfig(block_m=32, block_n=32, num_warps=4, num_stages=3, programs_per_sm=2, min_chunk=32)),
-    (1 << 30, MLADecodeConfig(block_m=64, block_n=32, num_warps=8, num_stages=4)),
+    (1 << 30, MLADecodeConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)),
 )
 
 # Most block-table entries one program stages in registers at a time (128 x 64 = 8192 positions).
@@ -203,13 +206,10 @@ def _block_table_chunk(bt_row, stride_btj, chunk_start, end, num_blocks,
 
 
 @triton.jit
-def _load_tile(K, bt_chunk, chunk_start, stride_kblock, stride_krow, tile, end,
-               DV: tl.constexpr, DR: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-               BT_CHUNK: tl.constexpr):
-    """Cache rows [tile, tile + BLOCK_N) of one sequence: positions, which are < end, and the rows
-    as four ``[BLOCK_N, DV / 4]`` quarters of K's first columns (also V) + ``[BLOCK_N, DR]`` (rope
-    columns); rows at or past ``end`` are zeros and never read. ``bt_chunk`` holds the block ids from
-    ``chunk_start``."""
+def _tile_rows(K, bt_chunk, chunk_start, stride_kblock, stride_krow, tile, end, PAGE: tl.constexpr,
+               BLOCK_N: tl.constexpr, BT_CHUNK: tl.constexpr):
+    """Cache rows [tile, tile + BLOCK_N) of one sequence: their positions, which of them are < end (the
+    rest are never read), and a pointer to each row. ``bt_chunk`` holds the block ids from ``chunk_start``."""
     pos = tile + tl.arange(0, BLOCK_N)  # [N] cache positions
     pos_ok = pos < end
     first_page = chunk_start // PAGE
@@ -217,11 +217,21 @@ def _load_tile(K, bt_chunk, chunk_start, stride_kblock, stride_krow, tile, end,
         # A tile lies inside one page (tiles start at multiples of BLOCK_N): one uniform block id.
         slot = tl.arange(0, BT_CHUNK) == tile // PAGE - first_page
         block_id = tl.sum(tl.where(slot, bt_chunk, 0), axis=0)
-        k_row = K + block_id.to(tl.int64) * stride_kblock + (pos % PAGE) * stride_krow  # [N] pointers
     else:
         page = tl.minimum(pos // PAGE - first_page, BT_CHUNK - 1)  # [N]
         block_id = tl.gather(bt_chunk, page, axis=0)
-        k_row = K + block_id.to(tl.int64) * stride_kblock + (pos % PAGE) * stride_krow  # [N] pointers
+    k_row = K + block_id.to(tl.int64) * stride_kblock + (pos % PAGE) * stride_krow  # [N] pointers
+    return pos, pos_ok, k_row
+
+
+@triton.jit
+def _load_tile(K, bt_chunk, chunk_start, stride_kblock, stride_krow, tile, end,
+               DV: tl.constexpr, DR: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+               BT_CHUNK: tl.constexpr):
+    """The tile of ``_tile_rows`` as four ``[BLOCK_N, DV / 4]`` quarters of K's first columns (also V) +
+    ``[BLOCK_N, DR]`` (rope columns); rows at or past ``end`` are zeros."""
+    pos, pos_ok, k_row = _tile_rows(K, bt_chunk, chunk_start, stride_kblock, stride_krow, tile, end, PAGE,
+                                    BLOCK_N, BT_CHUNK)
     DQ: tl.constexpr = DV // 4
     cols = tl.arange(0, DQ)[None, :]
     v0 = tl.load(k_row[:, None] + cols, mask=pos_ok[:, None], other=0.0)  # [N, DQ]
@@ -233,19 +243,29 @@ def _load_tile(K, bt_chunk, chunk_start, stride_kblock, stride_krow, tile, end,
 
 
 @triton.jit
+def _softmax_step(s, m_i):
+    """Online-softmax step on scores ``s [M, N]`` (base 2, -inf where unseen) with running max ``m_i [M]``:
+    (new max, the factor rescaling the old sums, p = 2^(s - new max))."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [M]
+    # A row that has seen nothing yet keeps m = -inf; subtract 0 instead so 2^(s - m) is 0, not NaN.
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, tl.exp2(m_i - m_sub), tl.exp2(s - m_sub[:, None])
+
+
+@triton.jit
 def _attend(q0, q1, q2, q3, q_r, K, bt_row, stride_btj, stride_kblock, stride_krow, start, end, limit, num_blocks,
             qk_scale, DV: tl.constexpr, DR: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_N: tl.constexpr, BT_CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online softmax over [start, end) of the sequence:
+    """Online softmax over [start, end) of the sequence for fewer than 64 rows (mma.sync):
     ``s[M, N] = q . k^T`` then ``acc[M, DV] += p . v``, with q, v and acc cut into four column quarters
     (q0..q3, acc0..acc3). Returns (acc0, acc1, acc2, acc3, m, l): the unnormalised output, the running
     max (base 2) and the running sum.
 
-    Why quarters: below 64 rows Triton uses mma.sync, and with 16 rows a warp holds one 16 x 8 block
-    of s, so one dot over the 576 key columns is a chain of 36 dependent MMAs per warp (~33 cycles
-    each: ~0.6 us a tile, about half the per-tile time that limited a program to ~27 GB/s). Five dots
-    (four quarters + the rope columns) are independent chains of <= 8 that ptxas interleaves. The row sum is kept per column
-    (``l_cols [M, N]``) and reduced once at the end: one cross-warp reduction a tile less."""
+    Why quarters: with 16 rows a warp holds one 16 x 8 block of s, so one dot over the 576 key columns
+    is a chain of 36 dependent MMAs per warp (~33 cycles each: ~0.6 us a tile, about half the per-tile
+    time that limited a program to ~27 GB/s). Five dots (four quarters + the rope columns) are
+    independent chains of <= 8 that ptxas interleaves. The row sum is kept per column (``l_cols
+    [M, N]``) and reduced once at the end: one cross-warp reduction a tile less."""
     DQ: tl.constexpr = DV // 4
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of s (base 2)
     l_cols = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # running sums of 2^(s - m_i), per tile column
@@ -261,39 +281,64 @@ def _attend(q0, q1, q2, q3, q_r, K, bt_row, stride_btj, stride_kblock, stride_kr
         for tile in range(chunk_start, tl.minimum(chunk_start + CHUNK_ROWS, end), BLOCK_N):
             pos, pos_ok, v0, v1, v2, v3, k_r = _load_tile(K, bt_chunk, chunk_start, stride_kblock, stride_krow,
                                                           tile, end, DV, DR, PAGE, BLOCK_N, BT_CHUNK)
-            if BLOCK_M < 64:
-                # mma.sync path: five independent dots (four quarters + rope), scaled before summing
-                # (Triton folds add(dot(a, b, 0), x) into dot(a, b, x), which would chain them again).
-                s0 = tl.dot(q0, tl.trans(v0), input_precision=DOT_PRECISION)  # [M, N]
-                s1 = tl.dot(q1, tl.trans(v1), input_precision=DOT_PRECISION)
-                s2 = tl.dot(q2, tl.trans(v2), input_precision=DOT_PRECISION)
-                s3 = tl.dot(q3, tl.trans(v3), input_precision=DOT_PRECISION)
-                s_r = tl.dot(q_r, tl.trans(k_r), input_precision=DOT_PRECISION)
-                s = (s0 * qk_scale + s1 * qk_scale) + (s2 * qk_scale + s3 * qk_scale) + s_r * qk_scale
-            else:
-                # 64+ rows: warp-group MMAs, whose accumulation chain the tensor cores pipeline; one
-                # accumulator (five would cost 32 registers a thread and spill).
-                s = tl.dot(q0, tl.trans(v0), input_precision=DOT_PRECISION)  # [M, N]
-                s = tl.dot(q1, tl.trans(v1), s, input_precision=DOT_PRECISION)
-                s = tl.dot(q2, tl.trans(v2), s, input_precision=DOT_PRECISION)
-                s = tl.dot(q3, tl.trans(v3), s, input_precision=DOT_PRECISION)
-                s = tl.dot(q_r, tl.trans(k_r), s, input_precision=DOT_PRECISION) * qk_scale
+            # Five independent dots, scaled before summing (Triton folds add(dot(a, b, 0), x) into
+            # dot(a, b, x), which would chain them again).
+            s0 = tl.dot(q0, tl.trans(v0), input_precision=DOT_PRECISION)  # [M, N]
+            s1 = tl.dot(q1, tl.trans(v1), input_precision=DOT_PRECISION)
+            s2 = tl.dot(q2, tl.trans(v2), input_precision=DOT_PRECISION)
+            s3 = tl.dot(q3, tl.trans(v3), input_precision=DOT_PRECISION)
+            s_r = tl.dot(q_r, tl.trans(k_r), input_precision=DOT_PRECISION)
+            s = (s0 * qk_scale + s1 * qk_scale) + (s2 * qk_scale + s3 * qk_scale) + s_r * qk_scale
             visible = pos_ok[None, :] & (pos[None, :] < limit[:, None])  # [M, N]
-            s = tl.where(visible, s, float("-inf"))
-
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [M]
-            # A row that has seen nothing yet keeps m = -inf; subtract 0 instead so 2^(s - m) is 0, not NaN.
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_sub)  # [M] rescales the old sums
-            p = tl.exp2(s - m_sub[:, None])  # [M, N]
+            m_i, alpha, p = _softmax_step(tl.where(visible, s, float("-inf")), m_i)
             l_cols = l_cols * alpha[:, None] + p
             p_v = p.to(v0.dtype)
             acc0 = tl.dot(p_v, v0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)  # [M, DQ]
             acc1 = tl.dot(p_v, v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
             acc2 = tl.dot(p_v, v2, acc2 * alpha[:, None], input_precision=DOT_PRECISION)
             acc3 = tl.dot(p_v, v3, acc3 * alpha[:, None], input_precision=DOT_PRECISION)
-            m_i = m_new
     return acc0, acc1, acc2, acc3, m_i, tl.sum(l_cols, axis=1)
+
+
+@triton.jit
+def _attend_wide(q_v, q_r, K, bt_row, stride_btj, stride_kblock, stride_krow, start, end, limit, num_blocks,
+                 qk_scale, DV: tl.constexpr, DR: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BT_CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``_attend`` for 64+ rows (warp-group MMAs): whole-width operands, ``s = q_v . v^T + q_r . k_r^T`` and
+    ``acc[M, DV] += p . v`` as two and one dots. The tensor cores pipeline a dot's accumulation chain
+    themselves, and one [M, DV] accumulator gives the PV product 256-wide instructions (H200 probe, h128
+    b64 s4096, 64-row tiles: 338 µs against 367 for quartered dots). Returns (acc, m, l).
+
+    NOTES: what limits this path (h128 reaches ~30 % of the matmul rate). Triton places all warps of a dot
+    whose result feeds another dot along M (warpsPerCTA [8, 1]), so with 64 rows and 8 warps both warp
+    groups compute the whole of s: the QK product, 53 % of the FLOPs, runs twice. 128 rows would give each
+    warp group its own 64, but acc [128, 512] in float32 is the whole register file; 4 warps would hold
+    acc [64, 512] in 256 registers a thread. FlashMLA splits the value columns between two warp groups and
+    shares p through shared memory (warp specialisation), which Triton does not do on Hopper."""
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of s (base 2)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of 2^(s - m_i)
+    acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)  # running sum of 2^(s - m_i) v
+    CHUNK_ROWS: tl.constexpr = (BT_CHUNK - 1) * PAGE // BLOCK_N * BLOCK_N  # as in _attend
+    for chunk_start in range(start, end, CHUNK_ROWS):
+        bt_chunk = _block_table_chunk(bt_row, stride_btj, chunk_start, end, num_blocks, PAGE, BT_CHUNK)
+        for tile in range(chunk_start, tl.minimum(chunk_start + CHUNK_ROWS, end), BLOCK_N):
+            pos, pos_ok, k_row = _tile_rows(K, bt_chunk, chunk_start, stride_kblock, stride_krow, tile, end, PAGE,
+                                            BLOCK_N, BT_CHUNK)
+            v = tl.load(k_row[:, None] + tl.arange(0, DV)[None, :], mask=pos_ok[:, None], other=0.0)  # [N, DV]
+            k_r = tl.load(k_row[:, None] + DV + tl.arange(0, DR)[None, :], mask=pos_ok[:, None], other=0.0)
+            s = tl.dot(q_v, tl.trans(v), input_precision=DOT_PRECISION)  # [M, N]
+            s = tl.dot(q_r, tl.trans(k_r), s, input_precision=DOT_PRECISION) * qk_scale
+            visible = pos_ok[None, :] & (pos[None, :] < limit[:, None])
+            m_i, alpha, p = _softmax_step(tl.where(visible, s, float("-inf")), m_i)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _store_cols(dst, acc, inv_l, row_ok, DC: tl.constexpr):
+    """``acc * inv_l`` rounded to the destination's type into columns [0, DC) of the rows at ``dst [M, 1]``."""
+    tl.store(dst + tl.arange(0, DC)[None, :], (acc * inv_l[:, None]).to(dst.dtype.element_ty), mask=row_ok[:, None])
 
 
 # Runtime sizes that change per call are not specialised (Triton would otherwise compile a variant
@@ -350,18 +395,23 @@ def _mla_decode_split_kernel(
     end = tl.minimum(start + chunk, n)
 
     q_row = Q + b.to(tl.int64) * stride_qb + qi * stride_qi + head * stride_qh  # [M] pointers
-    DQ: tl.constexpr = DV // 4
-    q_cols = q_row[:, None] + tl.arange(0, DQ)[None, :]  # [M, DQ]: q's value columns, by quarter
-    q0 = tl.load(q_cols, mask=row_ok[:, None], other=0.0)
-    q1 = tl.load(q_cols + DQ, mask=row_ok[:, None], other=0.0)
-    q2 = tl.load(q_cols + 2 * DQ, mask=row_ok[:, None], other=0.0)
-    q3 = tl.load(q_cols + 3 * DQ, mask=row_ok[:, None], other=0.0)
     q_r = tl.load(q_row[:, None] + DV + cols_r[None, :], mask=row_ok[:, None], other=0.0)  # [M, DR]
-
     bt_row = BLOCK_TABLE + b.to(tl.int64) * stride_btb
-    acc0, acc1, acc2, acc3, m_i, l_i = _attend(
-        q0, q1, q2, q3, q_r, K, bt_row, stride_btj, stride_kblock, stride_krow, start, end, limit, num_blocks,
-        qk_scale, DV, DR, PAGE, BLOCK_M, BLOCK_N, BT_CHUNK, DOT_PRECISION)
+    DQ: tl.constexpr = DV // 4
+    if BLOCK_M >= 64:
+        q_v = tl.load(q_row[:, None] + tl.arange(0, DV)[None, :], mask=row_ok[:, None], other=0.0)  # [M, DV]
+        acc, m_i, l_i = _attend_wide(q_v, q_r, K, bt_row, stride_btj, stride_kblock, stride_krow, start, end,
+                                     limit, num_blocks, qk_scale, DV, DR, PAGE, BLOCK_M, BLOCK_N, BT_CHUNK,
+                                     DOT_PRECISION)
+    else:
+        q_cols = q_row[:, None] + tl.arange(0, DQ)[None, :]  # [M, DQ]: q's value columns, by quarter
+        q0 = tl.load(q_cols, mask=row_ok[:, None], other=0.0)
+        q1 = tl.load(q_cols + DQ, mask=row_ok[:, None], other=0.0)
+        q2 = tl.load(q_cols + 2 * DQ, mask=row_ok[:, None], other=0.0)
+        q3 = tl.load(q_cols + 3 * DQ, mask=row_ok[:, None], other=0.0)
+        acc0, acc1, acc2, acc3, m_i, l_i = _attend(
+            q0, q1, q2, q3, q_r, K, bt_row, stride_btj, stride_kblock, stride_krow, start, end, limit, num_blocks,
+            qk_scale, DV, DR, PAGE, BLOCK_M, BLOCK_N, BT_CHUNK, DOT_PRECISION)
 
     seen_any = l_i > 0.0
     inv_l = 1.0 / tl.where(seen_any, l_i, 1.0)  # [M]; outputs are 0 for rows that saw nothing
@@ -370,21 +420,18 @@ def _mla_decode_split_kernel(
         part = (b * num_splits + split).to(tl.int64) * rows_total + rows  # [M]
         tl.store(LSE_PART + part, lse2, mask=row_ok)
         # Splits that saw nothing write zeros (weight 0 in the combine, which reads every partial).
-        o_cols = O_PART + part[:, None] * DV + tl.arange(0, DQ)[None, :]  # [M, DQ]
-        tl.store(o_cols, acc0 * inv_l[:, None], mask=row_ok[:, None])
-        tl.store(o_cols + DQ, acc1 * inv_l[:, None], mask=row_ok[:, None])
-        tl.store(o_cols + 2 * DQ, acc2 * inv_l[:, None], mask=row_ok[:, None])
-        tl.store(o_cols + 3 * DQ, acc3 * inv_l[:, None], mask=row_ok[:, None])
+        dst = O_PART + part[:, None] * DV  # [M, 1]: float32 partials
     else:
-        out_row = b.to(tl.int64) * rows_total + rows  # [M]: out is [B, QL, H, DV] contiguous
-        o_cols = OUT + out_row[:, None] * DV + tl.arange(0, DQ)[None, :]  # [M, DQ]
-        o_ty = OUT.dtype.element_ty
-        tl.store(o_cols, (acc0 * inv_l[:, None]).to(o_ty), mask=row_ok[:, None])
-        tl.store(o_cols + DQ, (acc1 * inv_l[:, None]).to(o_ty), mask=row_ok[:, None])
-        tl.store(o_cols + 2 * DQ, (acc2 * inv_l[:, None]).to(o_ty), mask=row_ok[:, None])
-        tl.store(o_cols + 3 * DQ, (acc3 * inv_l[:, None]).to(o_ty), mask=row_ok[:, None])
         lse_idx = (b.to(tl.int64) * num_heads + head) * q_len + qi  # lse is [B, H, QL]
         tl.store(LSE + lse_idx, lse2 * _LN2, mask=row_ok)
+        dst = OUT + (b.to(tl.int64) * rows_total + rows)[:, None] * DV  # [M, 1]: out is [B, QL, H, DV] contiguous
+    if BLOCK_M >= 64:
+        _store_cols(dst, acc, inv_l, row_ok, DV)
+    else:
+        _store_cols(dst, acc0, inv_l, row_ok, DQ)
+        _store_cols(dst + DQ, acc1, inv_l, row_ok, DQ)
+        _store_cols(dst + 2 * DQ, acc2, inv_l, row_ok, DQ)
+        _store_cols(dst + 3 * DQ, acc3, inv_l, row_ok, DQ)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
