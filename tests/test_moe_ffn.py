@@ -375,30 +375,33 @@ def test_gpu_model_shapes(shape):
 
 
 def _all_configs():
-    """The table's configs, and each again with the other weight-load variants (what the sweep may pick)."""
-    configs = set(moe_configs.DEFAULTS.values()) | set(moe_configs.TABLE.values())
-    variants = {c._replace(tma=not c.tma, single_dot=False) for c in configs}
-    variants |= {c._replace(tma=False, single_dot=not c.single_dot) for c in configs}
-    variants |= {c._replace(split_tail=not c.split_tail) for c in configs if c.block_m >= 64}
-    return sorted(configs | variants)
+    """(gemm, config): the table's configs in the GEMM they are listed for, and each again with the other
+    weight-load variants (what the sweep may pick). A down config is never a gate_up one (gate_up holds two
+    BLOCK_N-wide weight tiles per stage: a down tile's shared memory, doubled, need not fit)."""
+    listed = {(key[0], cfg) for table in (moe_configs.DEFAULTS, moe_configs.TABLE) for key, cfg in table.items()}
+    variants = {(g, c._replace(tma=not c.tma, single_dot=False)) for g, c in listed}
+    variants |= {(g, c._replace(tma=False, single_dot=not c.single_dot)) for g, c in listed}
+    variants |= {(g, c._replace(split_tail=not c.split_tail)) for g, c in listed if c.block_m >= 64}
+    return sorted(listed | variants)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", _all_configs(), ids=str)
-def test_gpu_every_table_config(cfg):
+@pytest.mark.parametrize("gemm, cfg", _all_configs(), ids=lambda v: str(v))
+def test_gpu_every_table_config(gemm, cfg):
     """Every configuration the table can pick, and its weight-load variants, compiles and is right in every
-    row layout (H and I not multiples of the tiles, several tiles per expert); grouped_ffn's kernels for the
-    table's own configs."""
+    row layout (H and I not multiples of the tiles, several tiles per expert) as the GEMM it is listed for;
+    grouped_ffn's kernels for the table's own configs."""
     from pykernels.triton.grouped_gemm import grouped_ffn_triton, moe_ffn_triton
 
+    configs = {"gate_up_config": cfg} if gemm == "gate_up" else {"down_config": cfg}
     x, w13, w2, tw, ids = _gpu_inputs(300, 8, 1000, 360, 4)  # 16-byte rows: TMA applies
     for layout in ("sorted", "padded", "direct"):
         _poison_allocator()
-        y = moe_ffn_triton(x, w13, w2, tw, ids, gate_up_config=cfg, down_config=cfg, layout=layout)
+        y = moe_ffn_triton(x, w13, w2, tw, ids, layout=layout, **configs)
         assert _rel(y, moe_ffn_reference(x, w13, w2, tw, ids)) <= TOL[torch.bfloat16], layout
     if cfg in moe_configs.TABLE.values() or cfg in moe_configs.DEFAULTS.values():
         xs, offsets = _sorted_rows(x, ids, 8)
-        y = grouped_ffn_triton(xs, w13, w2, offsets, gate_up_config=cfg, down_config=cfg)
+        y = grouped_ffn_triton(xs, w13, w2, offsets, **configs)
         assert _rel(y, grouped_ffn_reference(xs, w13, w2, offsets)) <= TOL[torch.bfloat16]
 
 
