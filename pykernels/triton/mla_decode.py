@@ -72,8 +72,8 @@ class MLADecodeConfig:
 #   SM tie at b128/s8192 and lose elsewhere). A split may be one tile (min_chunk 32): a program walks its
 #   tiles at 1.3-2 µs each whatever the load (1.30 µs with one program per SM since the value columns are
 #   cut into quarters, 1.79 before), so a few sequences want many short splits (H200 probe, quarters:
-#   b1/s4096 128 splits 8.4 µs, 16 splits (a 256-row floor) 16.1 µs; b1/s32K 128 splits 19.4 µs, the 256
-#   this model picks 20.8 µs: the split model wants re-fitting with bench.tune_mla_decode).
+#   b1/s4096 128 splits 8.4 µs, 16 splits (a 256-row floor) 16.1 µs; b1/s32K 128 splits 19.4 µs, 256 splits
+#   20.8 µs: the split model below picks 128).
 # - 17 to 32 rows (h16 with q_len 2): as for 16 rows, 32-row tiles x 3 stages and two programs per SM (b64/s4096
 #   at 4 splits: 110.8 µs, against 115.1 for 8 warps with 64-row tiles at one per SM; tune/mla_decode_rows32.json).
 # - more (h16 with q_len 3-4, h32 ... h128): compute grows with the rows; 64 rows per program reuse each
