@@ -74,15 +74,16 @@ CASES = [
 ]
 
 
-# The large bucket's newer candidates (all of them with --prefill-only): the table's winners with deeper
-# stages, half-height last tiles and other swizzle groups, and 64-row tiles with 256-wide MMAs.
-# (block_m, block_n, block_k, group_m, num_warps, num_stages, tma, single_dot, split_tail)
+# The large bucket's newer candidates (all of them with --prefill-only): the table's winners as persistent
+# launches (one program per SM walking the tiles): with split tails (a plain tile loop; gate_up also with
+# group_m 16), and without them (one k loop per tile: the tile loop is flattened, the next tile's weights
+# load during this tile's epilogue; down also at 3 stages; gate_up at 3 stages spills with triton 3.9).
+# (block_m, block_n, block_k, group_m, num_warps, num_stages, tma, single_dot, split_tail, persistent)
 PREFILL_CANDIDATES = {
-    "gate_up": [(128, 128, 64, 8, 8, 3, False, True, True), (128, 128, 64, 8, 8, 4, True, False, True),
-                (128, 128, 64, 4, 8, 3, True, False, True), (128, 128, 128, 8, 8, 2, True, False, True),
-                (128, 128, 64, 16, 8, 3, True, False, True)],
-    "down": [(128, 256, 64, 8, 8, 3, True, False, True), (128, 256, 64, 4, 8, 4, True, False, True),
-             (128, 256, 128, 8, 8, 2, True, False, True), (128, 256, 64, 16, 8, 4, True, False, True)],
+    "gate_up": [(128, 128, 64, 8, 8, 4, True, False, True, True), (128, 128, 64, 8, 8, 4, True, False, False, True),
+                (128, 128, 64, 16, 8, 4, True, False, True, True)],
+    "down": [(128, 256, 64, 8, 8, 4, True, False, True, True), (128, 256, 64, 8, 8, 4, True, False, False, True),
+             (128, 256, 64, 8, 8, 3, True, False, False, True)],
 }
 
 
@@ -102,11 +103,11 @@ def candidates(gemm: str, bucket: str, prefill_only: bool = False, hidden: int =
                         C(128, 64, 128, 8, 8, 3), C(64, 64, 64, 8, 4, 4),
                         C(128, 64, 64, 8, 8, 3, True), C(128, 128, 64, 8, 8, 3, True),
                         C(128, 64, 64, 8, 8, 3, False, True), C(128, 128, 64, 8, 8, 3, False, True),
-                        *map(C._make, PREFILL_CANDIDATES["gate_up"])],
+                        C(128, 128, 64, 8, 8, 4, True, False, True), *map(C._make, PREFILL_CANDIDATES["gate_up"])],
             "down": [C(128, 128, 64, 8, 8, 3), C(128, 256, 64, 8, 8, 3), C(64, 128, 64, 8, 4, 4),
                      C(128, 64, 64, 8, 4, 4), C(128, 128, 128, 8, 8, 2),
                      C(128, 128, 64, 8, 8, 3, True), C(128, 256, 64, 8, 8, 3, True),
-                     *map(C._make, PREFILL_CANDIDATES["down"])],
+                     C(128, 256, 64, 8, 8, 4, True, False, True), *map(C._make, PREFILL_CANDIDATES["down"])],
         }[gemm]
     elif bucket == "medium":
         extra = [C(64, 64, 64, 8, 4, 4), C(64, 128, 64, 8, 4, 3), C(32, 64, 128, 4, 4, 4), C(128, 64, 64, 8, 8, 3)]
@@ -458,7 +459,7 @@ def compile_report(out_path: str, prefill_only: bool = False) -> int:
         else:
             consts.update(ROWS=layout, PAD=cfg.block_m, BLOCK_E=256, GROUP_M=cfg.group_m)
         if which != "down_route":
-            consts.update(SPLIT_TAIL=cfg.split_tail and layout != "padded")
+            consts.update(SPLIT_TAIL=cfg.split_tail and layout != "padded", PERSISTENT=cfg.persistent and layout != "route")
         if which == "gate_up":
             consts.update(SINGLE_DOT=cfg.single_dot and not cfg.tma)
         sig = {}

@@ -36,6 +36,13 @@ expert e's rows [offsets[e-1], offsets[e]) are cut into ceil(count / BLOCK_M) ti
 With ``GemmConfig.split_tail`` an expert's last tile, when it holds at most BLOCK_M / 2 rows, runs the
 same code at half height (a second compiled k loop in the same kernel; shared memory is reused, not
 added): the 236B prefill's 307 rows per expert then cost 128 + 128 + 64 computed rows instead of 3 x 128.
+With ``GemmConfig.persistent`` the launch is min(#SMs, tiles) programs instead: each counts the real M tiles
+from ``offsets`` once and walks the work items pid, pid + programs, ... in the same swizzled order (the
+expert lookup per item reuses the offsets it loaded; "padded" walks every block, skipping padding ones).
+Items are dealt statically; only which program computes a tile changes, never how. Without split tails
+(one k loop per item) the item loop is flattened (``tl.range(flatten=True)``): Triton's pipeliner fuses it
+with the k loop, so the next item's first weight tiles load during this item's epilogue; the two k loops
+of split tails keep a plain loop.
 
 The gate/up GEMM computes the gate and the up columns of the same I-columns in one program (two
 accumulators over one A tile), so silu(gate) * up happens in registers: the 2I-wide intermediate never
@@ -57,6 +64,8 @@ keeps ``num_stages`` weight tiles in flight.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -72,8 +81,9 @@ LAYOUTS = ("direct", "sorted", "padded")
 
 
 @triton.jit
-def _expert_tile(offsets_ptr, num_experts, num_rows, pid_m, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
-    """(expert, first row, row end) of expert-local M tile ``pid_m``; expert >= num_experts past the last tile."""
+def _expert_tiles(offsets_ptr, num_experts, num_rows, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """(starts, ends, tiles, tile_end), each [BLOCK_E]: every expert's rows, its expert-local M tiles and their
+    running sum (tl.sum(tiles) is the number of real M tiles)."""
     e = tl.arange(0, BLOCK_E)  # [BE]
     e_ok = e < num_experts
     ends = tl.load(offsets_ptr + e, mask=e_ok, other=0)  # [BE]
@@ -82,23 +92,36 @@ def _expert_tile(offsets_ptr, num_experts, num_rows, pid_m, BLOCK_M: tl.constexp
     starts = tl.maximum(starts, 0)
     tiles = tl.maximum(ends - starts + BLOCK_M - 1, 0) // BLOCK_M  # [BE]; a decreasing offset gives 0 tiles
     tile_end = tl.cumsum(tiles, axis=0)
-    expert = tl.sum((tile_end <= pid_m).to(tl.int32), axis=0)
-    mine = e == expert
-    first_tile = tl.sum(tl.where(mine, tile_end - tiles, 0), axis=0)
-    row_begin = tl.sum(tl.where(mine, starts, 0), axis=0) + (pid_m - first_tile) * BLOCK_M
-    row_end = tl.sum(tl.where(mine, ends, 0), axis=0)
+    return starts, ends, tiles, tile_end
+
+
+@triton.jit
+def _tile_rows(map_ptr, starts, ends, tiles, tile_end, pid_m,
+               ROWS: tl.constexpr, PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """(expert, first row, row end) of M tile ``pid_m``; expert >= E past the last tile. "padded": from the
+    block experts at ``map_ptr`` (the table arguments are unused); else from _expert_tiles' table."""
+    if ROWS == "padded":
+        expert = tl.load(map_ptr + pid_m * BLOCK_M // PAD)
+        row_begin = pid_m * BLOCK_M
+        row_end = row_begin + BLOCK_M
+    else:
+        expert = tl.sum((tile_end <= pid_m).to(tl.int32), axis=0)
+        mine = tl.arange(0, BLOCK_E) == expert  # [BE]
+        first_tile = tl.sum(tl.where(mine, tile_end - tiles, 0), axis=0)
+        row_begin = tl.sum(tl.where(mine, starts, 0), axis=0) + (pid_m - first_tile) * BLOCK_M
+        row_end = tl.sum(tl.where(mine, ends, 0), axis=0)
     return expert, row_begin, row_end
 
 
 @triton.jit
-def _tile_ids(num_m_tiles, num_n_tiles, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of this program: GROUP_M consecutive M tiles (mostly one expert) sweep the N tiles together."""
-    pid = tl.program_id(0)
+def _tile_ids(tile, num_m_tiles, num_n_tiles, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of work item ``tile``: GROUP_M consecutive M tiles (mostly one expert) sweep the N tiles
+    together."""
     per_group = GROUP_M * num_n_tiles
-    first_m = (pid // per_group) * GROUP_M
+    first_m = (tile // per_group) * GROUP_M
     group_size = tl.minimum(num_m_tiles - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    pid_n = (pid % per_group) // group_size
+    pid_m = first_m + (tile % per_group) % group_size
+    pid_n = (tile % per_group) // group_size
     return pid_m, pid_n
 
 
@@ -201,6 +224,29 @@ def _gate_up_tile(
 
 
 @triton.jit
+def _gate_up_rows(
+    x_ptr, w13_ptr, w13_desc, h_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
+    num_pairs, hidden, inter, top_k, stride_xm, stride_we, stride_wn, stride_hm, up_shift,
+    ROWS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, SINGLE_DOT: tl.constexpr, SPLIT_TAIL: tl.constexpr,
+):
+    """_gate_up_tile of one M tile of an expert, at half height when SPLIT_TAIL and it holds <= BLOCK_M / 2 rows."""
+    if SPLIT_TAIL:
+        if row_end - row_begin <= BLOCK_M // 2:
+            _gate_up_tile(x_ptr, w13_ptr, w13_desc, h_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
+                          num_pairs, hidden, inter, top_k, stride_xm, stride_we, stride_wn, stride_hm, up_shift,
+                          ROWS, EVEN_K, BLOCK_M // 2, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA, SINGLE_DOT)
+        else:
+            _gate_up_tile(x_ptr, w13_ptr, w13_desc, h_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
+                          num_pairs, hidden, inter, top_k, stride_xm, stride_we, stride_wn, stride_hm, up_shift,
+                          ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA, SINGLE_DOT)
+    else:
+        _gate_up_tile(x_ptr, w13_ptr, w13_desc, h_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
+                      num_pairs, hidden, inter, top_k, stride_xm, stride_we, stride_wn, stride_hm, up_shift,
+                      ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA, SINGLE_DOT)
+
+
+@triton.jit
 def _gate_up_kernel(
     x_ptr,  # [T, H] tokens, or [R, H] expert-sorted rows (ROWS="sorted")
     w13_ptr,  # [E, 2I, H] gate rows then up rows; stride 1 along H
@@ -234,8 +280,10 @@ def _gate_up_kernel(
     USE_TMA: tl.constexpr,  # weight tiles through the TMA descriptor instead of pointer loads
     SINGLE_DOT: tl.constexpr,  # (pointer loads only) gate and up tiles as one [BK, 2 * BN] operand, one dot
     SPLIT_TAIL: tl.constexpr,  # ("sorted"/"gather" only) an expert's last tile of <= BLOCK_M / 2 rows runs half-height
+    PERSISTENT: tl.constexpr,  # (not "route") each program walks tiles pid, pid + programs, ... (see the docstring)
 ):
     tl.static_assert(not SPLIT_TAIL or (BLOCK_M >= 32 and (ROWS == "sorted" or ROWS == "gather")))
+    tl.static_assert(not PERSISTENT or ROWS != "route")
     if ROWS == "route":
         # One route per program, N-tile-major order: the routes of one N tile are consecutive, so routes
         # that share an expert (several tokens) read the same weight tile at about the same time (from the
@@ -246,31 +294,41 @@ def _gate_up_kernel(
         expert = tl.where((e_raw >= 0) & (e_raw < num_experts), e_raw, 0).to(tl.int32)
         row_begin = route
         row_end = route + 1
-    else:
-        pid_m, pid_n = _tile_ids(num_m_tiles, tl.cdiv(inter, BLOCK_N), GROUP_M)
-        if ROWS == "padded":
-            expert = tl.load(map_ptr + pid_m * BLOCK_M // PAD)
-            if expert >= num_experts:
-                return
-            row_begin = pid_m * BLOCK_M
-            row_end = row_begin + BLOCK_M
-        else:
-            expert, row_begin, row_end = _expert_tile(map_ptr, num_experts, num_rows, pid_m, BLOCK_M, BLOCK_E)
-            if expert >= num_experts:
-                return
-    if SPLIT_TAIL:
-        if row_end - row_begin <= BLOCK_M // 2:
-            _gate_up_tile(x_ptr, w13_ptr, w13_desc, h_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
-                          num_pairs, hidden, inter, top_k, stride_xm, stride_we, stride_wn, stride_hm, up_shift,
-                          ROWS, EVEN_K, BLOCK_M // 2, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA, SINGLE_DOT)
-        else:
-            _gate_up_tile(x_ptr, w13_ptr, w13_desc, h_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
-                          num_pairs, hidden, inter, top_k, stride_xm, stride_we, stride_wn, stride_hm, up_shift,
-                          ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA, SINGLE_DOT)
-    else:
         _gate_up_tile(x_ptr, w13_ptr, w13_desc, h_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
                       num_pairs, hidden, inter, top_k, stride_xm, stride_we, stride_wn, stride_hm, up_shift,
                       ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA, SINGLE_DOT)
+    else:
+        num_n_tiles = tl.cdiv(inter, BLOCK_N)
+        if ROWS == "padded":
+            starts, ends, tiles, tile_end = num_m_tiles, num_m_tiles, num_m_tiles, num_m_tiles  # unused
+            m_tiles = num_m_tiles
+        else:
+            starts, ends, tiles, tile_end = _expert_tiles(map_ptr, num_experts, num_rows, BLOCK_M, BLOCK_E)
+            if PERSISTENT:
+                m_tiles = tl.sum(tiles, axis=0)  # the real M tiles: no pass over empty work
+            else:
+                m_tiles = num_m_tiles
+        if PERSISTENT:
+            FLATTEN: tl.constexpr = not SPLIT_TAIL and ROWS != "padded"
+            for tile in tl.range(tl.program_id(0), m_tiles * num_n_tiles, tl.num_programs(0),
+                                 flatten=FLATTEN):
+                pid_m, pid_n = _tile_ids(tile, m_tiles, num_n_tiles, GROUP_M)
+                expert, row_begin, row_end = _tile_rows(map_ptr, starts, ends, tiles, tile_end, pid_m,
+                                                        ROWS, PAD, BLOCK_M, BLOCK_E)
+                if ROWS != "padded" or expert < num_experts:  # only padding blocks are not real work
+                    _gate_up_rows(x_ptr, w13_ptr, w13_desc, h_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin,
+                                  row_end, num_pairs, hidden, inter, top_k, stride_xm, stride_we, stride_wn,
+                                  stride_hm, up_shift, ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
+                                  USE_TMA, SINGLE_DOT, SPLIT_TAIL)
+        else:
+            pid_m, pid_n = _tile_ids(tl.program_id(0), m_tiles, num_n_tiles, GROUP_M)
+            expert, row_begin, row_end = _tile_rows(map_ptr, starts, ends, tiles, tile_end, pid_m,
+                                                    ROWS, PAD, BLOCK_M, BLOCK_E)
+            if expert < num_experts:
+                _gate_up_rows(x_ptr, w13_ptr, w13_desc, h_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin,
+                              row_end, num_pairs, hidden, inter, top_k, stride_xm, stride_we, stride_wn, stride_hm,
+                              up_shift, ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA, SINGLE_DOT,
+                              SPLIT_TAIL)
 
 
 @triton.jit
@@ -337,6 +395,29 @@ def _down_tile(
 
 
 @triton.jit
+def _down_rows(
+    h_ptr, w2_ptr, w2_desc, out_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
+    num_pairs, hidden, inter, stride_hm, stride_we, stride_wn, stride_om,
+    ROWS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, SPLIT_TAIL: tl.constexpr,
+):
+    """_down_tile of one M tile of an expert, at half height when SPLIT_TAIL and it holds <= BLOCK_M / 2 rows."""
+    if SPLIT_TAIL:
+        if row_end - row_begin <= BLOCK_M // 2:
+            _down_tile(h_ptr, w2_ptr, w2_desc, out_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
+                       num_pairs, hidden, inter, stride_hm, stride_we, stride_wn, stride_om,
+                       ROWS, EVEN_K, BLOCK_M // 2, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA)
+        else:
+            _down_tile(h_ptr, w2_ptr, w2_desc, out_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
+                       num_pairs, hidden, inter, stride_hm, stride_we, stride_wn, stride_om,
+                       ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA)
+    else:
+        _down_tile(h_ptr, w2_ptr, w2_desc, out_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
+                   num_pairs, hidden, inter, stride_hm, stride_we, stride_wn, stride_om,
+                   ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA)
+
+
+@triton.jit
 def _down_kernel(
     h_ptr,  # [R, I] expert-sorted rows
     w2_ptr,  # [E, H, I]; stride 1 along I
@@ -366,32 +447,38 @@ def _down_kernel(
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32 rounding); 16-bit inputs ignore it
     USE_TMA: tl.constexpr,  # weight tiles through the TMA descriptor instead of pointer loads
     SPLIT_TAIL: tl.constexpr,  # ("sorted"/"gather" only) an expert's last tile of <= BLOCK_M / 2 rows runs half-height
+    PERSISTENT: tl.constexpr,  # each program walks tiles pid, pid + programs, ... (see the module docstring)
 ):
     tl.static_assert(not SPLIT_TAIL or (BLOCK_M >= 32 and ROWS != "padded"))
-    pid_m, pid_n = _tile_ids(num_m_tiles, tl.cdiv(hidden, BLOCK_N), GROUP_M)
+    num_n_tiles = tl.cdiv(hidden, BLOCK_N)
     if ROWS == "padded":
-        expert = tl.load(map_ptr + pid_m * BLOCK_M // PAD)
-        if expert >= num_experts:
-            return
-        row_begin = pid_m * BLOCK_M
-        row_end = row_begin + BLOCK_M
+        starts, ends, tiles, tile_end = num_m_tiles, num_m_tiles, num_m_tiles, num_m_tiles  # unused
+        m_tiles = num_m_tiles
     else:
-        expert, row_begin, row_end = _expert_tile(map_ptr, num_experts, num_rows, pid_m, BLOCK_M, BLOCK_E)
-        if expert >= num_experts:
-            return
-    if SPLIT_TAIL:
-        if row_end - row_begin <= BLOCK_M // 2:
-            _down_tile(h_ptr, w2_ptr, w2_desc, out_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
-                       num_pairs, hidden, inter, stride_hm, stride_we, stride_wn, stride_om,
-                       ROWS, EVEN_K, BLOCK_M // 2, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA)
+        starts, ends, tiles, tile_end = _expert_tiles(map_ptr, num_experts, num_rows, BLOCK_M, BLOCK_E)
+        if PERSISTENT:
+            m_tiles = tl.sum(tiles, axis=0)  # the real M tiles: no pass over empty work
         else:
-            _down_tile(h_ptr, w2_ptr, w2_desc, out_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
-                       num_pairs, hidden, inter, stride_hm, stride_we, stride_wn, stride_om,
-                       ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA)
+            m_tiles = num_m_tiles
+    if PERSISTENT:
+        FLATTEN: tl.constexpr = not SPLIT_TAIL and ROWS != "padded"
+        for tile in tl.range(tl.program_id(0), m_tiles * num_n_tiles, tl.num_programs(0),
+                                 flatten=FLATTEN):
+            pid_m, pid_n = _tile_ids(tile, m_tiles, num_n_tiles, GROUP_M)
+            expert, row_begin, row_end = _tile_rows(map_ptr, starts, ends, tiles, tile_end, pid_m,
+                                                    ROWS, PAD, BLOCK_M, BLOCK_E)
+            if ROWS != "padded" or expert < num_experts:  # only padding blocks are not real work
+                _down_rows(h_ptr, w2_ptr, w2_desc, out_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
+                           num_pairs, hidden, inter, stride_hm, stride_we, stride_wn, stride_om,
+                           ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA, SPLIT_TAIL)
     else:
-        _down_tile(h_ptr, w2_ptr, w2_desc, out_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
-                   num_pairs, hidden, inter, stride_hm, stride_we, stride_wn, stride_om,
-                   ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA)
+        pid_m, pid_n = _tile_ids(tl.program_id(0), m_tiles, num_n_tiles, GROUP_M)
+        expert, row_begin, row_end = _tile_rows(map_ptr, starts, ends, tiles, tile_end, pid_m,
+                                                ROWS, PAD, BLOCK_M, BLOCK_E)
+        if expert < num_experts:
+            _down_rows(h_ptr, w2_ptr, w2_desc, out_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
+                       num_pairs, hidden, inter, stride_hm, stride_we, stride_wn, stride_om,
+                       ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA, SPLIT_TAIL)
 
 
 @triton.jit
@@ -488,6 +575,26 @@ def _tma_ok(w: torch.Tensor) -> bool:
     return w.is_contiguous() and (w.shape[-1] * w.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0
 
 
+# Off the GPU (Triton's interpreter runs programs one after another) a persistent launch takes this many
+# programs: each walks several tiles, as on the GPU, in a test-sized run.
+INTERPRETER_PROGRAMS = 3
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _programs(tiles: int, device: torch.device, persistent: bool) -> int:
+    """Programs of a sorted-layout GEMM launch over ``tiles`` work items (an upper bound): one per item, or
+    with ``persistent`` one per SM of ``device`` (INTERPRETER_PROGRAMS off the GPU), at most ``tiles``."""
+    if not persistent:
+        return tiles
+    if device.type != "cuda":
+        return min(tiles, INTERPRETER_PROGRAMS)
+    return min(tiles, _sm_count(device.index if device.index is not None else torch.cuda.current_device()))
+
+
 def _m_tiles(rows: int, num_experts: int, block_m: int) -> int:
     """Most expert-local M tiles any split of ``rows`` rows over ``num_experts`` experts can need."""
     return min(rows, triton.cdiv(rows, block_m) + num_experts)
@@ -506,7 +613,8 @@ def _gate_up(x, w13, cfg: GemmConfig, rows: str, row_map, *, pair=None, weights=
         m_tiles = num_rows // cfg.block_m
     else:
         m_tiles = _m_tiles(num_rows, num_experts, cfg.block_m)
-    grid = (m_tiles * triton.cdiv(inter, cfg.block_n),)
+    persistent = cfg.persistent and rows != "route"
+    grid = (_programs(m_tiles * triton.cdiv(inter, cfg.block_n), x.device, persistent),)
     use_tma = cfg.tma and _tma_ok(w13)
     single_dot = cfg.single_dot and not use_tma
     w13_desc = TensorDescriptor.from_tensor(w13.view(-1, hidden), [cfg.block_n, cfg.block_k]) if use_tma else w13
@@ -518,7 +626,7 @@ def _gate_up(x, w13, cfg: GemmConfig, rows: str, row_map, *, pair=None, weights=
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         BLOCK_E=triton.next_power_of_2(num_experts), GROUP_M=cfg.group_m, DOT_PRECISION=_precision(x.dtype),
         USE_TMA=use_tma, SINGLE_DOT=single_dot, SPLIT_TAIL=cfg.split_tail and rows in ("sorted", "gather"),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PERSISTENT=persistent, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return h
 
@@ -528,7 +636,7 @@ def _down(h, w2, cfg: GemmConfig, rows: str, row_map, out, *, pair=None, weights
     num_experts, hidden, inter = w2.shape
     num_rows = h.shape[0]
     m_tiles = num_rows // cfg.block_m if rows == "padded" else _m_tiles(num_rows, num_experts, cfg.block_m)
-    grid = (m_tiles * triton.cdiv(hidden, cfg.block_n),)
+    grid = (_programs(m_tiles * triton.cdiv(hidden, cfg.block_n), h.device, cfg.persistent),)
     use_tma = cfg.tma and _tma_ok(w2)
     w2_desc = TensorDescriptor.from_tensor(w2.view(-1, inter), [cfg.block_n, cfg.block_k]) if use_tma else w2
     _down_kernel[grid](
@@ -538,8 +646,8 @@ def _down(h, w2, cfg: GemmConfig, rows: str, row_map, out, *, pair=None, weights
         ROWS=rows, PAD=pad, EVEN_K=inter % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         BLOCK_E=triton.next_power_of_2(num_experts), GROUP_M=cfg.group_m, DOT_PRECISION=_precision(h.dtype),
-        USE_TMA=use_tma, SPLIT_TAIL=cfg.split_tail and rows != "padded", num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        USE_TMA=use_tma, SPLIT_TAIL=cfg.split_tail and rows != "padded", PERSISTENT=cfg.persistent,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 

@@ -33,6 +33,10 @@ class GemmConfig(NamedTuple):
     # unpadded layouts only): at 307 rows per expert (236B prefill) 128-row tiles compute 384 rows, with
     # the split 320.
     split_tail: bool = False
+    # Sorted/padded layouts: min(#SMs, tiles) programs, each walking the (M tile, N tile) work items pid,
+    # pid + programs, ... in the same swizzled order, over the real M tiles only (counted from the offsets
+    # in the kernel); the direct layout ignores it.
+    persistent: bool = False
 
 
 BUCKETS = (("decode", 4.0), ("small", 32.0), ("medium", 128.0), ("large", float("inf")))
