@@ -197,6 +197,17 @@ def test_triton_tiles_and_rows_past_the_end(device, dtype, variant):
     assert _rel(y, grouped_ffn_reference(xs.float(), w13.float(), w2.float(), short)) <= TOL[dtype]
 
 
+def _routes_with_counts(counts, hidden, dtype, device, seed):
+    """One route per token, ``counts[e]`` tokens on expert e in shuffled order: (ids [T, 1] int32, x [T, H],
+    routing weights [T, 1] in [0.1, 1.1))."""
+    ids = torch.cat([torch.full((n,), e, dtype=torch.int32) for e, n in enumerate(counts)])
+    ids = ids[torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(seed))].view(-1, 1).to(device)
+    num_tokens = ids.shape[0]
+    x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(seed + 4)).to(dtype).to(device)
+    tw = (torch.rand(num_tokens, 1, generator=torch.Generator().manual_seed(seed + 2)) + 0.1).to(device)
+    return ids, x, tw
+
+
 @pytest.mark.parametrize("device,dtype", _fast_devices())
 @pytest.mark.parametrize("variant", ["pointers", "tma", "single dot"])
 def test_triton_split_tail(device, dtype, variant):
@@ -208,12 +219,8 @@ def test_triton_split_tail(device, dtype, variant):
 
     E, H, I = 6, 40, 24
     counts = [16, 36, 0, 17, 47, 61]
-    ids = torch.cat([torch.full((n,), e, dtype=torch.int32) for e, n in enumerate(counts)])
-    ids = ids[torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(3))].view(-1, 1).to(device)
-    T = ids.shape[0]
-    x = torch.randn(T, H, generator=torch.Generator().manual_seed(7)).to(dtype).to(device)
+    ids, x, tw = _routes_with_counts(counts, H, dtype, device, seed=3)
     w13, w2 = _weights(E, H, I, dtype, device)
-    tw = (torch.rand(T, 1, generator=torch.Generator().manual_seed(5)) + 0.1).to(device)
     cfg = moe_configs.GemmConfig(32, 16, 16, 2, 4, 2, variant == "tma", variant == "single dot", True)
     ref = moe_ffn_reference(x.float(), w13.float(), w2.float(), tw, ids)
     y = moe_ffn_triton(x, w13, w2, tw, ids, gate_up_config=cfg, down_config=cfg, layout="sorted")
@@ -240,12 +247,8 @@ def test_triton_persistent(device, dtype, variant):
 
     E, H, I = 5, 40, 40
     counts = [37, 0, 16, 70, 9]
-    ids = torch.cat([torch.full((n,), e, dtype=torch.int32) for e, n in enumerate(counts)])
-    ids = ids[torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(4))].view(-1, 1).to(device)
-    T = ids.shape[0]
-    x = torch.randn(T, H, generator=torch.Generator().manual_seed(8)).to(dtype).to(device)
+    ids, x, tw = _routes_with_counts(counts, H, dtype, device, seed=4)
     w13, w2 = _weights(E, H, I, dtype, device)
-    tw = (torch.rand(T, 1, generator=torch.Generator().manual_seed(6)) + 0.1).to(device)
     split = variant == "split tail"
     cfg = moe_configs.GemmConfig(32, 16, 16, 2, 4, 2, split, False, split, True)  # TMA weights with split tails
     plain = cfg._replace(persistent=False)
