@@ -6,8 +6,10 @@
 Three parts, in this order (the budget stops the sweep between configs; the JSON is written after every
 case, so a run stopped by the budget keeps what it measured):
 
-1. Direct-layout GEMMs (moe_ffn at T = 1: gate_up one route per program, down one token per program over
-   its routes), key ``(gemm, H, I, "direct")``, at the shapes below with T = 1.
+1. The direct layout (moe_ffn at T = 1 in one launch: gate_up items per route, down items per token over
+   its routes), keys ``(gemm, H, I, "direct")``, at the shapes below with T = 1: the gate_up candidates
+   with the default down tile, then the down candidates with the best gate_up one, each timed as the whole
+   kernel; then the best pair at 1, 2 and 3 programs per SM (``grouped_gemm.DIRECT_PROGRAMS_PER_SM``).
 2. Row layouts of the whole moe_ffn (direct, sorted, padded) at T = 1, 2, 4, 8, 64, 128 on the Lite and
    236B shapes with the table's configs, as % of the measured copy bandwidth over the weights of the
    experts hit: the crossing of direct and sorted is ``moe_configs.DIRECT_MAX_TOKENS``; padded against
@@ -74,16 +76,15 @@ CASES = [
 ]
 
 
-# The large bucket's newer candidates (all of them with --prefill-only): the table's winners as persistent
-# launches (one program per SM walking the tiles): with split tails (a plain tile loop; gate_up also with
-# group_m 16), and without them (one k loop per tile: the tile loop is flattened, the next tile's weights
-# load during this tile's epilogue; down also at 3 stages; gate_up at 3 stages spills with triton 3.9).
-# (block_m, block_n, block_k, group_m, num_warps, num_stages, tma, single_dot, split_tail, persistent)
+# The large bucket's newer candidates (all of them with --prefill-only): the table's winners with deeper
+# stages, half-height last tiles and other swizzle groups, and 64-row tiles with 256-wide MMAs.
+# (block_m, block_n, block_k, group_m, num_warps, num_stages, tma, single_dot, split_tail)
 PREFILL_CANDIDATES = {
-    "gate_up": [(128, 128, 64, 8, 8, 4, True, False, True, True), (128, 128, 64, 8, 8, 4, True, False, False, True),
-                (128, 128, 64, 16, 8, 4, True, False, True, True)],
-    "down": [(128, 256, 64, 8, 8, 4, True, False, True, True), (128, 256, 64, 8, 8, 4, True, False, False, True),
-             (128, 256, 64, 8, 8, 3, True, False, False, True)],
+    "gate_up": [(128, 128, 64, 8, 8, 3, False, True, True), (128, 128, 64, 8, 8, 4, True, False, True),
+                (128, 128, 64, 4, 8, 3, True, False, True), (128, 128, 128, 8, 8, 2, True, False, True),
+                (128, 128, 64, 16, 8, 3, True, False, True)],
+    "down": [(128, 256, 64, 8, 8, 3, True, False, True), (128, 256, 64, 4, 8, 4, True, False, True),
+             (128, 256, 128, 8, 8, 2, True, False, True), (128, 256, 64, 16, 8, 4, True, False, True)],
 }
 
 
@@ -103,23 +104,25 @@ def candidates(gemm: str, bucket: str, prefill_only: bool = False, hidden: int =
                         C(128, 64, 128, 8, 8, 3), C(64, 64, 64, 8, 4, 4),
                         C(128, 64, 64, 8, 8, 3, True), C(128, 128, 64, 8, 8, 3, True),
                         C(128, 64, 64, 8, 8, 3, False, True), C(128, 128, 64, 8, 8, 3, False, True),
-                        C(128, 128, 64, 8, 8, 4, True, False, True), *map(C._make, PREFILL_CANDIDATES["gate_up"])],
+                        *map(C._make, PREFILL_CANDIDATES["gate_up"])],
             "down": [C(128, 128, 64, 8, 8, 3), C(128, 256, 64, 8, 8, 3), C(64, 128, 64, 8, 4, 4),
                      C(128, 64, 64, 8, 4, 4), C(128, 128, 128, 8, 8, 2),
                      C(128, 128, 64, 8, 8, 3, True), C(128, 256, 64, 8, 8, 3, True),
-                     C(128, 256, 64, 8, 8, 4, True, False, True), *map(C._make, PREFILL_CANDIDATES["down"])],
+                     *map(C._make, PREFILL_CANDIDATES["down"])],
         }[gemm]
     elif bucket == "medium":
         extra = [C(64, 64, 64, 8, 4, 4), C(64, 128, 64, 8, 4, 3), C(32, 64, 128, 4, 4, 4), C(128, 64, 64, 8, 8, 3)]
     elif bucket == "direct":
-        # M is one row: N tiles thin enough to fill the SMs, deep K steps and stages for bytes in flight.
+        # M is one row: N tiles thin enough to fill the SMs, deep K steps and stages for bytes in flight. One
+        # kernel runs both GEMMs: num_warps and num_stages come from the gate_up config (down's are unused).
         extra = {
             "gate_up": [C(16, 32, 128, 1, 4, 4, True), C(16, 64, 128, 1, 4, 4, True), C(16, 16, 256, 1, 4, 4, True),
                         C(16, 32, 256, 1, 4, 3, True), C(16, 64, 64, 1, 4, 6, True), C(16, 32, 128, 1, 2, 5, True),
+                        C(16, 32, 128, 1, 4, 6, True), C(16, 64, 128, 1, 8, 4, True),
                         C(16, 32, 128, 1, 4, 4), C(16, 64, 128, 1, 4, 4), C(16, 32, 256, 1, 4, 4, False, True)],
-            "down": [C(16, 16, 256, 1, 4, 4), C(16, 16, 512, 1, 4, 4), C(16, 32, 256, 1, 4, 4),
-                     C(16, 16, 128, 1, 4, 8), C(16, 16, 256, 1, 2, 6), C(16, 16, 256, 1, 4, 6, True),
-                     C(16, 32, 128, 1, 4, 6, True), C(16, 16, 512, 1, 4, 4, True)],
+            "down": [C(16, 16, 256, 1, 4, 4), C(16, 16, 512, 1, 4, 4), C(16, 32, 256, 1, 4, 4), C(16, 16, 128, 1, 4, 4),
+                     C(16, 64, 128, 1, 4, 4), C(16, 32, 512, 1, 4, 4), C(16, 16, 256, 1, 4, 4, True),
+                     C(16, 32, 128, 1, 4, 4, True), C(16, 16, 512, 1, 4, 4, True), C(16, 64, 128, 1, 4, 4, True)],
         }[gemm]
     elif bucket == "small":
         extra = [C(16, 64, 128, 1, 4, 4), C(32, 32, 256, 1, 4, 4), C(64, 64, 128, 1, 4, 3), C(16, 32, 256, 1, 4, 4),
@@ -144,8 +147,7 @@ def _rel(out, ref):
 
 def _case_sets(E, H, I, T, w13, w2, n_sets, direct=False):
     """Routings (x, weights, permutation) and the bf16 torch loop's outputs for checking: h and the weighted
-    route-order down rows of the sorted layout; with ``direct``, the weighted h (route order) and y of the
-    direct layout."""
+    route-order down rows of the sorted layout; with ``direct``, y of the direct layout."""
     import pykernels as pk
     from pykernels.triton.moe_permute import permute
 
@@ -179,49 +181,41 @@ def _case_sets(E, H, I, T, w13, w2, n_sets, direct=False):
             y_route = torch.zeros(T, H, dtype=torch.float32, device="cuda")
             for p, e in enumerate(ids.reshape(-1).tolist()):
                 y_route[p // TOP_K] += F.linear(h_route[p], w2[e]).float()
-            st.update(h_route=h_route, y_route=y_route.to(x.dtype))
+            st.update(y_route=y_route.to(x.dtype))
         sets.append(st)
     return sets
 
 
-def _try(gemm, cfg, sets, w13, w2, decode, direct=False):
-    """(µs, error) of one config over the rotated sets, or raise."""
+def _try(gemm, cfg, sets, w13, w2, decode, direct=None):
+    """(µs, error) of one config over the rotated sets, or raise. ``direct``: the other GEMM's config, and
+    the time is the whole direct-layout moe_ffn (one kernel)."""
     from pykernels.triton import grouped_gemm
 
     rows = sets[0]["x"].shape[0] * TOP_K
-    if gemm == "gate_up":
-        if direct:
-            def fn(i):
-                s = sets[i]
-                return grouped_gemm._gate_up(s["x"], w13, cfg, "route", s["ids"].view(-1), weights=s["weights"],
-                                             num_rows=rows, top_k=TOP_K)
-            ref = "h_route"
-        else:
-            def fn(i):
-                s = sets[i]
-                return grouped_gemm._gate_up(s["x"], w13, cfg, "gather", s["offsets"], pair=s["sorted_pair"],
-                                             num_rows=rows, top_k=TOP_K)
-            ref = "h_ref"
-        err = max(_rel(fn(i), sets[i][ref]) for i in range(len(sets)))
+    if direct is not None:
+        pair = {gemm: cfg, "down" if gemm == "gate_up" else "gate_up": direct}
+
+        def fn(i):
+            s = sets[i]
+            return grouped_gemm.moe_ffn_triton(s["x"], w13, w2, s["weights"], s["ids"], gate_up_config=pair["gate_up"],
+                                               down_config=pair["down"], layout="direct")
+        err = max(_rel(fn(i), sets[i]["y_route"]) for i in range(len(sets)))
+    elif gemm == "gate_up":
+        def fn(i):
+            s = sets[i]
+            return grouped_gemm._gate_up(s["x"], w13, cfg, "gather", s["offsets"], pair=s["sorted_pair"],
+                                         num_rows=rows, top_k=TOP_K)
+        err = max(_rel(fn(i), sets[i]["h_ref"]) for i in range(len(sets)))
     else:
-        if direct:
-            outs = [torch.empty_like(s["y_route"]) for s in sets]
+        outs = [torch.empty_like(s["buf_ref"]) for s in sets]
 
-            def fn(i):
-                s = sets[i]
-                grouped_gemm._down_route(s["h_route"], w2, s["ids"].view(-1), outs[i], TOP_K, cfg)
-            ref = "y_route"
-        else:
-            outs = [torch.empty_like(s["buf_ref"]) for s in sets]
-
-            def fn(i):
-                s = sets[i]
-                grouped_gemm._down(s["h_ref"], w2, cfg, "gather", s["offsets"], outs[i], pair=s["sorted_pair"],
-                                   weights=s["weights"])
-            ref = "buf_ref"
+        def fn(i):
+            s = sets[i]
+            grouped_gemm._down(s["h_ref"], w2, cfg, "gather", s["offsets"], outs[i], pair=s["sorted_pair"],
+                               weights=s["weights"])
         for i in range(len(sets)):
             fn(i)
-        err = max(_rel(outs[i], sets[i][ref]) for i in range(len(sets)))
+        err = max(_rel(outs[i], sets[i]["buf_ref"]) for i in range(len(sets)))
     t = time_cuda(fn, n_sets=len(sets), graph=decode, budget=SWEEP_BUDGET).median_us
     return t, err
 
@@ -244,19 +238,27 @@ def _sweep_case(report, scores, label, E, H, I, T, w13, w2, bucket, start, budge
     direct = bucket == "direct"
     sets = _case_sets(E, H, I, T, w13, w2, DECODE_SETS if decode else 1, direct)
     hit = sum(s["hit"] for s in sets) / len(sets)
+    from pykernels.triton.moe_configs import DEFAULTS, GemmConfig
+
+    partner = DEFAULTS[("down", "direct")] if direct else None  # the other GEMM's config in the direct kernel
     for gemm in ("gate_up", "down"):
         key = (gemm, H, I, bucket)
         case = {"label": label, "E": E, "H": H, "I": I, "T": T, "gemm": gemm, "bucket": bucket,
                 "experts_hit": hit, "results": []}
-        flops = 2 * rows * H * (2 * I if gemm == "gate_up" else I)
-        # The direct layout reads an expert once per route using it (one token: once per hit expert).
-        weight_bytes = (rows if direct else hit) * (2 if gemm == "gate_up" else 1) * H * I * 2
+        if direct:
+            # The whole FFN in one kernel; it reads an expert once per route using it (T = 1: once per hit expert).
+            case["partner"] = partner._asdict()
+            flops = 2 * rows * H * 3 * I
+            weight_bytes = rows * 3 * H * I * 2
+        else:
+            flops = 2 * rows * H * (2 * I if gemm == "gate_up" else I)
+            weight_bytes = hit * (2 if gemm == "gate_up" else 1) * H * I * 2
         for cfg in candidates(gemm, bucket, prefill_only, H, I):
             if time.monotonic() - start > budget_s:
                 break
             entry = {"config": cfg._asdict()}
             try:
-                t, err = _try(gemm, cfg, sets, w13, w2, decode, direct)
+                t, err = _try(gemm, cfg, sets, w13, w2, decode, partner)
                 entry.update(us=round(t, 3), rel_err=err, ok=err <= MAX_REL_ERR,
                              tflops=round(flops / t / 1e6, 1), weight_tbps=round(weight_bytes / t / 1e6, 3))
             except Exception as e:  # noqa: BLE001 - a failing config is reported, the sweep goes on
@@ -273,7 +275,30 @@ def _sweep_case(report, scores, label, E, H, I, T, w13, w2, bucket, start, budge
             case["best"] = min(good, key=lambda r: r["us"])["config"]
             for r in good:
                 scores.setdefault(key, {}).setdefault(tuple(r["config"].values()), []).append(r["us"] / best_us)
+            if direct:
+                partner = GemmConfig(**case["best"])  # the down sweep runs with the best gate_up
         report["cases"].append(case)
+    if direct and "best" in report["cases"][-1]:
+        _direct_programs(report["cases"][-1], partner, GemmConfig(**report["cases"][-1]["best"]), sets, w13, w2)
+
+
+def _direct_programs(case, cfg_gu, cfg_dn, sets, w13, w2) -> None:
+    """The direct kernel with its best configs at 1, 2 and 3 programs per SM (µs; the module's value is restored)."""
+    from pykernels.triton import grouped_gemm
+
+    keep = grouped_gemm.DIRECT_PROGRAMS_PER_SM
+    case["programs_per_sm"] = {}
+    try:
+        for n in (1, 2, 3):
+            grouped_gemm.DIRECT_PROGRAMS_PER_SM = n
+            try:
+                t, err = _try("down", cfg_dn, sets, w13, w2, True, cfg_gu)
+                case["programs_per_sm"][n] = {"us": round(t, 3), "rel_err": err, "ok": err <= MAX_REL_ERR}
+            except Exception as e:  # noqa: BLE001 - e.g. two programs' shared memory exceeds an SM's
+                case["programs_per_sm"][n] = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+            print(f"direct {case['label']}: {n} programs per SM: {case['programs_per_sm'][n]}", flush=True)
+    finally:
+        grouped_gemm.DIRECT_PROGRAMS_PER_SM = keep
 
 
 def _copy_gbps() -> float:
@@ -411,7 +436,7 @@ SM90_MAX_SHARED = 232448
 def compile_report(out_path: str, prefill_only: bool = False) -> int:
     """Compile each candidate's kernels (bf16, H and I multiples of 16 as at the model's shapes) for sm_90a
     without a GPU: gate_up and down in moe_ffn's sorted ("gather") and padded row layouts for the bucket
-    candidates, the direct layout's route-major gate_up and token-major down for the "direct" candidates.
+    candidates, the direct layout's kernel for the "direct" candidates (each with the other GEMM's default).
     Writes shared bytes, registers, stack/local bytes (spills, from the bundled cuobjdump) and the number
     of multi-buffered shared-memory allocations (pipelined operands: a load inside a k loop that feeds an
     address leaves none) per kernel; exit 1 when one overflows shared memory, spills or is not pipelined.
@@ -427,14 +452,14 @@ def compile_report(out_path: str, prefill_only: bool = False) -> int:
     from triton.compiler import ASTSource
 
     from pykernels.triton import grouped_gemm
-    from pykernels.triton.moe_configs import GemmConfig
+    from pykernels.triton.moe_configs import DEFAULTS, GemmConfig
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     aligned = {"x_ptr", "w13_ptr", "h_ptr", "map_ptr", "pair_ptr", "w2_ptr", "out_ptr", "y_ptr", "ids_ptr",
-               "weights_ptr", "hidden", "inter", "stride_xm", "stride_we", "stride_wn", "stride_hm", "stride_om",
-               "stride_ym", "up_shift"}
+               "weights_ptr", "done_ptr", "hidden", "inter", "stride_xm", "stride_we", "stride_wn", "stride_hm",
+               "stride_om", "stride_ym", "up_shift", "stride_w13e", "stride_w13n", "stride_w2e", "stride_w2n"}
     ints = ("num_rows", "num_pairs", "num_tokens", "hidden", "inter", "num_experts", "top_k", "stride_xm", "stride_wn",
-            "stride_hm", "stride_om", "stride_ym", "up_shift", "num_m_tiles")
+            "stride_hm", "stride_om", "stride_ym", "up_shift", "num_m_tiles", "stride_w13n", "stride_w2n")
     variants = []  # (name, kernel, rows, config)
     for gemm in ("gate_up", "down") if prefill_only else ():
         for c in map(GemmConfig._make, PREFILL_CANDIDATES[gemm]):
@@ -443,41 +468,51 @@ def compile_report(out_path: str, prefill_only: bool = False) -> int:
         for gemm in ("gate_up", "down"):
             for c in candidates(gemm, b):
                 variants += [(gemm, gemm, "gather", c), (gemm, gemm, "padded", c)]
-    if not prefill_only:
-        variants += [("gate_up", "gate_up", "route", c) for c in candidates("gate_up", "direct")]
-        variants += [("down_route", "down_route", None, c) for c in candidates("down", "direct")]
+    if not prefill_only:  # the direct kernel: each gate_up candidate with the default down tile, and vice versa
+        default_gu, default_dn = DEFAULTS[("gate_up", "direct")], DEFAULTS[("down", "direct")]
+        variants += [("direct", "direct", None, (c, default_dn)) for c in candidates("gate_up", "direct")]
+        variants += [("direct", "direct", None, (default_gu, c)) for c in candidates("down", "direct")]
     kernels = {"gate_up": grouped_gemm._gate_up_kernel, "down": grouped_gemm._down_kernel,
-               "down_route": grouped_gemm._down_route_kernel}
+               "direct": grouped_gemm._direct_kernel}
     rows, bad = [], 0
     for name, which, layout, cfg in sorted(set(variants), key=str):
         kernel = kernels[which]
-        desc = f"tensordesc<bf16[{cfg.block_n}, {cfg.block_k}]>" if cfg.tma else "*bf16"
-        consts = dict(EVEN_K=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                      DOT_PRECISION="tf32", USE_TMA=cfg.tma)
-        if which == "down_route":
-            consts.update(TOP_K=TOP_K, BLOCK_R=8)
+
+        def desc(c):
+            return f"tensordesc<bf16[{c.block_n}, {c.block_k}]>" if c.tma else "*bf16"
+        if which == "direct":
+            gu, dn = cfg
+            descs = {"w13_desc": desc(gu), "w2_desc": desc(dn)}
+            consts = dict(TOP_K=TOP_K, BLOCK_R=8, GU_EVEN_K=True, GU_BLOCK_M=gu.block_m, GU_BLOCK_N=gu.block_n,
+                          GU_BLOCK_K=gu.block_k, GU_TMA=gu.tma, GU_SINGLE_DOT=gu.single_dot and not gu.tma,
+                          DN_EVEN_K=True, DN_BLOCK_M=dn.block_m, DN_BLOCK_N=dn.block_n, DN_BLOCK_K=dn.block_k,
+                          DN_TMA=dn.tma, DOT_PRECISION="tf32")
+            shown = {"gate_up": gu._asdict(), "down": dn._asdict()}
+            cfg = gu  # num_warps, num_stages
         else:
-            consts.update(ROWS=layout, PAD=cfg.block_m, BLOCK_E=256, GROUP_M=cfg.group_m)
-        if which != "down_route":
-            consts.update(SPLIT_TAIL=cfg.split_tail and layout != "padded", PERSISTENT=cfg.persistent and layout != "route")
-        if which == "gate_up":
-            consts.update(SINGLE_DOT=cfg.single_dot and not cfg.tma)
+            descs = {"w13_desc": desc(cfg), "w2_desc": desc(cfg)}
+            shown = cfg._asdict()
+            consts = dict(EVEN_K=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                          DOT_PRECISION="tf32", USE_TMA=cfg.tma, ROWS=layout, PAD=cfg.block_m, BLOCK_E=256,
+                          GROUP_M=cfg.group_m, SPLIT_TAIL=cfg.split_tail and layout != "padded")
+            if which == "gate_up":
+                consts.update(SINGLE_DOT=cfg.single_dot and not cfg.tma)
         sig = {}
         for arg in kernel.arg_names:
             if arg in consts:
                 sig[arg] = "constexpr"
-            elif arg.endswith("_desc"):
-                sig[arg] = desc
-            elif arg == "stride_we":
+            elif arg in descs:
+                sig[arg] = descs[arg]
+            elif arg in ("stride_we", "stride_w13e", "stride_w2e"):
                 sig[arg] = "i64"
             elif arg in ints:
                 sig[arg] = "i32"
-            elif arg in ("map_ptr", "pair_ptr", "ids_ptr"):
+            elif arg in ("map_ptr", "pair_ptr", "ids_ptr", "done_ptr"):
                 sig[arg] = "*i32"
             else:
                 sig[arg] = "*fp32" if arg == "weights_ptr" else "*bf16"
         attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in sig if n in aligned}
-        entry = {"kernel": name, "rows": layout, "config": cfg._asdict()}
+        entry = {"kernel": name, "rows": layout, "config": shown}
         try:
             compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
                                       target=GPUTarget("cuda", 90, 32),
@@ -500,7 +535,7 @@ def compile_report(out_path: str, prefill_only: bool = False) -> int:
             entry.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
         bad += not entry["ok"]
         rows.append(entry)
-        print(f"{name:10} {str(layout):7} {tuple(cfg)}: "
+        print(f"{name:10} {str(layout):7} {shown}: "
               + (f"shared {entry['shared']:6d}  registers {entry['registers']:3d}  stack {entry['stack']}"
                  f"  local {entry['local']}  pipelined operands {entry['pipelined_buffers']}" if "local" in entry
                  else entry.get("error", "")) + ("" if entry["ok"] else "   <-- NOT OK"), flush=True)

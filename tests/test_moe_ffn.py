@@ -237,37 +237,6 @@ def test_triton_split_tail(device, dtype, variant):
 
 
 @pytest.mark.parametrize("device,dtype", _fast_devices())
-@pytest.mark.parametrize("variant", ["split tail", "flattened"])
-def test_triton_persistent(device, dtype, variant):
-    """persistent: a few programs (grouped_gemm.INTERPRETER_PROGRAMS on the CPU, the SMs on a GPU) walk every
-    tile. Uneven experts (one empty; half and full tails), so each program takes several tiles of different
-    experts; moe_ffn's sorted and padded layouts and grouped_ffn against the reference and bit-identical to
-    the one-program-per-tile launch."""
-    from pykernels.triton.grouped_gemm import grouped_ffn_triton, moe_ffn_triton
-
-    E, H, I = 5, 40, 40
-    counts = [37, 0, 16, 70, 9]
-    ids, x, tw = _routes_with_counts(counts, H, dtype, device, seed=4)
-    w13, w2 = _weights(E, H, I, dtype, device)
-    split = variant == "split tail"
-    cfg = moe_configs.GemmConfig(32, 16, 16, 2, 4, 2, split, False, split, True)  # TMA weights with split tails
-    plain = cfg._replace(persistent=False)
-    ref = moe_ffn_reference(x.float(), w13.float(), w2.float(), tw, ids)
-    for layout in ("sorted", "padded"):
-        y = moe_ffn_triton(x, w13, w2, tw, ids, gate_up_config=cfg, down_config=cfg, layout=layout)
-        assert _rel(y, ref) <= TOL[dtype], layout
-        same = moe_ffn_triton(x, w13, w2, tw, ids, gate_up_config=plain, down_config=plain, layout=layout)
-        assert torch.equal(y, same), layout
-    xs, offsets = _sorted_rows(x, ids, E)
-    short = offsets.clone()
-    short[-1] -= 3  # the last 3 rows belong to no expert: never written
-    y = grouped_ffn_triton(xs, w13, w2, short, gate_up_config=cfg, down_config=cfg)
-    assert torch.equal(y[-3:].cpu(), torch.zeros_like(y[-3:]).cpu())
-    assert _rel(y, grouped_ffn_reference(xs.float(), w13.float(), w2.float(), short)) <= TOL[dtype]
-    assert torch.equal(y, grouped_ffn_triton(xs, w13, w2, short, gate_up_config=plain, down_config=plain))
-
-
-@pytest.mark.parametrize("device,dtype", _fast_devices())
 def test_triton_strided_rows_int64_ids_half_weights(device, dtype):
     """x with a row stride > H, int64 topk_ids, routing weights in x's dtype."""
     x, w13, w2, tw, ids = _case_inputs((9, 5, 40, 24, 2, "random"), dtype, device)
@@ -414,15 +383,12 @@ def test_gpu_model_shapes(shape):
 
 def _all_configs():
     """(gemm, config): the table's configs in the GEMM they are listed for, and each again with the other
-    weight-load variants and, for the large bucket, as persistent launches (what the sweep may pick). A down config is never a gate_up one (gate_up holds two
+    weight-load variants (what the sweep may pick). A down config is never a gate_up one (gate_up holds two
     BLOCK_N-wide weight tiles per stage: a down tile's shared memory, doubled, need not fit)."""
     listed = {(key[0], cfg) for table in (moe_configs.DEFAULTS, moe_configs.TABLE) for key, cfg in table.items()}
     variants = {(g, c._replace(tma=not c.tma, single_dot=False)) for g, c in listed}
     variants |= {(g, c._replace(tma=False, single_dot=not c.single_dot)) for g, c in listed}
     variants |= {(g, c._replace(split_tail=not c.split_tail)) for g, c in listed if c.block_m >= 64}
-    # The large tiles as persistent launches, with split tails and without (a flattened tile loop).
-    variants |= {(g, c._replace(persistent=True, split_tail=s)) for table in (moe_configs.DEFAULTS, moe_configs.TABLE)
-                 for (g, *_, bucket), c in table.items() if bucket == "large" for s in (False, True)}
     return sorted(listed | variants)
 
 

@@ -3,13 +3,17 @@
 ``moe_ffn`` runs in one of three row layouts (``moe_ffn_triton(layout=...)``; by default "direct" up to
 ``moe_configs.DIRECT_MAX_TOKENS`` tokens, "sorted" beyond). No layout synchronises with the host.
 
-"direct" (decode, one token: its top_k routes are distinct experts) -- 2 launches, no permutation::
+"direct" (decode, one token: its top_k routes are distinct experts) -- 1 launch, no permutation::
 
-    h[p]   = w[p] * silu(x[t] @ gate_e.T) * (x[t] @ up_e.T)     _gate_up_kernel, ROWS="route": one program
-                                                                 per (I tile, route p = t * top_k + k)
-    y[t]   = sum_k h[t*top_k + k] @ w2[e_k].T                    _down_route_kernel: one program per
-                                                                 (H tile, token), one fp32 accumulator over
-                                                                 the k routes in order
+    h[p]   = w[p] * silu(x[t] @ gate_e.T) * (x[t] @ up_e.T)     gate_up items (I tile, route p = t*top_k + k)
+    y[t]   = sum_k h[t*top_k + k] @ w2[e_k].T                    down items (H tile, token): one fp32
+                                                                 accumulator over the k routes in order
+
+  _direct_kernel runs both GEMMs: one program per SM walks a list of work items, all gate_up items first,
+  and a down item waits (spinning on a per-token counter in global memory) until the gate_up items of its
+  token are done. Nothing waits on a later item, and the launch is at most one program per SM (each
+  needs far less than an SM), so all programs are resident together and the waits end. This removes the
+  launch gap between the GEMMs, and the ramp and drain of a second grid, from T = 1's ~30 µs.
 
 "sorted" (the unpadded layout of moe_permute.permute) -- 3 launches up to ``moe_permute.CHUNK`` routes
 (21 tokens at top-6), 4 beyond::
@@ -36,13 +40,6 @@ expert e's rows [offsets[e-1], offsets[e]) are cut into ceil(count / BLOCK_M) ti
 With ``GemmConfig.split_tail`` an expert's last tile, when it holds at most BLOCK_M / 2 rows, runs the
 same code at half height (a second compiled k loop in the same kernel; shared memory is reused, not
 added): the 236B prefill's 307 rows per expert then cost 128 + 128 + 64 computed rows instead of 3 x 128.
-With ``GemmConfig.persistent`` the launch is min(#SMs, tiles) programs instead: each counts the real M tiles
-from ``offsets`` once and walks the work items pid, pid + programs, ... in the same swizzled order (the
-expert lookup per item reuses the offsets it loaded; "padded" walks every block, skipping padding ones).
-Items are dealt statically; only which program computes a tile changes, never how. Without split tails
-(one k loop per item) the item loop is flattened (``tl.range(flatten=True)``): Triton's pipeliner fuses it
-with the k loop, so the next item's first weight tiles load during this item's epilogue; the two k loops
-of split tails keep a plain loop.
 
 The gate/up GEMM computes the gate and the up columns of the same I-columns in one program (two
 accumulators over one A tile), so silu(gate) * up happens in registers: the 2I-wide intermediate never
@@ -81,9 +78,8 @@ LAYOUTS = ("direct", "sorted", "padded")
 
 
 @triton.jit
-def _expert_tiles(offsets_ptr, num_experts, num_rows, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
-    """(starts, ends, tiles, tile_end), each [BLOCK_E]: every expert's rows, its expert-local M tiles and their
-    running sum (tl.sum(tiles) is the number of real M tiles)."""
+def _expert_tile(offsets_ptr, num_experts, num_rows, pid_m, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """(expert, first row, row end) of expert-local M tile ``pid_m``; expert >= num_experts past the last tile."""
     e = tl.arange(0, BLOCK_E)  # [BE]
     e_ok = e < num_experts
     ends = tl.load(offsets_ptr + e, mask=e_ok, other=0)  # [BE]
@@ -92,36 +88,23 @@ def _expert_tiles(offsets_ptr, num_experts, num_rows, BLOCK_M: tl.constexpr, BLO
     starts = tl.maximum(starts, 0)
     tiles = tl.maximum(ends - starts + BLOCK_M - 1, 0) // BLOCK_M  # [BE]; a decreasing offset gives 0 tiles
     tile_end = tl.cumsum(tiles, axis=0)
-    return starts, ends, tiles, tile_end
-
-
-@triton.jit
-def _tile_rows(map_ptr, starts, ends, tiles, tile_end, pid_m,
-               ROWS: tl.constexpr, PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
-    """(expert, first row, row end) of M tile ``pid_m``; expert >= E past the last tile. "padded": from the
-    block experts at ``map_ptr`` (the table arguments are unused); else from _expert_tiles' table."""
-    if ROWS == "padded":
-        expert = tl.load(map_ptr + pid_m * BLOCK_M // PAD)
-        row_begin = pid_m * BLOCK_M
-        row_end = row_begin + BLOCK_M
-    else:
-        expert = tl.sum((tile_end <= pid_m).to(tl.int32), axis=0)
-        mine = tl.arange(0, BLOCK_E) == expert  # [BE]
-        first_tile = tl.sum(tl.where(mine, tile_end - tiles, 0), axis=0)
-        row_begin = tl.sum(tl.where(mine, starts, 0), axis=0) + (pid_m - first_tile) * BLOCK_M
-        row_end = tl.sum(tl.where(mine, ends, 0), axis=0)
+    expert = tl.sum((tile_end <= pid_m).to(tl.int32), axis=0)
+    mine = e == expert
+    first_tile = tl.sum(tl.where(mine, tile_end - tiles, 0), axis=0)
+    row_begin = tl.sum(tl.where(mine, starts, 0), axis=0) + (pid_m - first_tile) * BLOCK_M
+    row_end = tl.sum(tl.where(mine, ends, 0), axis=0)
     return expert, row_begin, row_end
 
 
 @triton.jit
-def _tile_ids(tile, num_m_tiles, num_n_tiles, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of work item ``tile``: GROUP_M consecutive M tiles (mostly one expert) sweep the N tiles
-    together."""
+def _tile_ids(num_m_tiles, num_n_tiles, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program: GROUP_M consecutive M tiles (mostly one expert) sweep the N tiles together."""
+    pid = tl.program_id(0)
     per_group = GROUP_M * num_n_tiles
-    first_m = (tile // per_group) * GROUP_M
+    first_m = (pid // per_group) * GROUP_M
     group_size = tl.minimum(num_m_tiles - first_m, GROUP_M)
-    pid_m = first_m + (tile % per_group) % group_size
-    pid_n = (tile % per_group) // group_size
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
     return pid_m, pid_n
 
 
@@ -224,39 +207,14 @@ def _gate_up_tile(
 
 
 @triton.jit
-def _gate_up_rows(
-    x_ptr, w13_ptr, w13_desc, h_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
-    num_pairs, hidden, inter, top_k, stride_xm, stride_we, stride_wn, stride_hm, up_shift,
-    ROWS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, SINGLE_DOT: tl.constexpr, SPLIT_TAIL: tl.constexpr,
-):
-    """_gate_up_tile of one M tile of an expert, at half height when SPLIT_TAIL and it holds <= BLOCK_M / 2 rows."""
-    if SPLIT_TAIL:
-        if row_end - row_begin <= BLOCK_M // 2:
-            _gate_up_tile(x_ptr, w13_ptr, w13_desc, h_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
-                          num_pairs, hidden, inter, top_k, stride_xm, stride_we, stride_wn, stride_hm, up_shift,
-                          ROWS, EVEN_K, BLOCK_M // 2, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA, SINGLE_DOT)
-        else:
-            _gate_up_tile(x_ptr, w13_ptr, w13_desc, h_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
-                          num_pairs, hidden, inter, top_k, stride_xm, stride_we, stride_wn, stride_hm, up_shift,
-                          ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA, SINGLE_DOT)
-    else:
-        _gate_up_tile(x_ptr, w13_ptr, w13_desc, h_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
-                      num_pairs, hidden, inter, top_k, stride_xm, stride_we, stride_wn, stride_hm, up_shift,
-                      ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA, SINGLE_DOT)
-
-
-@triton.jit
 def _gate_up_kernel(
     x_ptr,  # [T, H] tokens, or [R, H] expert-sorted rows (ROWS="sorted")
     w13_ptr,  # [E, 2I, H] gate rows then up rows; stride 1 along H
     w13_desc,  # TMA descriptor of w13 viewed as [E * 2I, H], blocks [BLOCK_N, BLOCK_K] (USE_TMA only)
-    h_ptr,  # [R, I] out: silu(gate) * up (ROWS="route": times the routing weight), x's dtype
-    map_ptr,  # "sorted"/"gather": [E] int32 cumulative row ends; "padded": [R / PAD] block experts;
-    #           "route": [N] expert id per route (topk_ids flattened, int32 or int64)
+    h_ptr,  # [R, I] out: silu(gate) * up, x's dtype
+    map_ptr,  # "sorted"/"gather": [E] int32 cumulative row ends; "padded": [R / PAD] block experts
     pair_ptr,  # "gather"/"padded": [R] int32 sorted row -> route (padded: N in padding rows)
-    weights_ptr,  # "route": [N] routing weight per route
-    num_rows,  # R: rows of h (N for "route")
+    num_rows,  # R: rows of h
     num_pairs,  # N: routes (the padding sentinel of "padded")
     hidden,  # H (reduction)
     inter,  # I (output columns)
@@ -267,11 +225,11 @@ def _gate_up_kernel(
     stride_wn,
     stride_hm,
     up_shift,  # I * stride_wn: from a gate row to the up row of the same column
-    num_m_tiles,  # M tiles launched (an upper bound of the real ones; "route": N, one per route)
-    ROWS: tl.constexpr,  # "sorted" | "gather" | "padded" | "route" (see the module docstring)
+    num_m_tiles,  # M tiles launched (an upper bound of the real ones)
+    ROWS: tl.constexpr,  # "sorted" | "gather" | "padded" (see the module docstring)
     PAD: tl.constexpr,  # "padded": rows per block of the padded layout (a multiple of BLOCK_M)
     EVEN_K: tl.constexpr,  # H % BLOCK_K == 0: no mask along the reduction
-    BLOCK_M: tl.constexpr,  # rows per tile ("route": the one route's row, repeated)
+    BLOCK_M: tl.constexpr,  # rows per tile
     BLOCK_N: tl.constexpr,  # I-columns per tile (of gate and of up each)
     BLOCK_K: tl.constexpr,  # reduction step
     BLOCK_E: tl.constexpr,  # next power of two >= E
@@ -280,55 +238,32 @@ def _gate_up_kernel(
     USE_TMA: tl.constexpr,  # weight tiles through the TMA descriptor instead of pointer loads
     SINGLE_DOT: tl.constexpr,  # (pointer loads only) gate and up tiles as one [BK, 2 * BN] operand, one dot
     SPLIT_TAIL: tl.constexpr,  # ("sorted"/"gather" only) an expert's last tile of <= BLOCK_M / 2 rows runs half-height
-    PERSISTENT: tl.constexpr,  # (not "route") each program walks tiles pid, pid + programs, ... (see the docstring)
 ):
     tl.static_assert(not SPLIT_TAIL or (BLOCK_M >= 32 and (ROWS == "sorted" or ROWS == "gather")))
-    tl.static_assert(not PERSISTENT or ROWS != "route")
-    if ROWS == "route":
-        # One route per program, N-tile-major order: the routes of one N tile are consecutive, so routes
-        # that share an expert (several tokens) read the same weight tile at about the same time (from the
-        # L2 after the first).
-        route = tl.program_id(0) % num_m_tiles
-        pid_n = tl.program_id(0) // num_m_tiles
-        e_raw = tl.load(map_ptr + route)
-        expert = tl.where((e_raw >= 0) & (e_raw < num_experts), e_raw, 0).to(tl.int32)
-        row_begin = route
-        row_end = route + 1
-        _gate_up_tile(x_ptr, w13_ptr, w13_desc, h_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
+    pid_m, pid_n = _tile_ids(num_m_tiles, tl.cdiv(inter, BLOCK_N), GROUP_M)
+    if ROWS == "padded":
+        expert = tl.load(map_ptr + pid_m * BLOCK_M // PAD)
+        if expert >= num_experts:
+            return
+        row_begin = pid_m * BLOCK_M
+        row_end = row_begin + BLOCK_M
+    else:
+        expert, row_begin, row_end = _expert_tile(map_ptr, num_experts, num_rows, pid_m, BLOCK_M, BLOCK_E)
+        if expert >= num_experts:
+            return
+    if SPLIT_TAIL:
+        if row_end - row_begin <= BLOCK_M // 2:
+            _gate_up_tile(x_ptr, w13_ptr, w13_desc, h_ptr, pair_ptr, pair_ptr, expert, pid_n, row_begin, row_end,
+                          num_pairs, hidden, inter, top_k, stride_xm, stride_we, stride_wn, stride_hm, up_shift,
+                          ROWS, EVEN_K, BLOCK_M // 2, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA, SINGLE_DOT)
+        else:
+            _gate_up_tile(x_ptr, w13_ptr, w13_desc, h_ptr, pair_ptr, pair_ptr, expert, pid_n, row_begin, row_end,
+                          num_pairs, hidden, inter, top_k, stride_xm, stride_we, stride_wn, stride_hm, up_shift,
+                          ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA, SINGLE_DOT)
+    else:
+        _gate_up_tile(x_ptr, w13_ptr, w13_desc, h_ptr, pair_ptr, pair_ptr, expert, pid_n, row_begin, row_end,
                       num_pairs, hidden, inter, top_k, stride_xm, stride_we, stride_wn, stride_hm, up_shift,
                       ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA, SINGLE_DOT)
-    else:
-        num_n_tiles = tl.cdiv(inter, BLOCK_N)
-        if ROWS == "padded":
-            starts, ends, tiles, tile_end = num_m_tiles, num_m_tiles, num_m_tiles, num_m_tiles  # unused
-            m_tiles = num_m_tiles
-        else:
-            starts, ends, tiles, tile_end = _expert_tiles(map_ptr, num_experts, num_rows, BLOCK_M, BLOCK_E)
-            if PERSISTENT:
-                m_tiles = tl.sum(tiles, axis=0)  # the real M tiles: no pass over empty work
-            else:
-                m_tiles = num_m_tiles
-        if PERSISTENT:
-            FLATTEN: tl.constexpr = not SPLIT_TAIL and ROWS != "padded"
-            for tile in tl.range(tl.program_id(0), m_tiles * num_n_tiles, tl.num_programs(0),
-                                 flatten=FLATTEN):
-                pid_m, pid_n = _tile_ids(tile, m_tiles, num_n_tiles, GROUP_M)
-                expert, row_begin, row_end = _tile_rows(map_ptr, starts, ends, tiles, tile_end, pid_m,
-                                                        ROWS, PAD, BLOCK_M, BLOCK_E)
-                if ROWS != "padded" or expert < num_experts:  # only padding blocks are not real work
-                    _gate_up_rows(x_ptr, w13_ptr, w13_desc, h_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin,
-                                  row_end, num_pairs, hidden, inter, top_k, stride_xm, stride_we, stride_wn,
-                                  stride_hm, up_shift, ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
-                                  USE_TMA, SINGLE_DOT, SPLIT_TAIL)
-        else:
-            pid_m, pid_n = _tile_ids(tl.program_id(0), m_tiles, num_n_tiles, GROUP_M)
-            expert, row_begin, row_end = _tile_rows(map_ptr, starts, ends, tiles, tile_end, pid_m,
-                                                    ROWS, PAD, BLOCK_M, BLOCK_E)
-            if expert < num_experts:
-                _gate_up_rows(x_ptr, w13_ptr, w13_desc, h_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin,
-                              row_end, num_pairs, hidden, inter, top_k, stride_xm, stride_we, stride_wn, stride_hm,
-                              up_shift, ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA, SINGLE_DOT,
-                              SPLIT_TAIL)
 
 
 @triton.jit
@@ -395,29 +330,6 @@ def _down_tile(
 
 
 @triton.jit
-def _down_rows(
-    h_ptr, w2_ptr, w2_desc, out_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
-    num_pairs, hidden, inter, stride_hm, stride_we, stride_wn, stride_om,
-    ROWS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, SPLIT_TAIL: tl.constexpr,
-):
-    """_down_tile of one M tile of an expert, at half height when SPLIT_TAIL and it holds <= BLOCK_M / 2 rows."""
-    if SPLIT_TAIL:
-        if row_end - row_begin <= BLOCK_M // 2:
-            _down_tile(h_ptr, w2_ptr, w2_desc, out_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
-                       num_pairs, hidden, inter, stride_hm, stride_we, stride_wn, stride_om,
-                       ROWS, EVEN_K, BLOCK_M // 2, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA)
-        else:
-            _down_tile(h_ptr, w2_ptr, w2_desc, out_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
-                       num_pairs, hidden, inter, stride_hm, stride_we, stride_wn, stride_om,
-                       ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA)
-    else:
-        _down_tile(h_ptr, w2_ptr, w2_desc, out_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
-                   num_pairs, hidden, inter, stride_hm, stride_we, stride_wn, stride_om,
-                   ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA)
-
-
-@triton.jit
 def _down_kernel(
     h_ptr,  # [R, I] expert-sorted rows
     w2_ptr,  # [E, H, I]; stride 1 along I
@@ -447,69 +359,46 @@ def _down_kernel(
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32 rounding); 16-bit inputs ignore it
     USE_TMA: tl.constexpr,  # weight tiles through the TMA descriptor instead of pointer loads
     SPLIT_TAIL: tl.constexpr,  # ("sorted"/"gather" only) an expert's last tile of <= BLOCK_M / 2 rows runs half-height
-    PERSISTENT: tl.constexpr,  # each program walks tiles pid, pid + programs, ... (see the module docstring)
 ):
     tl.static_assert(not SPLIT_TAIL or (BLOCK_M >= 32 and ROWS != "padded"))
-    num_n_tiles = tl.cdiv(hidden, BLOCK_N)
+    pid_m, pid_n = _tile_ids(num_m_tiles, tl.cdiv(hidden, BLOCK_N), GROUP_M)
     if ROWS == "padded":
-        starts, ends, tiles, tile_end = num_m_tiles, num_m_tiles, num_m_tiles, num_m_tiles  # unused
-        m_tiles = num_m_tiles
+        expert = tl.load(map_ptr + pid_m * BLOCK_M // PAD)
+        if expert >= num_experts:
+            return
+        row_begin = pid_m * BLOCK_M
+        row_end = row_begin + BLOCK_M
     else:
-        starts, ends, tiles, tile_end = _expert_tiles(map_ptr, num_experts, num_rows, BLOCK_M, BLOCK_E)
-        if PERSISTENT:
-            m_tiles = tl.sum(tiles, axis=0)  # the real M tiles: no pass over empty work
-        else:
-            m_tiles = num_m_tiles
-    if PERSISTENT:
-        FLATTEN: tl.constexpr = not SPLIT_TAIL and ROWS != "padded"
-        for tile in tl.range(tl.program_id(0), m_tiles * num_n_tiles, tl.num_programs(0),
-                                 flatten=FLATTEN):
-            pid_m, pid_n = _tile_ids(tile, m_tiles, num_n_tiles, GROUP_M)
-            expert, row_begin, row_end = _tile_rows(map_ptr, starts, ends, tiles, tile_end, pid_m,
-                                                    ROWS, PAD, BLOCK_M, BLOCK_E)
-            if ROWS != "padded" or expert < num_experts:  # only padding blocks are not real work
-                _down_rows(h_ptr, w2_ptr, w2_desc, out_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
-                           num_pairs, hidden, inter, stride_hm, stride_we, stride_wn, stride_om,
-                           ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA, SPLIT_TAIL)
-    else:
-        pid_m, pid_n = _tile_ids(tl.program_id(0), m_tiles, num_n_tiles, GROUP_M)
-        expert, row_begin, row_end = _tile_rows(map_ptr, starts, ends, tiles, tile_end, pid_m,
-                                                ROWS, PAD, BLOCK_M, BLOCK_E)
-        if expert < num_experts:
-            _down_rows(h_ptr, w2_ptr, w2_desc, out_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
+        expert, row_begin, row_end = _expert_tile(map_ptr, num_experts, num_rows, pid_m, BLOCK_M, BLOCK_E)
+        if expert >= num_experts:
+            return
+    if SPLIT_TAIL:
+        if row_end - row_begin <= BLOCK_M // 2:
+            _down_tile(h_ptr, w2_ptr, w2_desc, out_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
                        num_pairs, hidden, inter, stride_hm, stride_we, stride_wn, stride_om,
-                       ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA, SPLIT_TAIL)
+                       ROWS, EVEN_K, BLOCK_M // 2, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA)
+        else:
+            _down_tile(h_ptr, w2_ptr, w2_desc, out_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
+                       num_pairs, hidden, inter, stride_hm, stride_we, stride_wn, stride_om,
+                       ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA)
+    else:
+        _down_tile(h_ptr, w2_ptr, w2_desc, out_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
+                   num_pairs, hidden, inter, stride_hm, stride_we, stride_wn, stride_om,
+                   ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA)
 
 
 @triton.jit
-def _down_route_kernel(
-    h_ptr,  # [N, I] weighted route rows (direct layout's gate_up output), route order
-    w2_ptr,  # [E, H, I]; stride 1 along I
-    w2_desc,  # TMA descriptor of w2 viewed as [E * H, I], blocks [BLOCK_N, BLOCK_K] (USE_TMA only)
-    y_ptr,  # [T, H] out, x's dtype
-    ids_ptr,  # [N] expert id per route (topk_ids flattened, int32 or int64)
-    num_tokens,  # T
-    hidden,  # H (output columns)
-    inter,  # I (reduction)
-    num_experts,
-    stride_hm,
-    stride_we,
-    stride_wn,
-    stride_ym,
-    TOP_K: tl.constexpr,  # routes per token
-    BLOCK_R: tl.constexpr,  # next power of two >= TOP_K
-    EVEN_K: tl.constexpr,  # I % BLOCK_K == 0: no mask along the reduction
-    BLOCK_M: tl.constexpr,  # rows of the dot (row 0 is the token's; the rest are zeros)
-    BLOCK_N: tl.constexpr,  # H-columns per tile
-    BLOCK_K: tl.constexpr,  # reduction step
-    DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32 rounding); 16-bit inputs ignore it
-    USE_TMA: tl.constexpr,  # weight tiles through the TMA descriptor instead of pointer loads
+def _down_route_tile(
+    h_ptr, w2_ptr, w2_desc, y_ptr, ids_ptr,
+    t,  # the token
+    pid_n,  # H tile
+    hidden, inter, num_experts, stride_hm, stride_we, stride_wn, stride_ym,
+    TOP_K: tl.constexpr, BLOCK_R: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """y[t, cols] = sum over the token's routes k (in order) and the k steps of h[t*TOP_K + k] . w2[e_k]:
-    one loop of TOP_K * cdiv(I, BLOCK_K) steps, so the pipeline never drains between experts. N-tile-major
-    order: the tokens of one N tile run side by side (an expert they share is read at about the same time)."""
-    t = tl.program_id(0) % num_tokens
-    pid_n = tl.program_id(0) // num_tokens
+    one loop of TOP_K * cdiv(I, BLOCK_K) steps, so the pipeline never drains between experts. Row 0 of the
+    [BLOCK_M, BLOCK_N] dot is the token's; the other rows are zeros."""
     r = tl.arange(0, BLOCK_R)
     e_raw = tl.load(ids_ptr + t * TOP_K + r, mask=r < TOP_K, other=-1)
     experts = tl.where((e_raw >= 0) & (e_raw < num_experts), e_raw, -1).to(tl.int32)  # [BR]; -1: skipped route
@@ -544,6 +433,70 @@ def _down_route_kernel(
 
 
 @triton.jit
+def _direct_kernel(
+    x_ptr,  # [T, H] tokens
+    w13_ptr,  # [E, 2I, H] gate rows then up rows; stride 1 along H
+    w13_desc,  # TMA descriptor of w13 viewed as [E * 2I, H], blocks [GU_BLOCK_N, GU_BLOCK_K] (GU_TMA only)
+    w2_ptr,  # [E, H, I]; stride 1 along I
+    w2_desc,  # TMA descriptor of w2 viewed as [E * H, I], blocks [DN_BLOCK_N, DN_BLOCK_K] (DN_TMA only)
+    h_ptr,  # [N, I] scratch: each route's weighted silu(gate) * up, x's dtype
+    y_ptr,  # [T, H] out, x's dtype
+    ids_ptr,  # [N] expert id per route (topk_ids flattened, int32 or int64)
+    weights_ptr,  # [N] routing weight per route
+    done_ptr,  # [T] int32, zero at launch: finished gate_up items per token (TOP_K * cdiv(I, GU_BLOCK_N) when all)
+    num_tokens,  # T
+    hidden,  # H
+    inter,  # I
+    num_experts,
+    stride_xm,
+    stride_w13e,
+    stride_w13n,
+    stride_w2e,
+    stride_w2n,
+    stride_hm,
+    stride_ym,
+    TOP_K: tl.constexpr,  # routes per token
+    BLOCK_R: tl.constexpr,  # next power of two >= TOP_K
+    # The gate_up tile (see _gate_up_tile; BLOCK_M rows of the one route) and the down tile (_down_route_tile):
+    GU_EVEN_K: tl.constexpr, GU_BLOCK_M: tl.constexpr, GU_BLOCK_N: tl.constexpr, GU_BLOCK_K: tl.constexpr,
+    GU_TMA: tl.constexpr, GU_SINGLE_DOT: tl.constexpr,
+    DN_EVEN_K: tl.constexpr, DN_BLOCK_M: tl.constexpr, DN_BLOCK_N: tl.constexpr, DN_BLOCK_K: tl.constexpr,
+    DN_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32 rounding); 16-bit inputs ignore it
+):
+    """The direct layout in one launch (see the module docstring): program p takes the work items p, p + P,
+    ... of a list that holds every gate_up item (route, I tile) before every down item (token, H tile). A
+    gate_up item stores its tile of h and counts itself done for its token (release); a down item waits
+    until its token's count is complete (acquire), then runs _down_route_tile."""
+    num_pairs = num_tokens * TOP_K
+    gu_tiles = tl.cdiv(inter, GU_BLOCK_N)
+    gu_items = num_pairs * gu_tiles
+    items = gu_items + num_tokens * tl.cdiv(hidden, DN_BLOCK_N)
+    for item in range(tl.program_id(0), items, tl.num_programs(0)):
+        if item < gu_items:
+            # N-tile-major: the routes of one I tile are consecutive, so routes that share an expert (several
+            # tokens) read the same weight tile at about the same time (from the L2 after the first).
+            route = item % num_pairs
+            pid_n = item // num_pairs
+            e_raw = tl.load(ids_ptr + route)
+            expert = tl.where((e_raw >= 0) & (e_raw < num_experts), e_raw, 0).to(tl.int32)
+            _gate_up_tile(x_ptr, w13_ptr, w13_desc, h_ptr, ids_ptr, weights_ptr, expert, pid_n, route, route + 1,
+                          num_pairs, hidden, inter, TOP_K, stride_xm, stride_w13e, stride_w13n, stride_hm,
+                          inter * stride_w13n, "route", GU_EVEN_K, GU_BLOCK_M, GU_BLOCK_N, GU_BLOCK_K, DOT_PRECISION,
+                          GU_TMA, GU_SINGLE_DOT)
+            tl.debug_barrier()  # every thread's stores of h come before the release below
+            tl.atomic_add(done_ptr + route // TOP_K, 1, sem="release", scope="gpu")
+        else:
+            t = (item - gu_items) % num_tokens
+            pid_n = (item - gu_items) // num_tokens
+            while tl.atomic_add(done_ptr + t, 0, sem="acquire", scope="gpu") < TOP_K * gu_tiles:
+                pass
+            _down_route_tile(h_ptr, w2_ptr, w2_desc, y_ptr, ids_ptr, t, pid_n, hidden, inter, num_experts, stride_hm,
+                             stride_w2e, stride_w2n, stride_ym, TOP_K, BLOCK_R, DN_EVEN_K, DN_BLOCK_M, DN_BLOCK_N,
+                             DN_BLOCK_K, DOT_PRECISION, DN_TMA)
+
+
+@triton.jit
 def _sum_topk_kernel(
     buf_ptr,  # [T * TOP_K, H] weighted expert outputs in route order
     ids_ptr,  # [T * TOP_K] expert id per route (int32 or int64)
@@ -575,58 +528,38 @@ def _tma_ok(w: torch.Tensor) -> bool:
     return w.is_contiguous() and (w.shape[-1] * w.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0
 
 
-# Off the GPU (Triton's interpreter runs programs one after another) a persistent launch takes this many
-# programs: each walks several tiles, as on the GPU, in a test-sized run.
-INTERPRETER_PROGRAMS = 3
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _programs(tiles: int, device: torch.device, persistent: bool) -> int:
-    """Programs of a sorted-layout GEMM launch over ``tiles`` work items (an upper bound): one per item, or
-    with ``persistent`` one per SM of ``device`` (INTERPRETER_PROGRAMS off the GPU), at most ``tiles``."""
-    if not persistent:
-        return tiles
-    if device.type != "cuda":
-        return min(tiles, INTERPRETER_PROGRAMS)
-    return min(tiles, _sm_count(device.index if device.index is not None else torch.cuda.current_device()))
-
-
 def _m_tiles(rows: int, num_experts: int, block_m: int) -> int:
     """Most expert-local M tiles any split of ``rows`` rows over ``num_experts`` experts can need."""
     return min(rows, triton.cdiv(rows, block_m) + num_experts)
 
 
-def _gate_up(x, w13, cfg: GemmConfig, rows: str, row_map, *, pair=None, weights=None, num_rows, num_pairs=0,
-             top_k=1, pad=0) -> torch.Tensor:
-    """h [num_rows, I] of the gate/up GEMM in row layout ``rows`` ("sorted", "gather", "padded", "route");
-    ``row_map`` is the kernel's ``map_ptr`` (offsets, block experts or flattened ids)."""
+def _weight_desc(w: torch.Tensor, cfg: GemmConfig):
+    """(use TMA, what the kernel's ``*_desc`` argument gets): a TMA descriptor of ``w`` viewed as [E * rows,
+    columns] with [BLOCK_N, BLOCK_K] blocks when ``cfg.tma`` and ``w`` allows it, else ``w`` itself (unused)."""
+    if cfg.tma and _tma_ok(w):
+        return True, TensorDescriptor.from_tensor(w.view(-1, w.shape[-1]), [cfg.block_n, cfg.block_k])
+    return False, w
+
+
+def _gate_up(x, w13, cfg: GemmConfig, rows: str, row_map, *, pair=None, num_rows, num_pairs=0, top_k=1,
+             pad=0) -> torch.Tensor:
+    """h [num_rows, I] of the gate/up GEMM in row layout ``rows`` ("sorted", "gather", "padded");
+    ``row_map`` is the kernel's ``map_ptr`` (offsets or block experts)."""
     num_experts, two_i, hidden = w13.shape
     inter = two_i // 2
     h = torch.empty((num_rows, inter), dtype=x.dtype, device=x.device)
-    if rows == "route":
-        m_tiles = num_rows
-    elif rows == "padded":
-        m_tiles = num_rows // cfg.block_m
-    else:
-        m_tiles = _m_tiles(num_rows, num_experts, cfg.block_m)
-    persistent = cfg.persistent and rows != "route"
-    grid = (_programs(m_tiles * triton.cdiv(inter, cfg.block_n), x.device, persistent),)
-    use_tma = cfg.tma and _tma_ok(w13)
-    single_dot = cfg.single_dot and not use_tma
-    w13_desc = TensorDescriptor.from_tensor(w13.view(-1, hidden), [cfg.block_n, cfg.block_k]) if use_tma else w13
+    m_tiles = num_rows // cfg.block_m if rows == "padded" else _m_tiles(num_rows, num_experts, cfg.block_m)
+    grid = (m_tiles * triton.cdiv(inter, cfg.block_n),)
+    use_tma, w13_desc = _weight_desc(w13, cfg)
     _gate_up_kernel[grid](
-        x, w13, w13_desc, h, row_map, row_map if pair is None else pair, row_map if weights is None else weights,
+        x, w13, w13_desc, h, row_map, row_map if pair is None else pair,
         num_rows, num_pairs, hidden, inter, num_experts, top_k,
         x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), inter * w13.stride(1), m_tiles,
         ROWS=rows, PAD=pad, EVEN_K=hidden % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         BLOCK_E=triton.next_power_of_2(num_experts), GROUP_M=cfg.group_m, DOT_PRECISION=_precision(x.dtype),
-        USE_TMA=use_tma, SINGLE_DOT=single_dot, SPLIT_TAIL=cfg.split_tail and rows in ("sorted", "gather"),
-        PERSISTENT=persistent, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        USE_TMA=use_tma, SINGLE_DOT=cfg.single_dot and not use_tma, SPLIT_TAIL=cfg.split_tail and rows != "padded",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return h
 
@@ -636,9 +569,8 @@ def _down(h, w2, cfg: GemmConfig, rows: str, row_map, out, *, pair=None, weights
     num_experts, hidden, inter = w2.shape
     num_rows = h.shape[0]
     m_tiles = num_rows // cfg.block_m if rows == "padded" else _m_tiles(num_rows, num_experts, cfg.block_m)
-    grid = (_programs(m_tiles * triton.cdiv(hidden, cfg.block_n), h.device, cfg.persistent),)
-    use_tma = cfg.tma and _tma_ok(w2)
-    w2_desc = TensorDescriptor.from_tensor(w2.view(-1, inter), [cfg.block_n, cfg.block_k]) if use_tma else w2
+    grid = (m_tiles * triton.cdiv(hidden, cfg.block_n),)
+    use_tma, w2_desc = _weight_desc(w2, cfg)
     _down_kernel[grid](
         h, w2, w2_desc, out, row_map, row_map if pair is None else pair, h if weights is None else weights,
         num_rows, num_pairs, hidden, inter, num_experts,
@@ -646,23 +578,46 @@ def _down(h, w2, cfg: GemmConfig, rows: str, row_map, out, *, pair=None, weights
         ROWS=rows, PAD=pad, EVEN_K=inter % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         BLOCK_E=triton.next_power_of_2(num_experts), GROUP_M=cfg.group_m, DOT_PRECISION=_precision(h.dtype),
-        USE_TMA=use_tma, SPLIT_TAIL=cfg.split_tail and rows != "padded", PERSISTENT=cfg.persistent,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        USE_TMA=use_tma, SPLIT_TAIL=cfg.split_tail and rows != "padded", num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
 
 
-def _down_route(h, w2, ids, y, top_k: int, cfg: GemmConfig) -> None:
-    """y [T, H] = the direct layout's down GEMM: each token's weighted route rows of h summed in order."""
-    num_experts, hidden, inter = w2.shape
-    use_tma = cfg.tma and _tma_ok(w2)
-    w2_desc = TensorDescriptor.from_tensor(w2.view(-1, inter), [cfg.block_n, cfg.block_k]) if use_tma else w2
-    grid = (y.shape[0] * triton.cdiv(hidden, cfg.block_n),)
-    _down_route_kernel[grid](
-        h, w2, w2_desc, y, ids, y.shape[0], hidden, inter, num_experts,
-        h.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
-        TOP_K=top_k, BLOCK_R=triton.next_power_of_2(top_k), EVEN_K=inter % cfg.block_k == 0,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_PRECISION=_precision(h.dtype),
-        USE_TMA=use_tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+# Programs of the direct kernel per SM (tuned with bench/tune_moe.py; more than one per SM needs two to
+# fit in an SM's shared memory and registers, which the direct configs do). Triton's interpreter runs the
+# programs one after another: there one program does every item, in order.
+DIRECT_PROGRAMS_PER_SM = 1
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _direct(x, w13, w2, weights, ids, y, top_k: int, cfg_gu: GemmConfig, cfg_dn: GemmConfig) -> None:
+    """y [T, H] = moe_ffn in the direct layout, one launch of _direct_kernel (num_warps and num_stages from
+    ``cfg_gu``; each GEMM's tile from its config)."""
+    num_tokens, hidden = x.shape
+    num_experts, two_i, _ = w13.shape
+    inter = two_i // 2
+    h = torch.empty((ids.numel(), inter), dtype=x.dtype, device=x.device)  # [N, I]
+    done = torch.zeros(num_tokens, dtype=torch.int32, device=x.device)
+    items = ids.numel() * triton.cdiv(inter, cfg_gu.block_n) + num_tokens * triton.cdiv(hidden, cfg_dn.block_n)
+    programs = 1
+    if x.device.type == "cuda":
+        device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        programs = DIRECT_PROGRAMS_PER_SM * _sm_count(device_index)
+    gu_tma, w13_desc = _weight_desc(w13, cfg_gu)
+    dn_tma, w2_desc = _weight_desc(w2, cfg_dn)
+    _direct_kernel[(min(items, programs),)](
+        x, w13, w13_desc, w2, w2_desc, h, y, ids, weights, done, num_tokens, hidden, inter, num_experts,
+        x.stride(0), w13.stride(0), w13.stride(1), w2.stride(0), w2.stride(1), h.stride(0), y.stride(0),
+        TOP_K=top_k, BLOCK_R=triton.next_power_of_2(top_k),
+        GU_EVEN_K=hidden % cfg_gu.block_k == 0, GU_BLOCK_M=cfg_gu.block_m, GU_BLOCK_N=cfg_gu.block_n,
+        GU_BLOCK_K=cfg_gu.block_k, GU_TMA=gu_tma, GU_SINGLE_DOT=cfg_gu.single_dot and not gu_tma,
+        DN_EVEN_K=inter % cfg_dn.block_k == 0, DN_BLOCK_M=cfg_dn.block_m, DN_BLOCK_N=cfg_dn.block_n,
+        DN_BLOCK_K=cfg_dn.block_k, DN_TMA=dn_tma,
+        DOT_PRECISION=_precision(x.dtype), num_warps=cfg_gu.num_warps, num_stages=cfg_gu.num_stages,
     )
 
 
@@ -696,8 +651,7 @@ def moe_ffn_triton(
     ids = topk_ids.contiguous().view(-1)  # [N]
     weights = topk_weights.contiguous().view(-1)  # [N]
     if direct:
-        h = _gate_up(x, w13, cfg_gu, "route", ids, weights=weights, num_rows=num_pairs, top_k=top_k)  # [N, I]
-        _down_route(h, w2, ids, y, top_k, cfg_dn)
+        _direct(x, w13, w2, weights, ids, y, top_k, cfg_gu, cfg_dn)
         return y
     buf = torch.empty((num_pairs, hidden), dtype=x.dtype, device=x.device)  # [N, H] route order
     if layout == "padded":

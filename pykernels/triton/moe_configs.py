@@ -33,10 +33,6 @@ class GemmConfig(NamedTuple):
     # unpadded layouts only): at 307 rows per expert (236B prefill) 128-row tiles compute 384 rows, with
     # the split 320.
     split_tail: bool = False
-    # Sorted/padded layouts: min(#SMs, tiles) programs, each walking the (M tile, N tile) work items pid,
-    # pid + programs, ... in the same swizzled order, over the real M tiles only (counted from the offsets
-    # in the kernel); the direct layout ignores it.
-    persistent: bool = False
 
 
 BUCKETS = (("decode", 4.0), ("small", 32.0), ("medium", 128.0), ("large", float("inf")))
@@ -60,11 +56,12 @@ DEFAULTS: dict[tuple[str, str], GemmConfig] = {
     ("down", "small"): GemmConfig(32, 64, 128, 1, 4, 4),
     ("down", "medium"): GemmConfig(64, 128, 64, 8, 4, 4),
     ("down", "large"): GemmConfig(128, 128, 64, 8, 8, 4),
-    # Direct layout, M = one row: thin N tiles so that top_k x cdiv(I, BLOCK_N) gate_up programs and
-    # cdiv(H, BLOCK_N) down programs fill the SMs (Lite: 264 and 128, all resident at once), each streaming
-    # its slab of weights; stages deep enough for ~40 KB of weights in flight per SM.
+    # Direct layout (one kernel, one program per SM walking the work items), M = one row: thin N tiles so
+    # that the top_k x cdiv(I, BLOCK_N) gate_up items and the cdiv(H, BLOCK_N) down items spread over the
+    # SMs (Lite: 264 and 128), each streaming its slab of weights; stages deep enough for ~40 KB of weights
+    # in flight per SM. The kernel takes num_warps and num_stages from the gate_up entry.
     ("gate_up", "direct"): GemmConfig(16, 32, 128, 1, 4, 4, True),
-    ("down", "direct"): GemmConfig(16, 16, 256, 1, 4, 6),
+    ("down", "direct"): GemmConfig(16, 16, 256, 1, 4, 4),
 }
 
 # Measured winners per shape: (gemm, H, I, bucket) -> config. Lite: H 2048, I 1408; 236B: H 5120, I 1536;
