@@ -278,7 +278,7 @@ def _sweep_case(report, scores, label, E, H, I, T, w13, w2, bucket, start, budge
             case["best"] = min(good, key=lambda r: r["us"])["config"]
             for r in good:
                 scores.setdefault(key, {}).setdefault(tuple(r["config"].values()), []).append(r["us"] / best_us)
-            if direct:
+            if direct and gemm == "gate_up":
                 partner = GemmConfig(**case["best"])  # the down sweep runs with the best gate_up
         report["cases"].append(case)
     if direct and "best" in report["cases"][-1]:
@@ -358,7 +358,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON file to write")
     p.add_argument("--budget-s", type=float, default=240.0, help="stop starting new configs after this many seconds")
-    p.add_argument("--only", help="run only the cases whose label contains this (lite, 236b, tp2, tp8)")
+    p.add_argument("--only", help="run only the cases whose label contains this (lite, 236b, tp2, tp8), or the layouts")
     p.add_argument("--decode-only", action="store_true", help="skip the prefill (T = 8192) GEMM cases")
     p.add_argument("--prefill-only", action="store_true",
                    help="only the prefill (T = 8192) GEMM cases, with the table's config and PREFILL_CANDIDATES")
@@ -395,7 +395,7 @@ def main(argv=None) -> int:
             print(f"budget of {args.budget_s:.0f} s spent: stopping before {item}")
             break
         if item[0] == "layouts":
-            if not args.only:
+            if not args.only or args.only == "layouts":
                 report["copy_gbps"] = _copy_gbps()
                 _layouts(report, cache, start, args.budget_s, report["copy_gbps"])
         else:
@@ -459,7 +459,7 @@ def compile_report(out_path: str, prefill_only: bool = False) -> int:
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     aligned = {"x_ptr", "w13_ptr", "h_ptr", "map_ptr", "pair_ptr", "w2_ptr", "out_ptr", "y_ptr", "ids_ptr",
-               "weights_ptr", "done_ptr", "hidden", "inter", "stride_xm", "stride_we", "stride_wn", "stride_hm",
+               "weights_ptr", "sync_ptr", "hidden", "inter", "stride_xm", "stride_we", "stride_wn", "stride_hm",
                "stride_om", "stride_ym", "up_shift", "stride_w13e", "stride_w13n", "stride_w2e", "stride_w2n"}
     ints = ("num_rows", "num_pairs", "num_tokens", "hidden", "inter", "num_experts", "top_k", "stride_xm", "stride_wn",
             "stride_hm", "stride_om", "stride_ym", "up_shift", "num_m_tiles", "stride_w13n", "stride_w2n")
@@ -510,7 +510,7 @@ def compile_report(out_path: str, prefill_only: bool = False) -> int:
                 sig[arg] = "i64"
             elif arg in ints:
                 sig[arg] = "i32"
-            elif arg in ("map_ptr", "pair_ptr", "ids_ptr", "done_ptr"):
+            elif arg in ("map_ptr", "pair_ptr", "ids_ptr", "sync_ptr"):
                 sig[arg] = "*i32"
             else:
                 sig[arg] = "*fp32" if arg == "weights_ptr" else "*bf16"

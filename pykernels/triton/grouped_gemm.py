@@ -9,10 +9,10 @@
     y[t]   = sum_k h[t*top_k + k] @ w2[e_k].T                    down items (H tile, token): one fp32
                                                                  accumulator over the k routes in order
 
-  _direct_kernel runs both GEMMs: one program per SM walks a list of work items, all gate_up items first,
-  and a down item waits (spinning on a per-token counter in global memory) until the gate_up items of its
-  token are done. Nothing waits on a later item, and the launch is at most one program per SM (each
-  needs far less than an SM), so all programs are resident together and the waits end. This removes the
+  _direct_kernel runs both GEMMs: a program per SM (or a few) takes work items from a counter in global
+  memory, all gate_up items first, and a down item waits (spinning on a per-token counter) until the
+  gate_up items of its token are done. Items are handed out in order, so the items waited for are held by
+  running programs that wait for nothing: it cannot deadlock, whatever the launch size. This removes the
   launch gap between the GEMMs, and the ramp and drain of a second grid, from T = 1's ~30 µs.
 
 "sorted" (the unpadded layout of moe_permute.permute) -- 3 launches up to ``moe_permute.CHUNK`` routes
@@ -458,7 +458,8 @@ def _direct_kernel(
     y_ptr,  # [T, H] out, x's dtype
     ids_ptr,  # [N] expert id per route (topk_ids flattened, int32 or int64)
     weights_ptr,  # [N] routing weight per route
-    done_ptr,  # [T] int32, zero at launch: finished gate_up items per token (TOP_K * cdiv(I, GU_BLOCK_N) when all)
+    sync_ptr,  # [T + 1] int32, zero at launch: [t] finished gate_up items of token t (all: TOP_K * cdiv(I,
+    #            GU_BLOCK_N)); [T] the next work item to hand out
     num_tokens,  # T
     hidden,  # H
     inter,  # I
@@ -482,15 +483,20 @@ def _direct_kernel(
     LINE_ELEMS: tl.constexpr,  # elements per 128-byte line
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32 rounding); 16-bit inputs ignore it
 ):
-    """The direct layout in one launch (see the module docstring): program p takes the work items p, p + P,
-    ... of a list that holds every gate_up item (route, I tile) before every down item (token, H tile). A
-    gate_up item stores its tile of h and counts itself done for its token (release); a down item waits
-    until its token's count is complete (acquire), then runs _down_route_tile."""
+    """The direct layout in one launch (see the module docstring). The work items are every gate_up item
+    (route, I tile), then every down item (token, H tile); a program takes the next item from a counter
+    until none is left. A gate_up item stores its tile of h and counts itself done for its token (release);
+    a down item waits until its token's count is complete (acquire), then runs _down_route_tile. Items are
+    handed out in order, so every gate_up item a down item waits for is already held by a running program
+    that waits for nothing: no launch size or residency can deadlock."""
     num_pairs = num_tokens * TOP_K
     gu_tiles = tl.cdiv(inter, GU_BLOCK_N)
     gu_items = num_pairs * gu_tiles
     items = gu_items + num_tokens * tl.cdiv(hidden, DN_BLOCK_N)
-    for item in range(tl.program_id(0), items, tl.num_programs(0)):
+    done_ptr = sync_ptr
+    next_ptr = sync_ptr + num_tokens
+    item = tl.atomic_add(next_ptr, 1, sem="relaxed", scope="gpu")
+    while item < items:
         if item < gu_items:
             # N-tile-major: the routes of one I tile are consecutive, so routes that share an expert (several
             # tokens) read the same weight tile at about the same time (from the L2 after the first).
@@ -518,6 +524,7 @@ def _direct_kernel(
             _down_route_tile(h_ptr, w2_ptr, w2_desc, y_ptr, ids_ptr, t, pid_n, hidden, inter, num_experts, stride_hm,
                              stride_w2e, stride_w2n, stride_ym, TOP_K, BLOCK_R, DN_EVEN_K, DN_BLOCK_M, DN_BLOCK_N,
                              DN_BLOCK_K, DOT_PRECISION, DN_TMA)
+        item = tl.atomic_add(next_ptr, 1, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -607,10 +614,11 @@ def _down(h, w2, cfg: GemmConfig, rows: str, row_map, out, *, pair=None, weights
     )
 
 
-# Programs of the direct kernel per SM (tuned with bench/tune_moe.py; more than one per SM needs two to
-# fit in an SM's shared memory and registers, which the direct configs do). Triton's interpreter runs the
-# programs one after another: there one program does every item, in order.
+# Programs of the direct kernel per SM (tuned with bench/tune_moe.py). Any number is safe (the work items
+# are handed out in order; see _direct_kernel); programs that do not fit beside each other just start late.
+# Triton's interpreter runs the programs one after another: there the first does every item.
 DIRECT_PROGRAMS_PER_SM = 1
+INTERPRETER_PROGRAMS = 2
 
 
 @functools.cache
@@ -625,16 +633,16 @@ def _direct(x, w13, w2, weights, ids, y, top_k: int, cfg_gu: GemmConfig, cfg_dn:
     num_experts, two_i, _ = w13.shape
     inter = two_i // 2
     h = torch.empty((ids.numel(), inter), dtype=x.dtype, device=x.device)  # [N, I]
-    done = torch.zeros(num_tokens, dtype=torch.int32, device=x.device)
+    sync = torch.zeros(num_tokens + 1, dtype=torch.int32, device=x.device)  # see _direct_kernel's sync_ptr
     items = ids.numel() * triton.cdiv(inter, cfg_gu.block_n) + num_tokens * triton.cdiv(hidden, cfg_dn.block_n)
-    programs = 1
+    programs = INTERPRETER_PROGRAMS
     if x.device.type == "cuda":
         device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
         programs = DIRECT_PROGRAMS_PER_SM * _sm_count(device_index)
     gu_tma, w13_desc = _weight_desc(w13, cfg_gu)
     dn_tma, w2_desc = _weight_desc(w2, cfg_dn)
     _direct_kernel[(min(items, programs),)](
-        x, w13, w13_desc, w2, w2_desc, h, y, ids, weights, done, num_tokens, hidden, inter, num_experts,
+        x, w13, w13_desc, w2, w2_desc, h, y, ids, weights, sync, num_tokens, hidden, inter, num_experts,
         x.stride(0), w13.stride(0), w13.stride(1), w2.stride(0), w2.stride(1), h.stride(0), y.stride(0),
         TOP_K=top_k, BLOCK_R=triton.next_power_of_2(top_k),
         GU_EVEN_K=hidden % cfg_gu.block_k == 0, GU_BLOCK_M=cfg_gu.block_m, GU_BLOCK_N=cfg_gu.block_n,
