@@ -40,13 +40,13 @@ class GemmConfig(NamedTuple):
 
 BUCKETS = (("decode", 4.0), ("small", 32.0), ("medium", 128.0), ("large", float("inf")))
 
-# moe_ffn takes the direct layout (no permutation, no top-k sum kernel: 2 launches) up to this many tokens.
-# One token's top_k routes are distinct experts, so route-major programs read each hit expert once; with
-# more tokens, routes share experts and a route-major program would read a shared expert once per route.
-# bench/tune_moe.py times the layouts at T = 1, 2, 4, 8, 64, 128 and prints the crossing. 0 for now: with
-# the untuned "direct" configs below, sorted beat direct at T = 1 on the H200 (bench/results/nvidia-h200/
-# moe.json, commit ef1e0b6: Lite 41.2 vs 46.2 µs, 236B 93.8 vs 112.2 µs); layout="direct" stays selectable.
-DIRECT_MAX_TOKENS = 0
+# moe_ffn takes the direct layout (no permutation, no top-k sum kernel: 1 launch) up to this many tokens.
+# One token's top_k routes are distinct experts, so route-major items read each hit expert once; with
+# more tokens, routes share experts and a route-major item would read a shared expert once per route.
+# bench/tune_moe.py times the layouts at T = 1, 2, 4, 8, 64, 128 and prints the crossing. H200, T = 1,
+# tuned configs (bench/results/nvidia-h200/tune/moe_direct.json): direct 38.4 µs vs sorted ~44 (Lite),
+# 88.2 vs ~109 (236B).
+DIRECT_MAX_TOKENS = 1
 
 # Starting points by bucket, before any sweep (Hopper, bf16). Decode tiles are thin in M and N so that
 # many programs stream each hit expert's weights once, with deep K steps and stages to keep loads in flight.
@@ -77,6 +77,12 @@ TABLE: dict[tuple[str, int, int, str], GemmConfig] = {
     ("down", 2048, 1408, "large"): GemmConfig(128, 256, 64, 8, 8, 4, True, False, True),
     ("gate_up", 5120, 1536, "large"): GemmConfig(128, 128, 64, 8, 8, 4, True, False, True),
     ("down", 5120, 1536, "large"): GemmConfig(128, 256, 64, 8, 8, 4, True, False, True),
+    # H200, triton 3.6, `python -m bench.tune_moe --decode-only --only lite` (and 236b) (2026-11-29, the one-launch
+    # direct kernel at T = 1; bench/results/nvidia-h200/tune/moe_direct.json): Lite 38.4 µs, 236B 88.2 µs
+    ("gate_up", 2048, 1408, "direct"): GemmConfig(16, 64, 128, 1, 4, 4, True),
+    ("down", 2048, 1408, "direct"): GemmConfig(16, 16, 512, 1, 4, 4),
+    ("gate_up", 5120, 1536, "direct"): GemmConfig(16, 32, 256, 1, 4, 4, False, True),
+    ("down", 5120, 1536, "direct"): GemmConfig(16, 64, 128, 1, 4, 4),
     # H200, triton 3.6, `python -m bench.tune_moe` (2026-11-28; 107 s budget, best of each bucket's candidates)
     ("gate_up", 2048, 1408, "decode"): GemmConfig(16, 64, 128, 1, 4, 4, True, False),
     ("down", 2048, 1408, "decode"): GemmConfig(16, 64, 128, 1, 4, 4, False, False),
