@@ -120,12 +120,8 @@ def candidates(gemm: str, bucket: str, prefill_only: bool = False, hidden: int =
                         C(16, 32, 256, 1, 4, 3, True), C(16, 64, 64, 1, 4, 6, True), C(16, 32, 128, 1, 2, 5, True),
                         C(16, 32, 128, 1, 4, 6, True), C(16, 64, 128, 1, 8, 4, True),
                         C(16, 32, 128, 1, 4, 4), C(16, 64, 128, 1, 4, 4), C(16, 32, 256, 1, 4, 4, False, True)],
-            # Each down tile also with prefetch (last field): a waiting down item asks the L2 for its weights.
             "down": [C(16, 16, 256, 1, 4, 4), C(16, 16, 512, 1, 4, 4), C(16, 32, 256, 1, 4, 4), C(16, 64, 128, 1, 4, 4),
-                     C(16, 16, 512, 1, 4, 4, True), C(16, 64, 128, 1, 4, 4, True),
-                     *(C(16, n, k, 1, 4, 4, tma, False, False, True) for n, k, tma in
-                       ((16, 256, False), (16, 512, False), (32, 256, False), (64, 128, False), (16, 512, True),
-                        (64, 128, True)))],
+                     C(16, 16, 512, 1, 4, 4, True), C(16, 64, 128, 1, 4, 4, True)],
         }[gemm]
     elif bucket == "small":
         extra = [C(16, 64, 128, 1, 4, 4), C(32, 32, 256, 1, 4, 4), C(64, 64, 128, 1, 4, 3), C(16, 32, 256, 1, 4, 4),
@@ -489,7 +485,7 @@ def compile_report(out_path: str, prefill_only: bool = False) -> int:
             consts = dict(TOP_K=TOP_K, BLOCK_R=8, GU_EVEN_K=True, GU_BLOCK_M=gu.block_m, GU_BLOCK_N=gu.block_n,
                           GU_BLOCK_K=gu.block_k, GU_TMA=gu.tma, GU_SINGLE_DOT=gu.single_dot and not gu.tma,
                           DN_EVEN_K=True, DN_BLOCK_M=dn.block_m, DN_BLOCK_N=dn.block_n, DN_BLOCK_K=dn.block_k,
-                          DN_TMA=dn.tma, DN_PREFETCH=dn.prefetch, DN_LINES=32, LINE_ELEMS=64, DOT_PRECISION="tf32")
+                          DN_TMA=dn.tma, DOT_PRECISION="tf32")
             shown = {"gate_up": gu._asdict(), "down": dn._asdict()}
             cfg = gu  # num_warps, num_stages
         else:

@@ -433,18 +433,11 @@ def _down_route_tile(
 
 
 @triton.jit
-def _prefetch_down_slab(w2_ptr, ids_ptr, t, pid_n, hidden, inter, num_experts, stride_we, stride_wn,
-                        TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, LINES: tl.constexpr, LINE_ELEMS: tl.constexpr):
-    """Ask the L2 for the weight rows a down item (token t, H tile pid_n) will read -- w2[e_k, cols, :] of the
-    token's routes -- and to keep them (evict_last): one prefetch per 128-byte line, nothing held in registers."""
-    cols = tl.minimum(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), hidden - 1)  # [BN] H rows of w2
-    line = tl.minimum(tl.arange(0, LINES) * LINE_ELEMS, inter - 1)  # [LINES] first element of each line
-    for k in tl.static_range(TOP_K):
-        e = tl.load(ids_ptr + t * TOP_K + k)
-        if (e >= 0) & (e < num_experts):
-            ptrs = w2_ptr + e.to(tl.int64) * stride_we + cols[:, None].to(tl.int64) * stride_wn + line[None, :]
-            tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                                      dtype=tl.int32, is_pure=False, pack=1)
+def _pause(v):
+    """Sleep about 200 ns (nanosleep), then return ``v``: spacing of a spin loop's reads, so that many
+    waiting programs do not keep the L2 slice that holds the flag busy for everyone's weight reads."""
+    return tl.inline_asm_elementwise("nanosleep.u32 200;\n\tmov.b32 $0, $1;", "=r,r", [v], dtype=tl.int32,
+                                     is_pure=False, pack=1)
 
 
 @triton.jit
@@ -478,9 +471,6 @@ def _direct_kernel(
     GU_TMA: tl.constexpr, GU_SINGLE_DOT: tl.constexpr,
     DN_EVEN_K: tl.constexpr, DN_BLOCK_M: tl.constexpr, DN_BLOCK_N: tl.constexpr, DN_BLOCK_K: tl.constexpr,
     DN_TMA: tl.constexpr,
-    DN_PREFETCH: tl.constexpr,  # a down item that must wait first prefetches its weights (_prefetch_down_slab)
-    DN_LINES: tl.constexpr,  # next power of two >= the 128-byte lines of a w2 row
-    LINE_ELEMS: tl.constexpr,  # elements per 128-byte line
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32 rounding); 16-bit inputs ignore it
 ):
     """The direct layout in one launch (see the module docstring). The work items are every gate_up item
@@ -513,13 +503,10 @@ def _direct_kernel(
         else:
             t = (item - gu_items) % num_tokens
             pid_n = (item - gu_items) // num_tokens
-            # The acquire (an atomic read) once per check; between checks, plain volatile reads spin (an
-            # atomic per spin step would queue behind, and slow down, the gate_up items' releases).
+            # The acquire (an atomic read) once per check; between checks, plain volatile reads spin, paced
+            # by _pause (an atomic per spin step would queue behind, and slow down, the gate_up releases).
             while tl.atomic_add(done_ptr + t, 0, sem="acquire", scope="gpu") < TOP_K * gu_tiles:
-                if DN_PREFETCH:
-                    _prefetch_down_slab(w2_ptr, ids_ptr, t, pid_n, hidden, inter, num_experts, stride_w2e,
-                                        stride_w2n, TOP_K, DN_BLOCK_N, DN_LINES, LINE_ELEMS)
-                while tl.load(done_ptr + t, volatile=True) < TOP_K * gu_tiles:
+                while _pause(tl.load(done_ptr + t, volatile=True)) < TOP_K * gu_tiles:
                     pass
             _down_route_tile(h_ptr, w2_ptr, w2_desc, y_ptr, ids_ptr, t, pid_n, hidden, inter, num_experts, stride_hm,
                              stride_w2e, stride_w2n, stride_ym, TOP_K, BLOCK_R, DN_EVEN_K, DN_BLOCK_M, DN_BLOCK_N,
@@ -648,8 +635,7 @@ def _direct(x, w13, w2, weights, ids, y, top_k: int, cfg_gu: GemmConfig, cfg_dn:
         GU_EVEN_K=hidden % cfg_gu.block_k == 0, GU_BLOCK_M=cfg_gu.block_m, GU_BLOCK_N=cfg_gu.block_n,
         GU_BLOCK_K=cfg_gu.block_k, GU_TMA=gu_tma, GU_SINGLE_DOT=cfg_gu.single_dot and not gu_tma,
         DN_EVEN_K=inter % cfg_dn.block_k == 0, DN_BLOCK_M=cfg_dn.block_m, DN_BLOCK_N=cfg_dn.block_n,
-        DN_BLOCK_K=cfg_dn.block_k, DN_TMA=dn_tma, DN_PREFETCH=cfg_dn.prefetch,
-        DN_LINES=triton.next_power_of_2(triton.cdiv(inter * x.element_size(), 128)), LINE_ELEMS=128 // x.element_size(),
+        DN_BLOCK_K=cfg_dn.block_k, DN_TMA=dn_tma,
         DOT_PRECISION=_precision(x.dtype), num_warps=cfg_gu.num_warps, num_stages=cfg_gu.num_stages,
     )
 

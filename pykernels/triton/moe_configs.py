@@ -33,9 +33,6 @@ class GemmConfig(NamedTuple):
     # unpadded layouts only): at 307 rows per expert (236B prefill) 128-row tiles compute 384 rows, with
     # the split 320.
     split_tail: bool = False
-    # The direct layout's down tile only: a down item that has to wait for its token's gate_up items first
-    # asks the L2 to fetch its weight rows (prefetch.global.L2), so they stream from HBM during the wait.
-    prefetch: bool = False
 
 
 BUCKETS = (("decode", 4.0), ("small", 32.0), ("medium", 128.0), ("large", float("inf")))
