@@ -8,8 +8,9 @@ and the bucket from the average rows per expert ``rows / E`` (rows = tokens x to
     "medium"   <= 128
     "large"    >  128                  prefill (8192 tokens at top-6: 768 rows per expert on 64, 307 on 160)
 
-plus the pseudo-bucket "direct": the GEMMs of moe_ffn's direct layout (up to ``DIRECT_MAX_TOKENS`` tokens,
-see ``layout_for``): gate_up one route per program, down one token per program over its routes.
+plus the pseudo-bucket "direct": the two GEMMs of moe_ffn's one-launch direct layout (up to
+``DIRECT_MAX_TOKENS`` tokens, see ``layout_for``): gate_up items of one route, down items of one token over
+its routes.
 
 Shapes not in the table use ``DEFAULTS[(gemm, bucket)]``. To update after a sweep: run
 ``python -m bench.tune_moe --out tune.json`` on the GPU, then copy each shape's ``best`` entry from the JSON
