@@ -451,11 +451,11 @@ def compile_report(out_path: str, prefill_only: bool = False) -> int:
     from triton.compiler import ASTSource
 
     from pykernels.triton import grouped_gemm
-    from pykernels.triton.moe_configs import DEFAULTS, GemmConfig
+    from pykernels.triton.moe_configs import DEFAULTS, TABLE, GemmConfig
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     aligned = {"x_ptr", "w13_ptr", "h_ptr", "map_ptr", "pair_ptr", "w2_ptr", "out_ptr", "y_ptr", "ids_ptr",
-               "weights_ptr", "sync_ptr", "hidden", "inter", "stride_xm", "stride_we", "stride_wn", "stride_hm",
+               "weights_ptr", "sync_ptr", "counts_ptr", "hidden", "inter", "stride_xm", "stride_we", "stride_wn", "stride_hm",
                "stride_om", "stride_ym", "up_shift", "stride_w13e", "stride_w13n", "stride_w2e", "stride_w2n"}
     ints = ("num_rows", "num_pairs", "num_tokens", "hidden", "inter", "num_experts", "top_k", "stride_xm", "stride_wn",
             "stride_hm", "stride_om", "stride_ym", "up_shift", "num_m_tiles", "stride_w13n", "stride_w2n")
@@ -463,6 +463,9 @@ def compile_report(out_path: str, prefill_only: bool = False) -> int:
     for gemm in ("gate_up", "down") if prefill_only else ():
         for c in map(GemmConfig._make, PREFILL_CANDIDATES[gemm]):
             variants += [(gemm, gemm, "sorted", c), (gemm, gemm, "gather", c)]
+    # The table's large down tiles with the top-k sum in their epilogue (moe_configs.FUSED_TOPK_SUM).
+    variants += [("down+sum", "down", layout, c) for (g, *_, bucket), c in TABLE.items() if g == "down"
+                 and bucket == "large" for layout in ("gather", "padded")]
     for b in () if prefill_only else ("decode", "small", "medium", "large"):
         for gemm in ("gate_up", "down"):
             for c in candidates(gemm, b):
@@ -496,6 +499,8 @@ def compile_report(out_path: str, prefill_only: bool = False) -> int:
                           GROUP_M=cfg.group_m, SPLIT_TAIL=cfg.split_tail and layout != "padded")
             if which == "gate_up":
                 consts.update(SINGLE_DOT=cfg.single_dot and not cfg.tma)
+            else:
+                consts.update(TOP_K=TOP_K, BLOCK_R=8, FUSED_SUM=name == "down+sum")
         sig = {}
         for arg in kernel.arg_names:
             if arg in consts:
@@ -506,7 +511,7 @@ def compile_report(out_path: str, prefill_only: bool = False) -> int:
                 sig[arg] = "i64"
             elif arg in ints:
                 sig[arg] = "i32"
-            elif arg in ("map_ptr", "pair_ptr", "ids_ptr", "sync_ptr"):
+            elif arg in ("map_ptr", "pair_ptr", "ids_ptr", "sync_ptr", "counts_ptr"):
                 sig[arg] = "*i32"
             else:
                 sig[arg] = "*fp32" if arg == "weights_ptr" else "*bf16"

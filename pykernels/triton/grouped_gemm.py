@@ -25,6 +25,11 @@
                                                               to route order, weighted, rounded once to x's dtype
     y[t]   = sum_k buf[t * top_k + k]                         _sum_topk_kernel, float32, k = 0, 1, ... in order
 
+  With ``moe_configs.FUSED_TOPK_SUM`` the last launch goes: the down GEMM counts each stored route row in
+  per (token, H tile), and the program that stores a token's last row of an H tile sums the token's rows
+  in the same order (_sum_finished_tokens: the same bits), while other programs still run the GEMM;
+  _zero_unrouted_kernel writes the rows of tokens without a valid route (nobody's last row).
+
 "padded" (vLLM's align layout, moe_permute.permute_padded): as "sorted", but each expert's rows are padded
 to whole tiles, so a GEMM program reads its tile's expert with one load (ROWS="padded") instead of a
 prefix sum over the E offsets, and masks the padding rows by their sentinel route N.
@@ -74,6 +79,9 @@ from pykernels.triton.moe_permute import permute, permute_padded
 
 # Hidden columns per program of the top-k sum (8 KiB of bf16 per route row read).
 _SUM_BLOCK_H = 1024
+# Tokens per program, and columns per store, of _zero_unrouted_kernel (moe_configs.FUSED_TOPK_SUM).
+_ZERO_BLOCK_T = 64
+_ZERO_BLOCK_H = 128
 LAYOUTS = ("direct", "sorted", "padded")
 
 
@@ -273,9 +281,10 @@ def _down_tile(
     pid_n,  # H tile
     row_begin,  # first sorted row of the tile
     row_end,  # "sorted"/"gather": end of the expert's rows (rows >= it are masked); "padded": unused
-    num_pairs, hidden, inter, stride_hm, stride_we, stride_wn, stride_om,
+    num_pairs, hidden, inter, num_experts, stride_hm, stride_we, stride_wn, stride_om, y_ptr, counts_ptr, ids_ptr,
     ROWS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, TOP_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    FUSED_SUM: tl.constexpr,
 ):
     """out rows of one (M tile, N tile) of _down_kernel (its arguments; BLOCK_M may be half the kernel's)."""
     rows = row_begin + tl.arange(0, BLOCK_M)  # [BM] sorted rows ("padded": padding rows are never stored)
@@ -327,6 +336,49 @@ def _down_tile(
         acc = acc * w[:, None]
     o_ptrs = out_ptr + dest.to(tl.int64)[:, None] * stride_om + cols[None, :]
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < hidden)[None, :])
+    if FUSED_SUM:
+        _sum_finished_tokens(out_ptr, y_ptr, counts_ptr, ids_ptr, dest, row_ok, pid_n, hidden, num_experts, stride_om,
+                             TOP_K, BLOCK_R, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _sum_finished_tokens(
+    out_ptr,  # [N, H] the weighted route rows (route order)
+    y_ptr,  # [T, H] out
+    counts_ptr,  # [T, cdiv(H, BLOCK_N)] int32, zero at launch: route rows stored so far per (token, H tile)
+    ids_ptr,  # [N] expert id per route
+    dest,  # [BM] the routes whose rows this tile just stored (valid where row_ok)
+    row_ok, pid_n, hidden, num_experts, stride_om,
+    TOP_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The top-k sum inside the down GEMM: each stored route row counts itself in for its (token, H tile);
+    the program that brings the count to the token's number of valid routes reads the token's rows and
+    writes y[token] = sum over k = 0, 1, ... in float32 (the order and the rounding of _sum_topk_kernel:
+    the same bits). The release (after a barrier: every thread's stores) and acquire are the count's
+    atomic; a second barrier orders the acquire before every thread's reads."""
+    tl.debug_barrier()
+    token = dest // TOP_K  # [BM]
+    r = tl.arange(0, BLOCK_R)[None, :]  # [1, BR]
+    e = tl.load(ids_ptr + token[:, None] * TOP_K + r, mask=row_ok[:, None] & (r < TOP_K), other=-1)  # [BM, BR]
+    valid = (e >= 0) & (e < num_experts)  # routes with a bad id were never computed
+    need = tl.sum(valid.to(tl.int32), axis=1)  # [BM]
+    num_n_tiles = tl.cdiv(hidden, BLOCK_N)
+    seen = tl.atomic_add(counts_ptr + token * num_n_tiles + pid_n, 1, mask=row_ok, sem="acq_rel", scope="gpu")
+    tl.debug_barrier()
+    last = row_ok & (seen + 1 == need)  # [BM]
+    rows_in = (token * TOP_K).to(tl.int64)[:, None] * stride_om  # [BM, 1] the token's first route row
+    # Column slices of at most 64: the [BM, slice] float32 sum stays small beside the tile's other registers.
+    SLICE: tl.constexpr = BLOCK_N if BLOCK_N < 64 else 64
+    for c0 in tl.static_range(0, BLOCK_N, SLICE):
+        cols = pid_n * BLOCK_N + c0 + tl.arange(0, SLICE)  # [SLICE]
+        col_ok = (cols < hidden)[None, :]
+        acc = tl.zeros((BLOCK_M, SLICE), tl.float32)
+        for k in tl.static_range(TOP_K):
+            live = last & (tl.sum(tl.where(r == k, valid.to(tl.int32), 0), axis=1) > 0)  # [BM]
+            v_ptrs = out_ptr + rows_in + k * stride_om + cols[None, :]
+            acc += tl.load(v_ptrs, mask=live[:, None] & col_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+        tl.store(y_ptr + token.to(tl.int64)[:, None] * hidden + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=last[:, None] & col_ok)
 
 
 @triton.jit
@@ -347,6 +399,9 @@ def _down_kernel(
     stride_we,
     stride_wn,
     stride_om,
+    y_ptr,  # FUSED_SUM: [T, H] out, the sum of each token's route rows
+    counts_ptr,  # FUSED_SUM: [T, cdiv(H, BLOCK_N)] int32, zero at launch
+    ids_ptr,  # FUSED_SUM: [N] expert id per route
     num_m_tiles,  # M tiles launched (an upper bound of the real ones)
     ROWS: tl.constexpr,  # "sorted": out[r] = row; "gather"/"padded": out[sorted_pair[r]] = w * row
     PAD: tl.constexpr,  # "padded": rows per block of the padded layout (a multiple of BLOCK_M)
@@ -359,8 +414,12 @@ def _down_kernel(
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32 rounding); 16-bit inputs ignore it
     USE_TMA: tl.constexpr,  # weight tiles through the TMA descriptor instead of pointer loads
     SPLIT_TAIL: tl.constexpr,  # ("sorted"/"gather" only) an expert's last tile of <= BLOCK_M / 2 rows runs half-height
+    TOP_K: tl.constexpr,  # FUSED_SUM: routes per token
+    BLOCK_R: tl.constexpr,  # FUSED_SUM: next power of two >= TOP_K
+    FUSED_SUM: tl.constexpr,  # ("gather"/"padded" only) the top-k sum in the epilogue (_sum_finished_tokens)
 ):
     tl.static_assert(not SPLIT_TAIL or (BLOCK_M >= 32 and ROWS != "padded"))
+    tl.static_assert(not FUSED_SUM or ROWS != "sorted")
     pid_m, pid_n = _tile_ids(num_m_tiles, tl.cdiv(hidden, BLOCK_N), GROUP_M)
     if ROWS == "padded":
         expert = tl.load(map_ptr + pid_m * BLOCK_M // PAD)
@@ -375,16 +434,19 @@ def _down_kernel(
     if SPLIT_TAIL:
         if row_end - row_begin <= BLOCK_M // 2:
             _down_tile(h_ptr, w2_ptr, w2_desc, out_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
-                       num_pairs, hidden, inter, stride_hm, stride_we, stride_wn, stride_om,
-                       ROWS, EVEN_K, BLOCK_M // 2, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA)
+                       num_pairs, hidden, inter, num_experts, stride_hm, stride_we, stride_wn, stride_om, y_ptr,
+                       counts_ptr, ids_ptr, ROWS, EVEN_K, BLOCK_M // 2, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA,
+                       TOP_K, BLOCK_R, FUSED_SUM)
         else:
             _down_tile(h_ptr, w2_ptr, w2_desc, out_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
-                       num_pairs, hidden, inter, stride_hm, stride_we, stride_wn, stride_om,
-                       ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA)
+                       num_pairs, hidden, inter, num_experts, stride_hm, stride_we, stride_wn, stride_om, y_ptr,
+                       counts_ptr, ids_ptr, ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA,
+                       TOP_K, BLOCK_R, FUSED_SUM)
     else:
         _down_tile(h_ptr, w2_ptr, w2_desc, out_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
-                   num_pairs, hidden, inter, stride_hm, stride_we, stride_wn, stride_om,
-                   ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA)
+                   num_pairs, hidden, inter, num_experts, stride_hm, stride_we, stride_wn, stride_om, y_ptr,
+                   counts_ptr, ids_ptr, ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA,
+                   TOP_K, BLOCK_R, FUSED_SUM)
 
 
 @triton.jit
@@ -537,6 +599,31 @@ def _sum_topk_kernel(
     tl.store(y_ptr + t * hidden + cols, acc.to(y_ptr.dtype.element_ty), mask=col_ok)
 
 
+@triton.jit
+def _zero_unrouted_kernel(
+    ids_ptr,  # [T * TOP_K] expert id per route (int32 or int64)
+    y_ptr,  # [T, H] out: the rows of tokens without a valid route set to 0
+    num_tokens,
+    hidden,
+    num_experts,
+    TOP_K: tl.constexpr,  # routes per token
+    BLOCK_R: tl.constexpr,  # next power of two >= TOP_K
+    BLOCK_T: tl.constexpr,  # tokens per program
+    BLOCK_H: tl.constexpr,  # hidden columns per store
+):
+    """y[t] = 0 for each token none of whose ids is in [0, E): the fused top-k sum writes every other row."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
+    r = tl.arange(0, BLOCK_R)[None, :]  # [1, BR]
+    e = tl.load(ids_ptr + t.to(tl.int64)[:, None] * TOP_K + r, mask=(t < num_tokens)[:, None] & (r < TOP_K), other=-1)
+    dead = (t < num_tokens) & (tl.sum(((e >= 0) & (e < num_experts)).to(tl.int32), axis=1) == 0)  # [BT]
+    if tl.max(dead.to(tl.int32), axis=0) > 0:
+        cols = tl.arange(0, BLOCK_H)
+        for h0 in range(0, hidden, BLOCK_H):
+            y_ptrs = y_ptr + t.to(tl.int64)[:, None] * hidden + (h0 + cols)[None, :]
+            tl.store(y_ptrs, tl.zeros((BLOCK_T, BLOCK_H), y_ptr.dtype.element_ty),
+                     mask=dead[:, None] & ((h0 + cols) < hidden)[None, :])
+
+
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -582,22 +669,28 @@ def _gate_up(x, w13, cfg: GemmConfig, rows: str, row_map, *, pair=None, num_rows
     return h
 
 
-def _down(h, w2, cfg: GemmConfig, rows: str, row_map, out, *, pair=None, weights=None, num_pairs=0, pad=0) -> None:
-    """out = the down GEMM of h in row layout ``rows`` ("sorted", "gather", "padded"; see _gate_up)."""
+def _down(h, w2, cfg: GemmConfig, rows: str, row_map, out, *, pair=None, weights=None, num_pairs=0, pad=0,
+          sum_into=None, ids=None, top_k=1) -> None:
+    """out = the down GEMM of h in row layout ``rows`` ("sorted", "gather", "padded"; see _gate_up). With
+    ``sum_into`` (y [T, H]; "gather"/"padded", ``ids`` the flattened topk_ids), the kernel also writes each
+    token's top-k sum to y, except for tokens without a valid route (see moe_ffn_triton)."""
     num_experts, hidden, inter = w2.shape
     num_rows = h.shape[0]
     m_tiles = num_rows // cfg.block_m if rows == "padded" else _m_tiles(num_rows, num_experts, cfg.block_m)
+    fused = sum_into is not None
+    counts = (torch.zeros((sum_into.shape[0], triton.cdiv(hidden, cfg.block_n)), dtype=torch.int32, device=h.device)
+              if fused else out)
     grid = (m_tiles * triton.cdiv(hidden, cfg.block_n),)
     use_tma, w2_desc = _weight_desc(w2, cfg)
     _down_kernel[grid](
         h, w2, w2_desc, out, row_map, row_map if pair is None else pair, h if weights is None else weights,
         num_rows, num_pairs, hidden, inter, num_experts,
-        h.stride(0), w2.stride(0), w2.stride(1), out.stride(0), m_tiles,
-        ROWS=rows, PAD=pad, EVEN_K=inter % cfg.block_k == 0,
+        h.stride(0), w2.stride(0), w2.stride(1), out.stride(0), sum_into if fused else out, counts,
+        ids if fused else row_map, m_tiles, ROWS=rows, PAD=pad, EVEN_K=inter % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         BLOCK_E=triton.next_power_of_2(num_experts), GROUP_M=cfg.group_m, DOT_PRECISION=_precision(h.dtype),
-        USE_TMA=use_tma, SPLIT_TAIL=cfg.split_tail and rows != "padded", num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        USE_TMA=use_tma, SPLIT_TAIL=cfg.split_tail and rows != "padded", TOP_K=top_k,
+        BLOCK_R=triton.next_power_of_2(top_k), FUSED_SUM=fused, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
@@ -673,19 +766,28 @@ def moe_ffn_triton(
         _direct(x, w13, w2, weights, ids, y, top_k, cfg_gu, cfg_dn)
         return y
     buf = torch.empty((num_pairs, hidden), dtype=x.dtype, device=x.device)  # [N, H] route order
+    fused = moe_configs.FUSED_TOPK_SUM
+    if fused:
+        block_r = triton.next_power_of_2(top_k)
+        _zero_unrouted_kernel[(triton.cdiv(num_tokens, _ZERO_BLOCK_T),)](
+            ids, y, num_tokens, hidden, num_experts, TOP_K=top_k, BLOCK_R=block_r, BLOCK_T=_ZERO_BLOCK_T,
+            BLOCK_H=_ZERO_BLOCK_H, num_warps=4,
+        )
+    summed = dict(sum_into=y, ids=ids, top_k=top_k) if fused else {}
     if layout == "padded":
         pad = max(cfg_gu.block_m, cfg_dn.block_m)
         block_expert, sorted_pair = permute_padded(topk_ids, num_experts, pad)
         h = _gate_up(x, w13, cfg_gu, "padded", block_expert, pair=sorted_pair, num_rows=sorted_pair.numel(),
                      num_pairs=num_pairs, top_k=top_k, pad=pad)  # [R_padded, I]
         _down(h, w2, cfg_dn, "padded", block_expert, buf, pair=sorted_pair, weights=weights, num_pairs=num_pairs,
-              pad=pad)
+              pad=pad, **summed)
     else:
         offsets, sorted_pair = permute(topk_ids, num_experts)
         h = _gate_up(x, w13, cfg_gu, "gather", offsets, pair=sorted_pair, num_rows=num_pairs, top_k=top_k)  # [N, I]
-        _down(h, w2, cfg_dn, "gather", offsets, buf, pair=sorted_pair, weights=weights)
-    grid = (num_tokens, triton.cdiv(hidden, _SUM_BLOCK_H))
-    _sum_topk_kernel[grid](buf, ids, y, hidden, num_experts, TOP_K=top_k, BLOCK_H=_SUM_BLOCK_H, num_warps=4)
+        _down(h, w2, cfg_dn, "gather", offsets, buf, pair=sorted_pair, weights=weights, **summed)
+    if not fused:
+        grid = (num_tokens, triton.cdiv(hidden, _SUM_BLOCK_H))
+        _sum_topk_kernel[grid](buf, ids, y, hidden, num_experts, TOP_K=top_k, BLOCK_H=_SUM_BLOCK_H, num_warps=4)
     return y
 
 

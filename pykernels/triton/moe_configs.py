@@ -46,6 +46,11 @@ BUCKETS = (("decode", 4.0), ("small", 32.0), ("medium", 128.0), ("large", float(
 # 88.2 vs ~109 (236B).
 DIRECT_MAX_TOKENS = 1
 
+# The sorted and padded layouts' top-k sum: False, a separate kernel over the route rows (_sum_topk_kernel);
+# True, inside the down GEMM (the program that stores a token's last route row of an H tile sums the
+# token's rows, while the other programs still run the GEMM; same bits). Off until measured on the GPU.
+FUSED_TOPK_SUM = False
+
 # Starting points by bucket, before any sweep (Hopper, bf16). Decode tiles are thin in M and N so that
 # many programs stream each hit expert's weights once, with deep K steps and stages to keep loads in flight.
 DEFAULTS: dict[tuple[str, str], GemmConfig] = {
