@@ -455,8 +455,9 @@ def compile_report(out_path: str, prefill_only: bool = False) -> int:
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     aligned = {"x_ptr", "w13_ptr", "h_ptr", "map_ptr", "pair_ptr", "w2_ptr", "out_ptr", "y_ptr", "ids_ptr",
-               "weights_ptr", "sync_ptr", "counts_ptr", "hidden", "inter", "stride_xm", "stride_we", "stride_wn", "stride_hm",
-               "stride_om", "stride_ym", "up_shift", "stride_w13e", "stride_w13n", "stride_w2e", "stride_w2n"}
+               "weights_ptr", "sync_ptr", "counts_ptr", "hidden", "inter", "stride_xm", "stride_we", "stride_wn",
+               "stride_hm", "stride_om", "stride_ym", "up_shift", "stride_w13e", "stride_w13n", "stride_w2e",
+               "stride_w2n"}
     ints = ("num_rows", "num_pairs", "num_tokens", "hidden", "inter", "num_experts", "top_k", "stride_xm", "stride_wn",
             "stride_hm", "stride_om", "stride_ym", "up_shift", "num_m_tiles", "stride_w13n", "stride_w2n")
     variants = []  # (name, kernel, rows, config)
