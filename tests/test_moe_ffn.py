@@ -242,6 +242,7 @@ def test_triton_fused_topk_sum(device, dtype, layout, monkeypatch):
     """moe_configs.FUSED_TOPK_SUM: the top-k sum inside the down GEMM gives the separate sum kernel's bits.
     Several H tiles (H = 40, 16-column tiles), repeated experts across tokens, half-height tails, top_k = 3
     with one bad id in a token and every id bad in another (its row must come out 0)."""
+    from pykernels.triton import grouped_gemm
     from pykernels.triton.grouped_gemm import moe_ffn_triton
 
     x, w13, w2, tw, ids = _case_inputs((29, 5, 40, 24, 3, "random"), dtype, device)
@@ -252,6 +253,7 @@ def test_triton_fused_topk_sum(device, dtype, layout, monkeypatch):
     monkeypatch.setattr(moe_configs, "FUSED_TOPK_SUM", False)
     separate = moe_ffn_triton(x, w13, w2, tw, ids, **args)
     monkeypatch.setattr(moe_configs, "FUSED_TOPK_SUM", True)
+    monkeypatch.setattr(grouped_gemm, "_sum_topk_kernel", None)  # the fused path must not launch it
     fused = moe_ffn_triton(x, w13, w2, tw, ids, **args)
     assert torch.equal(fused, separate)
     assert torch.equal(fused[9].cpu(), torch.zeros_like(fused[9]).cpu())
@@ -449,6 +451,23 @@ def test_gpu_deterministic(T):
                            moe_ffn_triton(x, w13, w2, tw, ids, layout=layout))
     xs, offsets = _sorted_rows(x, ids, 64)
     assert torch.equal(pk.grouped_ffn(xs, w13, w2, offsets), pk.grouped_ffn(xs, w13, w2, offsets))
+
+
+@pytest.mark.gpu
+def test_gpu_direct_any_launch_size(monkeypatch):
+    """The direct kernel's programs take work items from a counter: 1, 2 or 7 programs per SM (more than fit
+    at once) finish, with the same bits (each item computes the same way whichever program takes it)."""
+    from pykernels.triton import grouped_gemm
+
+    for T, E, H, I in ((1, 64, 2048, 1408), (3, 160, 5120, 1536)):
+        x, w13, w2, tw, ids = _gpu_inputs(T, E, H, I, 6)
+        outs = []
+        for per_sm in (1, 2, 7):
+            monkeypatch.setattr(grouped_gemm, "DIRECT_PROGRAMS_PER_SM", per_sm)
+            _poison_allocator()
+            outs.append(grouped_gemm.moe_ffn_triton(x, w13, w2, tw, ids, layout="direct"))
+        assert all(torch.equal(o, outs[0]) for o in outs[1:])
+        assert _rel(outs[0], moe_ffn_reference(x, w13, w2, tw, ids)) <= TOL[torch.bfloat16]
 
 
 @pytest.mark.gpu
