@@ -118,6 +118,21 @@ def _tile_ids(num_m_tiles, num_n_tiles, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _program_tile(map_ptr, num_experts, num_rows, num_m_tiles, num_n_tiles, ROWS: tl.constexpr, PAD: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr):
+    """(expert, N tile, first row, row end) of this program's work item in a sorted layout; expert >= E past
+    the last real tile ("padded": from the block experts at ``map_ptr``; else from the offsets)."""
+    pid_m, pid_n = _tile_ids(num_m_tiles, num_n_tiles, GROUP_M)
+    if ROWS == "padded":
+        expert = tl.load(map_ptr + pid_m * BLOCK_M // PAD)
+        row_begin = pid_m * BLOCK_M
+        row_end = row_begin + BLOCK_M
+    else:
+        expert, row_begin, row_end = _expert_tile(map_ptr, num_experts, num_rows, pid_m, BLOCK_M, BLOCK_E)
+    return expert, pid_n, row_begin, row_end
+
+
+@triton.jit
 def _gate_up_tile(
     x_ptr, w13_ptr, w13_desc, h_ptr, pair_ptr, weights_ptr,
     expert,  # the tile's expert (in range)
@@ -249,17 +264,10 @@ def _gate_up_kernel(
     SPLIT_TAIL: tl.constexpr,  # ("sorted"/"gather" only) an expert's last tile of <= BLOCK_M / 2 rows runs half-height
 ):
     tl.static_assert(not SPLIT_TAIL or (BLOCK_M >= 32 and (ROWS == "sorted" or ROWS == "gather")))
-    pid_m, pid_n = _tile_ids(num_m_tiles, tl.cdiv(inter, BLOCK_N), GROUP_M)
-    if ROWS == "padded":
-        expert = tl.load(map_ptr + pid_m * BLOCK_M // PAD)
-        if expert >= num_experts:
-            return
-        row_begin = pid_m * BLOCK_M
-        row_end = row_begin + BLOCK_M
-    else:
-        expert, row_begin, row_end = _expert_tile(map_ptr, num_experts, num_rows, pid_m, BLOCK_M, BLOCK_E)
-        if expert >= num_experts:
-            return
+    expert, pid_n, row_begin, row_end = _program_tile(map_ptr, num_experts, num_rows, num_m_tiles,
+                                                      tl.cdiv(inter, BLOCK_N), ROWS, PAD, BLOCK_M, BLOCK_E, GROUP_M)
+    if expert >= num_experts:
+        return
     if SPLIT_TAIL:
         if row_end - row_begin <= BLOCK_M // 2:
             _gate_up_tile(x_ptr, w13_ptr, w13_desc, h_ptr, pair_ptr, pair_ptr, expert, pid_n, row_begin, row_end,
@@ -421,17 +429,10 @@ def _down_kernel(
 ):
     tl.static_assert(not SPLIT_TAIL or (BLOCK_M >= 32 and ROWS != "padded"))
     tl.static_assert(not FUSED_SUM or ROWS != "sorted")
-    pid_m, pid_n = _tile_ids(num_m_tiles, tl.cdiv(hidden, BLOCK_N), GROUP_M)
-    if ROWS == "padded":
-        expert = tl.load(map_ptr + pid_m * BLOCK_M // PAD)
-        if expert >= num_experts:
-            return
-        row_begin = pid_m * BLOCK_M
-        row_end = row_begin + BLOCK_M
-    else:
-        expert, row_begin, row_end = _expert_tile(map_ptr, num_experts, num_rows, pid_m, BLOCK_M, BLOCK_E)
-        if expert >= num_experts:
-            return
+    expert, pid_n, row_begin, row_end = _program_tile(map_ptr, num_experts, num_rows, num_m_tiles,
+                                                      tl.cdiv(hidden, BLOCK_N), ROWS, PAD, BLOCK_M, BLOCK_E, GROUP_M)
+    if expert >= num_experts:
+        return
     if SPLIT_TAIL:
         if row_end - row_begin <= BLOCK_M // 2:
             _down_tile(h_ptr, w2_ptr, w2_desc, out_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
