@@ -232,13 +232,13 @@ def _weights(cache, E, H, I):
 
 def _sweep_case(report, scores, label, E, H, I, T, w13, w2, bucket, start, budget_s, prefill_only=False):
     """Time every candidate of the case's two GEMMs; record the case and each config's ratio to the case best."""
+    from pykernels.triton.moe_configs import DEFAULTS, GemmConfig
+
     rows = T * TOP_K
     decode = T <= 128
     direct = bucket == "direct"
     sets = _case_sets(E, H, I, T, w13, w2, DECODE_SETS if decode else 1, direct)
     hit = sum(s["hit"] for s in sets) / len(sets)
-    from pykernels.triton.moe_configs import DEFAULTS, GemmConfig
-
     partner = DEFAULTS[("down", "direct")] if direct else None  # the other GEMM's config in the direct kernel
     for gemm in ("gate_up", "down"):
         key = (gemm, H, I, bucket)

@@ -41,9 +41,9 @@ BUCKETS = (("decode", 4.0), ("small", 32.0), ("medium", 128.0), ("large", float(
 # moe_ffn takes the direct layout (no permutation, no top-k sum kernel: 1 launch) up to this many tokens.
 # One token's top_k routes are distinct experts, so route-major items read each hit expert once; with
 # more tokens, routes share experts and a route-major item would read a shared expert once per route.
-# bench/tune_moe.py times the layouts at T = 1, 2, 4, 8, 64, 128 and prints the crossing. H200, T = 1,
-# tuned configs (bench/results/nvidia-h200/tune/moe_direct.json): direct 38.4 µs vs sorted ~44 (Lite),
-# 88.2 vs ~109 (236B).
+# bench/tune_moe.py times the layouts at T = 1, 2, 4, 8, 64, 128 and prints the crossing. H200, tuned
+# configs (bench/results/nvidia-h200/tune/moe_layouts.json): direct against sorted at T = 1, 38.1 vs 40.8 µs
+# (Lite) and 87.6 vs 91.5 (236B); at T = 2 direct loses (69.4 vs 61.2, 165.7 vs 155.5).
 DIRECT_MAX_TOKENS = 1
 
 # The sorted and padded layouts' top-k sum: False, a separate kernel over the route rows (_sum_topk_kernel);
