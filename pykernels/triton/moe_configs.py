@@ -62,10 +62,10 @@ DEFAULTS: dict[tuple[str, str], GemmConfig] = {
     ("down", "small"): GemmConfig(32, 64, 128, 1, 4, 4),
     ("down", "medium"): GemmConfig(64, 128, 64, 8, 4, 4),
     ("down", "large"): GemmConfig(128, 128, 64, 8, 8, 4),
-    # Direct layout (one kernel, one program per SM walking the work items), M = one row: thin N tiles so
-    # that the top_k x cdiv(I, BLOCK_N) gate_up items and the cdiv(H, BLOCK_N) down items spread over the
-    # SMs (Lite: 264 and 128), each streaming its slab of weights; stages deep enough for ~40 KB of weights
-    # in flight per SM. The kernel takes num_warps and num_stages from the gate_up entry.
+    # Direct layout (one kernel, a program per SM taking work items from a counter), M = one row: thin N
+    # tiles so that the top_k x cdiv(I, BLOCK_N) gate_up items and the cdiv(H, BLOCK_N) down items spread
+    # over the SMs (Lite: 264 and 128), each streaming its slab of weights; stages deep enough for ~40 KB of
+    # weights in flight per SM. The kernel takes num_warps and num_stages from the gate_up entry.
     ("gate_up", "direct"): GemmConfig(16, 32, 128, 1, 4, 4, True),
     ("down", "direct"): GemmConfig(16, 16, 256, 1, 4, 4),
 }
