@@ -31,9 +31,7 @@ Records (shape {T, E, H, I, top_k}; moe_gate {T, E, H}):
                backend "triton" is the default row layout (extra.layout: direct at T = 1, sorted beyond);
                "triton-<layout>" rows time the other layouts at the same shape: "triton-padded" (vLLM's
                align layout) at every T against the default's unpadded masked tiles, "triton-sorted" /
-               "triton-direct" at T <= 8 (where the direct layout's limit is decided); past T = 8,
-               "triton-fused-sum" (or "-separate-sum") is the default with the other top-k sum
-               (moe_configs.FUSED_TOPK_SUM).
+               "triton-direct" at T <= 8 (where the direct layout's limit is decided).
   grouped_ffn  rows already sorted by expert (T x top_k rows); peer: the two _grouped_mm GEMMs with
                silu * up between them; extra.loop_us as above. Cost: profiles.cost_model.grouped_ffn.
 Prefill records also carry the gate_up GEMM alone (ours vs _grouped_mm) in extra, for diagnosis.
@@ -222,30 +220,19 @@ def _gate_up_alone(ctx, w13, w13_t, n_sets, sets, have_peer):
 
 
 def _other_layouts(ctx, sets, w13, w2, n_sets, graph, default, shape, cost, peer, extra, dtype_name) -> None:
-    """moe_ffn in the row layouts the default did not take: padded at every T, sorted/direct at T <= 8; and
-    past T = 8 the default's other top-k sum ("triton-fused-sum" / "triton-separate-sum", see
-    moe_configs.FUSED_TOPK_SUM)."""
-    from pykernels.triton import moe_configs
+    """moe_ffn in the row layouts the default did not take: padded at every T, sorted/direct at T <= 8."""
     from pykernels.triton.grouped_gemm import LAYOUTS, moe_ffn_triton
 
     E, two_i, H = w13.shape
     T = shape["T"]
-    variants = [(layout, moe_configs.FUSED_TOPK_SUM, f"triton-{layout}") for layout in LAYOUTS
-                if layout != default and (layout == "padded" or T <= 8)]
-    if default != "direct":
-        fused = not moe_configs.FUSED_TOPK_SUM
-        variants.append((default, fused, f"triton-{'fused' if fused else 'separate'}-sum"))
-    keep = moe_configs.FUSED_TOPK_SUM
-    try:
-        for layout, fused, backend in variants:
-            moe_configs.FUSED_TOPK_SUM = fused
-            t = ctx.time(lambda i: moe_ffn_triton(sets[i]["x"], w13, w2, sets[i]["weights"], sets[i]["ids"],
-                                                  layout=layout), n_sets=n_sets, graph=graph)
-            ctx.record(op="moe_ffn", backend=backend, shape=shape, dtype=dtype_name, time_us=t,
-                       bytes=cost.bytes, flops=cost.flops, peer=peer,
-                       extra=dict(extra, fused_topk_sum=fused, **_configs_extra(H, two_i // 2, T * TOP_K, E, layout)))
-    finally:
-        moe_configs.FUSED_TOPK_SUM = keep
+    for layout in LAYOUTS:
+        if layout == default or (layout != "padded" and T > 8):
+            continue
+        t = ctx.time(lambda i: moe_ffn_triton(sets[i]["x"], w13, w2, sets[i]["weights"], sets[i]["ids"],
+                                              layout=layout), n_sets=n_sets, graph=graph)
+        ctx.record(op="moe_ffn", backend=f"triton-{layout}", shape=shape, dtype=dtype_name, time_us=t,
+                   bytes=cost.bytes, flops=cost.flops, peer=peer,
+                   extra=dict(extra, **_configs_extra(H, two_i // 2, T * TOP_K, E, layout)))
 
 
 def _bench_gate(ctx, name, T, E, H, dtype, backend) -> None:

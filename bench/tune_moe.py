@@ -6,8 +6,8 @@
 Three parts, in this order (the budget stops the sweep between configs; the JSON is written after every
 case, so a run stopped by the budget keeps what it measured):
 
-1. The direct layout (moe_ffn at T = 1 in one launch: gate_up items per route, down items per token over
-   its routes), keys ``(gemm, H, I, "direct")``, at the shapes below with T = 1: the gate_up candidates
+1. The direct layout (moe_ffn at T = 1 in one launch: slice items per (route, I tile) running both GEMMs,
+   then sum items), keys ``(gemm, H, I, "direct")``, at the shapes below with T = 1: the gate_up candidates
    with the default down tile, then the down candidates with the best gate_up one, each timed as the whole
    kernel; then the best pair at 1, 2 and 3 programs per SM (``grouped_gemm.DIRECT_PROGRAMS_PER_SM``).
 2. Row layouts of the whole moe_ffn (direct, sorted, padded) at T = 1, 2, 4, 8, 64, 128 on the Lite and
@@ -113,15 +113,16 @@ def candidates(gemm: str, bucket: str, prefill_only: bool = False, hidden: int =
     elif bucket == "medium":
         extra = [C(64, 64, 64, 8, 4, 4), C(64, 128, 64, 8, 4, 3), C(32, 64, 128, 4, 4, 4), C(128, 64, 64, 8, 8, 3)]
     elif bucket == "direct":
-        # M is one row: N tiles thin enough to fill the SMs, deep K steps and stages for bytes in flight. One
-        # kernel runs both GEMMs: num_warps and num_stages come from the gate_up config (down's are unused).
+        # M is one row. gate_up: the slice items' I tile (block_n: more, smaller items balance the SMs better;
+        # wider ones write fewer float32 parts), K step, TMA / pointer / one wide dot, stages, warps for the
+        # whole kernel. down: block_n H-rows of w2 per step of an item's down GEMM, through TMA or pointers.
         extra = {
-            "gate_up": [C(16, 32, 128, 1, 4, 4, True), C(16, 64, 128, 1, 4, 4, True), C(16, 16, 256, 1, 4, 4, True),
-                        C(16, 32, 256, 1, 4, 3, True), C(16, 64, 64, 1, 4, 6, True), C(16, 32, 128, 1, 2, 5, True),
-                        C(16, 32, 128, 1, 4, 6, True), C(16, 64, 128, 1, 8, 4, True),
-                        C(16, 32, 128, 1, 4, 4), C(16, 64, 128, 1, 4, 4), C(16, 32, 256, 1, 4, 4, False, True)],
-            "down": [C(16, 16, 256, 1, 4, 4), C(16, 16, 512, 1, 4, 4), C(16, 32, 256, 1, 4, 4), C(16, 64, 128, 1, 4, 4),
-                     C(16, 16, 512, 1, 4, 4, True), C(16, 64, 128, 1, 4, 4, True)],
+            "gate_up": [C(16, 32, 128, 1, 4, 4, True), C(16, 16, 256, 1, 4, 4, True), C(16, 64, 64, 1, 4, 6, True),
+                        C(16, 32, 256, 1, 4, 3, True), C(16, 64, 128, 1, 4, 3, True), C(16, 64, 128, 1, 8, 4, True),
+                        C(16, 32, 128, 1, 4, 6, True), C(16, 64, 128, 1, 4, 4, False, True),
+                        C(16, 32, 256, 1, 4, 4, False, True)],
+            "down": [C(16, 64, 64, 1, 4, 4), C(16, 256, 64, 1, 4, 4), C(16, 128, 64, 1, 4, 4, True),
+                     C(16, 64, 64, 1, 4, 4, True), C(16, 256, 64, 1, 4, 4, True)],
         }[gemm]
     elif bucket == "small":
         extra = [C(16, 64, 128, 1, 4, 4), C(32, 32, 256, 1, 4, 4), C(64, 64, 128, 1, 4, 3), C(16, 32, 256, 1, 4, 4),
@@ -451,22 +452,18 @@ def compile_report(out_path: str, prefill_only: bool = False) -> int:
     from triton.compiler import ASTSource
 
     from pykernels.triton import grouped_gemm
-    from pykernels.triton.moe_configs import DEFAULTS, TABLE, GemmConfig
+    from pykernels.triton.moe_configs import DEFAULTS, GemmConfig
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     aligned = {"x_ptr", "w13_ptr", "h_ptr", "map_ptr", "pair_ptr", "w2_ptr", "out_ptr", "y_ptr", "ids_ptr",
-               "weights_ptr", "sync_ptr", "counts_ptr", "hidden", "inter", "stride_xm", "stride_we", "stride_wn",
-               "stride_hm", "stride_om", "stride_ym", "up_shift", "stride_w13e", "stride_w13n", "stride_w2e",
-               "stride_w2n"}
+               "weights_ptr", "sync_ptr", "part_ptr", "hidden", "inter", "stride_xm", "stride_we", "stride_wn", "stride_hm",
+               "stride_om", "stride_ym", "up_shift", "stride_w13e", "stride_w13n", "stride_w2e", "stride_w2n"}
     ints = ("num_rows", "num_pairs", "num_tokens", "hidden", "inter", "num_experts", "top_k", "stride_xm", "stride_wn",
             "stride_hm", "stride_om", "stride_ym", "up_shift", "num_m_tiles", "stride_w13n", "stride_w2n")
     variants = []  # (name, kernel, rows, config)
     for gemm in ("gate_up", "down") if prefill_only else ():
         for c in map(GemmConfig._make, PREFILL_CANDIDATES[gemm]):
             variants += [(gemm, gemm, "sorted", c), (gemm, gemm, "gather", c)]
-    # The table's large down tiles with the top-k sum in their epilogue (moe_configs.FUSED_TOPK_SUM).
-    variants += [("down+sum", "down", layout, c) for (g, *_, bucket), c in TABLE.items() if g == "down"
-                 and bucket == "large" for layout in ("gather", "padded")]
     for b in () if prefill_only else ("decode", "small", "medium", "large"):
         for gemm in ("gate_up", "down"):
             for c in candidates(gemm, b):
@@ -485,11 +482,11 @@ def compile_report(out_path: str, prefill_only: bool = False) -> int:
             return f"tensordesc<bf16[{c.block_n}, {c.block_k}]>" if c.tma else "*bf16"
         if which == "direct":
             gu, dn = cfg
-            descs = {"w13_desc": desc(gu), "w2_desc": desc(dn)}
-            consts = dict(TOP_K=TOP_K, BLOCK_R=8, GU_EVEN_K=True, GU_BLOCK_M=gu.block_m, GU_BLOCK_N=gu.block_n,
+            descs = {"w13_desc": desc(gu), "w2_desc": desc(dn._replace(block_k=gu.block_n))}
+            consts = dict(TOP_K=TOP_K, GU_EVEN_K=True, GU_BLOCK_M=gu.block_m, GU_BLOCK_N=gu.block_n,
                           GU_BLOCK_K=gu.block_k, GU_TMA=gu.tma, GU_SINGLE_DOT=gu.single_dot and not gu.tma,
-                          DN_EVEN_K=True, DN_BLOCK_M=dn.block_m, DN_BLOCK_N=dn.block_n, DN_BLOCK_K=dn.block_k,
-                          DN_TMA=dn.tma, DOT_PRECISION="tf32")
+                          DN_BLOCK_H=dn.block_n, DN_TMA=dn.tma, DN_EVEN=True, SUM_BLOCK_J=32, SUM_BLOCK_C=16,
+                          DOT_PRECISION="tf32")
             shown = {"gate_up": gu._asdict(), "down": dn._asdict()}
             cfg = gu  # num_warps, num_stages
         else:
@@ -500,8 +497,6 @@ def compile_report(out_path: str, prefill_only: bool = False) -> int:
                           GROUP_M=cfg.group_m, SPLIT_TAIL=cfg.split_tail and layout != "padded")
             if which == "gate_up":
                 consts.update(SINGLE_DOT=cfg.single_dot and not cfg.tma)
-            else:
-                consts.update(TOP_K=TOP_K, BLOCK_R=8, FUSED_SUM=name == "down+sum")
         sig = {}
         for arg in kernel.arg_names:
             if arg in consts:
@@ -512,10 +507,10 @@ def compile_report(out_path: str, prefill_only: bool = False) -> int:
                 sig[arg] = "i64"
             elif arg in ints:
                 sig[arg] = "i32"
-            elif arg in ("map_ptr", "pair_ptr", "ids_ptr", "sync_ptr", "counts_ptr"):
+            elif arg in ("map_ptr", "pair_ptr", "ids_ptr", "sync_ptr"):
                 sig[arg] = "*i32"
             else:
-                sig[arg] = "*fp32" if arg == "weights_ptr" else "*bf16"
+                sig[arg] = "*fp32" if arg in ("weights_ptr", "part_ptr") else "*bf16"
         attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in sig if n in aligned}
         entry = {"kernel": name, "rows": layout, "config": shown}
         try:

@@ -236,29 +236,6 @@ def test_triton_split_tail(device, dtype, variant):
     assert _rel(y, moe_ffn_reference(x[:80].float(), w13.float(), w2.float(), tw[:80], one)) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("device,dtype", _fast_devices())
-@pytest.mark.parametrize("layout", ["sorted", "padded"])
-def test_triton_fused_topk_sum(device, dtype, layout, monkeypatch):
-    """moe_configs.FUSED_TOPK_SUM: the top-k sum inside the down GEMM gives the separate sum kernel's bits.
-    Several H tiles (H = 40, 16-column tiles), repeated experts across tokens, half-height tails, top_k = 3
-    with one bad id in a token and every id bad in another (its row must come out 0)."""
-    from pykernels.triton import grouped_gemm
-    from pykernels.triton.grouped_gemm import moe_ffn_triton
-
-    x, w13, w2, tw, ids = _case_inputs((29, 5, 40, 24, 3, "random"), dtype, device)
-    ids[4, 1] = 7
-    ids[9] = torch.tensor([-1, 5, 99], dtype=ids.dtype, device=device)
-    cfg = moe_configs.GemmConfig(32, 16, 16, 2, 4, 2, False, False, layout == "sorted")
-    args = dict(gate_up_config=cfg, down_config=cfg, layout=layout)
-    monkeypatch.setattr(moe_configs, "FUSED_TOPK_SUM", False)
-    separate = moe_ffn_triton(x, w13, w2, tw, ids, **args)
-    monkeypatch.setattr(moe_configs, "FUSED_TOPK_SUM", True)
-    monkeypatch.setattr(grouped_gemm, "_sum_topk_kernel", None)  # the fused path must not launch it
-    fused = moe_ffn_triton(x, w13, w2, tw, ids, **args)
-    assert torch.equal(fused, separate)
-    assert torch.equal(fused[9].cpu(), torch.zeros_like(fused[9]).cpu())
-    assert _rel(fused, moe_ffn_reference(x.float(), w13.float(), w2.float(), tw, ids)) <= TOL[dtype]
-
 
 @pytest.mark.parametrize("device,dtype", _fast_devices())
 def test_triton_strided_rows_int64_ids_half_weights(device, dtype):
@@ -468,22 +445,6 @@ def test_gpu_direct_any_launch_size(monkeypatch):
             outs.append(grouped_gemm.moe_ffn_triton(x, w13, w2, tw, ids, layout="direct"))
         assert all(torch.equal(o, outs[0]) for o in outs[1:])
         assert _rel(outs[0], moe_ffn_reference(x, w13, w2, tw, ids)) <= TOL[torch.bfloat16]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("layout", ["sorted", "padded"])
-def test_gpu_fused_topk_sum(layout, monkeypatch):
-    """The top-k sum inside the down GEMM (moe_configs.FUSED_TOPK_SUM) at a prefill size with the table's
-    tiles: thousands of programs race for the per-token counts; every run gives the separate sum's bits."""
-    from pykernels.triton.grouped_gemm import moe_ffn_triton
-
-    x, w13, w2, tw, ids = _gpu_inputs(4096, 64, 2048, 1408, 6)
-    monkeypatch.setattr(moe_configs, "FUSED_TOPK_SUM", False)
-    separate = moe_ffn_triton(x, w13, w2, tw, ids, layout=layout)
-    monkeypatch.setattr(moe_configs, "FUSED_TOPK_SUM", True)
-    for _ in range(3):
-        _poison_allocator()
-        assert torch.equal(moe_ffn_triton(x, w13, w2, tw, ids, layout=layout), separate)
 
 
 @pytest.mark.gpu

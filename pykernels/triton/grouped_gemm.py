@@ -5,16 +5,18 @@
 
 "direct" (decode, one token: its top_k routes are distinct experts) -- 1 launch, no permutation::
 
-    h[p]   = w[p] * silu(x[t] @ gate_e.T) * (x[t] @ up_e.T)     gate_up items (I tile, route p = t*top_k + k)
-    y[t]   = sum_k h[t*top_k + k] @ w2[e_k].T                    down items (H tile, token): one fp32
-                                                                 accumulator over the k routes in order
+    h        = w[p] * silu(x[t] @ gate_e[J].T) * (x[t] @ up_e[J].T)   slice item (route p = t*top_k + k,
+    part[p,J] = h @ w2_e[:, J].T                                       I tile J): both GEMMs, h in registers
+    y[t]     = sum_k sum_J part[t*top_k + k, J]                        sum items (token, H-columns): float32,
+                                                                       a fixed order
 
-  _direct_kernel runs both GEMMs: a program per SM (or a few) takes work items from a counter in global
-  memory, all gate_up items first, and a down item waits (spinning on a per-token counter) until the
-  gate_up items of its token are done. Items are handed out in order, so the items waited for are held by
-  running programs that wait for nothing: it cannot deadlock, whatever the launch size. This removes the
-  launch gap between the GEMMs, and the ramp and drain of a second grid (T = 1 on the H200: 38.5 µs, the
-  sorted layout 42; bench/results/nvidia-h200/moe.json).
+  _direct_kernel runs it all: a program per SM (or a few) takes work items from a counter in global memory,
+  every slice item first, and a sum item waits (spinning on a per-token counter) until the slice items of
+  its token are done. Items are handed out in order, so the items waited for are held by running programs
+  that wait for nothing: it cannot deadlock, whatever the launch size. A slice item streams its share of
+  the expert's three matrices (Lite at 64-column I tiles: 6 x 22 = 132 items of 768 KiB, one per SM of
+  the H200), and no item waits for another's h: the only wait is the short sum at the end. The float32
+  parts cost N x cdiv(I, BLOCK_N) x H x 4 bytes of writes and reads (1 % of the weights on Lite).
 
 "sorted" (the unpadded layout of moe_permute.permute) -- 3 launches up to ``moe_permute.CHUNK`` routes
 (21 tokens at top-6), 4 beyond::
@@ -25,11 +27,6 @@
     buf[p] = w[p] * (h[r] @ w2[e].T)                          _down_kernel, p = sorted_pair[r]: scattered back
                                                               to route order, weighted, rounded once to x's dtype
     y[t]   = sum_k buf[t * top_k + k]                         _sum_topk_kernel, float32, k = 0, 1, ... in order
-
-  With ``moe_configs.FUSED_TOPK_SUM`` the last launch goes: the down GEMM counts each stored route row in
-  per (token, H tile), and the program that stores a token's last row of an H tile sums the token's rows
-  in the same order (_sum_finished_tokens: the same bits), while other programs still run the GEMM;
-  _zero_unrouted_kernel writes the rows of tokens without a valid route (nobody's last row).
 
 "padded" (vLLM's align layout, moe_permute.permute_padded): as "sorted", but each expert's rows are padded
 to whole tiles, so a GEMM program reads its tile's expert with one load (ROWS="padded") instead of a
@@ -51,8 +48,8 @@ The gate/up GEMM computes the gate and the up columns of the same I-columns in o
 accumulators over one A tile), so silu(gate) * up happens in registers: the 2I-wide intermediate never
 goes to memory. Every output element is one fixed-order dot product and the sum over top-k runs in a
 fixed order: the same input gives bit-identical output. In the direct layout the routing weight is
-applied to h before its single rounding (the same one rounding as the sorted layouts' weighted down
-output), so the down GEMM sums the k routes in one accumulator without a buffer.
+applied to h before its single rounding (where the sorted layouts round the weighted down output), and
+the parts stay float32 up to the one rounding of y.
 
 Weight tiles come in one of three ways (``GemmConfig.tma`` / ``single_dot``, chosen per shape by the table):
 pointer loads with two dots (gate, up); TMA descriptors over the weights viewed 2-D (zero fill past the
@@ -61,7 +58,7 @@ the up rows side by side and one wide dot whose accumulator the epilogue splits.
 
 NOTES: rows of masked or out-of-range work read row 0 (a valid address) and are never stored; weights
 are addressed with 64-bit offsets (w13 of the 236B model has 2.5e9 elements). A route whose expert id is
-outside [0, E) reads expert 0 in the direct gate_up and is skipped by every down GEMM. Inside the
+outside [0, E) is skipped by the direct layout's slice items and sums and by every down GEMM. Inside the
 k-step loops no load feeds an address (expert ids are staged before the loop), so Triton's pipeliner
 keeps ``num_stages`` weight tiles in flight.
 """
@@ -80,9 +77,6 @@ from pykernels.triton.moe_permute import permute, permute_padded
 
 # Hidden columns per program of the top-k sum (8 KiB of bf16 per route row read).
 _SUM_BLOCK_H = 1024
-# Tokens per program, and columns per store, of _zero_unrouted_kernel (moe_configs.FUSED_TOPK_SUM).
-_ZERO_BLOCK_T = 64
-_ZERO_BLOCK_H = 128
 LAYOUTS = ("direct", "sorted", "padded")
 
 
@@ -163,11 +157,28 @@ def _gate_up_tile(
             src = tl.load(pair_ptr + rows, mask=row_ok, other=0) // top_k  # [BM] token of each row
         else:
             src = rows
+    a_ptrs = x_ptr + src.to(tl.int64)[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]  # [BM, BK]
+    h = _silu_gate_up(a_ptrs, w13_ptr, w13_desc, expert, pid_n, hidden, inter, stride_we, stride_wn, up_shift,
+                      EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA, SINGLE_DOT)
+    if ROWS == "route":
+        h = h * tl.load(weights_ptr + row_begin).to(tl.float32)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] I-columns
-    cols_ld = cols % inter  # in range for loads; columns >= I are never stored
-    ks = tl.arange(0, BLOCK_K)  # [BK]
+    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + cols[None, :]
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < inter)[None, :])
 
-    a_ptrs = x_ptr + src.to(tl.int64)[:, None] * stride_xm + ks[None, :]  # [BM, BK]
+
+@triton.jit
+def _silu_gate_up(
+    a_ptrs,  # [BM, BK] pointers to the first K step of the tile's x rows
+    w13_ptr, w13_desc, expert, pid_n, hidden, inter, stride_we, stride_wn, up_shift,
+    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, SINGLE_DOT: tl.constexpr,
+):
+    """float32 [BM, BN] silu(x @ gate_e.T) * (x @ up_e.T) on I tile ``pid_n`` (see _gate_up_kernel for the
+    arguments); columns >= I hold finite junk, never to be stored."""
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] I-columns
+    cols_ld = cols % inter  # in range for loads
+    ks = tl.arange(0, BLOCK_K)  # [BK]
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     if USE_TMA:
@@ -223,11 +234,7 @@ def _gate_up_tile(
             g_ptrs += BLOCK_K
             u_ptrs += BLOCK_K
 
-    h = acc_g * tl.sigmoid(acc_g) * acc_u  # silu(gate) * up, float32
-    if ROWS == "route":
-        h = h * tl.load(weights_ptr + row_begin).to(tl.float32)
-    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + cols[None, :]
-    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < inter)[None, :])
+    return acc_g * tl.sigmoid(acc_g) * acc_u
 
 
 @triton.jit
@@ -290,10 +297,9 @@ def _down_tile(
     pid_n,  # H tile
     row_begin,  # first sorted row of the tile
     row_end,  # "sorted"/"gather": end of the expert's rows (rows >= it are masked); "padded": unused
-    num_pairs, hidden, inter, num_experts, stride_hm, stride_we, stride_wn, stride_om, y_ptr, counts_ptr, ids_ptr,
+    num_pairs, hidden, inter, stride_hm, stride_we, stride_wn, stride_om,
     ROWS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, TOP_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    FUSED_SUM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """out rows of one (M tile, N tile) of _down_kernel (its arguments; BLOCK_M may be half the kernel's)."""
     rows = row_begin + tl.arange(0, BLOCK_M)  # [BM] sorted rows ("padded": padding rows are never stored)
@@ -345,49 +351,6 @@ def _down_tile(
         acc = acc * w[:, None]
     o_ptrs = out_ptr + dest.to(tl.int64)[:, None] * stride_om + cols[None, :]
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < hidden)[None, :])
-    if FUSED_SUM:
-        _sum_finished_tokens(out_ptr, y_ptr, counts_ptr, ids_ptr, dest, row_ok, pid_n, hidden, num_experts, stride_om,
-                             TOP_K, BLOCK_R, BLOCK_M, BLOCK_N)
-
-
-@triton.jit
-def _sum_finished_tokens(
-    out_ptr,  # [N, H] the weighted route rows (route order)
-    y_ptr,  # [T, H] out
-    counts_ptr,  # [T, cdiv(H, BLOCK_N)] int32, zero at launch: route rows stored so far per (token, H tile)
-    ids_ptr,  # [N] expert id per route
-    dest,  # [BM] the routes whose rows this tile just stored (valid where row_ok)
-    row_ok, pid_n, hidden, num_experts, stride_om,
-    TOP_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """The top-k sum inside the down GEMM: each stored route row counts itself in for its (token, H tile);
-    the program that brings the count to the token's number of valid routes reads the token's rows and
-    writes y[token] = sum over k = 0, 1, ... in float32 (the order and the rounding of _sum_topk_kernel:
-    the same bits). The release (after a barrier: every thread's stores) and acquire are the count's
-    atomic; a second barrier orders the acquire before every thread's reads."""
-    tl.debug_barrier()
-    token = dest // TOP_K  # [BM]
-    r = tl.arange(0, BLOCK_R)[None, :]  # [1, BR]
-    e = tl.load(ids_ptr + token[:, None] * TOP_K + r, mask=row_ok[:, None] & (r < TOP_K), other=-1)  # [BM, BR]
-    valid = (e >= 0) & (e < num_experts)  # routes with a bad id were never computed
-    need = tl.sum(valid.to(tl.int32), axis=1)  # [BM]
-    num_n_tiles = tl.cdiv(hidden, BLOCK_N)
-    seen = tl.atomic_add(counts_ptr + token * num_n_tiles + pid_n, 1, mask=row_ok, sem="acq_rel", scope="gpu")
-    tl.debug_barrier()
-    last = row_ok & (seen + 1 == need)  # [BM]
-    rows_in = (token * TOP_K).to(tl.int64)[:, None] * stride_om  # [BM, 1] the token's first route row
-    # Column slices of at most 64: the [BM, slice] float32 sum stays small beside the tile's other registers.
-    SLICE: tl.constexpr = BLOCK_N if BLOCK_N < 64 else 64
-    for c0 in tl.static_range(0, BLOCK_N, SLICE):
-        cols = pid_n * BLOCK_N + c0 + tl.arange(0, SLICE)  # [SLICE]
-        col_ok = (cols < hidden)[None, :]
-        acc = tl.zeros((BLOCK_M, SLICE), tl.float32)
-        for k in tl.static_range(TOP_K):
-            live = last & (tl.sum(tl.where(r == k, valid.to(tl.int32), 0), axis=1) > 0)  # [BM]
-            v_ptrs = out_ptr + rows_in + k * stride_om + cols[None, :]
-            acc += tl.load(v_ptrs, mask=live[:, None] & col_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
-        tl.store(y_ptr + token.to(tl.int64)[:, None] * hidden + cols[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=last[:, None] & col_ok)
 
 
 @triton.jit
@@ -408,9 +371,6 @@ def _down_kernel(
     stride_we,
     stride_wn,
     stride_om,
-    y_ptr,  # FUSED_SUM: [T, H] out, the sum of each token's route rows
-    counts_ptr,  # FUSED_SUM: [T, cdiv(H, BLOCK_N)] int32, zero at launch
-    ids_ptr,  # FUSED_SUM: [N] expert id per route
     num_m_tiles,  # M tiles launched (an upper bound of the real ones)
     ROWS: tl.constexpr,  # "sorted": out[r] = row; "gather"/"padded": out[sorted_pair[r]] = w * row
     PAD: tl.constexpr,  # "padded": rows per block of the padded layout (a multiple of BLOCK_M)
@@ -423,12 +383,8 @@ def _down_kernel(
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32 rounding); 16-bit inputs ignore it
     USE_TMA: tl.constexpr,  # weight tiles through the TMA descriptor instead of pointer loads
     SPLIT_TAIL: tl.constexpr,  # ("sorted"/"gather" only) an expert's last tile of <= BLOCK_M / 2 rows runs half-height
-    TOP_K: tl.constexpr,  # FUSED_SUM: routes per token
-    BLOCK_R: tl.constexpr,  # FUSED_SUM: next power of two >= TOP_K
-    FUSED_SUM: tl.constexpr,  # ("gather"/"padded" only) the top-k sum in the epilogue (_sum_finished_tokens)
 ):
     tl.static_assert(not SPLIT_TAIL or (BLOCK_M >= 32 and ROWS != "padded"))
-    tl.static_assert(not FUSED_SUM or ROWS != "sorted")
     expert, pid_n, row_begin, row_end = _program_tile(map_ptr, num_experts, num_rows, num_m_tiles,
                                                       tl.cdiv(hidden, BLOCK_N), ROWS, PAD, BLOCK_M, BLOCK_E, GROUP_M)
     if expert >= num_experts:
@@ -436,64 +392,79 @@ def _down_kernel(
     if SPLIT_TAIL:
         if row_end - row_begin <= BLOCK_M // 2:
             _down_tile(h_ptr, w2_ptr, w2_desc, out_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
-                       num_pairs, hidden, inter, num_experts, stride_hm, stride_we, stride_wn, stride_om, y_ptr,
-                       counts_ptr, ids_ptr, ROWS, EVEN_K, BLOCK_M // 2, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA,
-                       TOP_K, BLOCK_R, FUSED_SUM)
+                       num_pairs, hidden, inter, stride_hm, stride_we, stride_wn, stride_om,
+                       ROWS, EVEN_K, BLOCK_M // 2, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA)
         else:
             _down_tile(h_ptr, w2_ptr, w2_desc, out_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
-                       num_pairs, hidden, inter, num_experts, stride_hm, stride_we, stride_wn, stride_om, y_ptr,
-                       counts_ptr, ids_ptr, ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA,
-                       TOP_K, BLOCK_R, FUSED_SUM)
+                       num_pairs, hidden, inter, stride_hm, stride_we, stride_wn, stride_om,
+                       ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA)
     else:
         _down_tile(h_ptr, w2_ptr, w2_desc, out_ptr, pair_ptr, weights_ptr, expert, pid_n, row_begin, row_end,
-                   num_pairs, hidden, inter, num_experts, stride_hm, stride_we, stride_wn, stride_om, y_ptr,
-                   counts_ptr, ids_ptr, ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA,
-                   TOP_K, BLOCK_R, FUSED_SUM)
+                   num_pairs, hidden, inter, stride_hm, stride_we, stride_wn, stride_om,
+                   ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA)
 
 
 @triton.jit
-def _down_route_tile(
-    h_ptr, w2_ptr, w2_desc, y_ptr, ids_ptr,
-    t,  # the token
-    pid_n,  # H tile
-    hidden, inter, num_experts, stride_hm, stride_we, stride_wn, stride_ym,
-    TOP_K: tl.constexpr, BLOCK_R: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+def _route_slice(
+    x_ptr, w13_ptr, w13_desc, w2_ptr, w2_desc, part_ptr, weights_ptr,
+    route,  # p = t * TOP_K + k
+    expert,  # the route's expert (in range)
+    pid_n,  # I tile
+    hidden, inter, num_i_tiles, stride_xm, stride_w13e, stride_w13n, stride_w2e, stride_w2n,
+    TOP_K: tl.constexpr, GU_EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GU_TMA: tl.constexpr, GU_SINGLE_DOT: tl.constexpr, BLOCK_H: tl.constexpr,
+    DN_TMA: tl.constexpr, DN_EVEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """y[t, cols] = sum over the token's routes k (in order) and the k steps of h[t*TOP_K + k] . w2[e_k]:
-    one loop of TOP_K * cdiv(I, BLOCK_K) steps, so the pipeline never drains between experts. Row 0 of the
-    [BLOCK_M, BLOCK_N] dot is the token's; the other rows are zeros."""
-    r = tl.arange(0, BLOCK_R)
-    e_raw = tl.load(ids_ptr + t * TOP_K + r, mask=r < TOP_K, other=-1)
-    experts = tl.where((e_raw >= 0) & (e_raw < num_experts), e_raw, -1).to(tl.int32)  # [BR]; -1: skipped route
-    m = tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] H-columns
-    cols_ld = cols % hidden
-    ks = tl.arange(0, BLOCK_K)
-    a_base = h_ptr + t.to(tl.int64) * TOP_K * stride_hm + ks[None, :] + 0 * m[:, None]  # [BM, BK], route k = 0
-    b_base = w2_ptr + cols_ld[None, :].to(tl.int64) * stride_wn + ks[:, None]  # [BK, BN], expert 0
-    k_steps = tl.cdiv(inter, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for i in range(0, TOP_K * k_steps):
-        k = i // k_steps
-        k0 = (i - k * k_steps) * BLOCK_K
-        e = tl.sum(tl.where(r == k, experts, 0), axis=0)  # from registers: no load feeds an address here
-        live_row = (m == 0) & ((m * 0 + e) >= 0)  # [BM]: row 0 of a live route
-        a_ok = live_row[:, None] & ((k0 + ks) < inter)[None, :]  # [BM, BK]
-        a = tl.load(a_base + k * stride_hm + k0, mask=a_ok, other=0.0)
-        e = tl.maximum(e, 0)
-        if USE_TMA:
-            b = w2_desc.load([e * hidden + pid_n * BLOCK_N, k0])  # [BN, BK], zero past I
-            acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
+    """part[p, pid_n, :] = h[p, cols] @ w2_e[:, cols].T in float32, where h[p, cols] = w_p * silu(x_t @ gate_e.T)
+    * (x_t @ up_e.T) on the I tile's columns, rounded once to x's dtype: both GEMMs of one route's I tile,
+    h kept in registers. Every row of the [BLOCK_M, ...] tiles is the token's; row 0 is stored."""
+    m = tl.arange(0, BLOCK_M)  # [BM]
+    a_ptrs = x_ptr + (route // TOP_K).to(tl.int64) * stride_xm + tl.arange(0, BLOCK_K)[None, :] + 0 * m[:, None]
+    h = _silu_gate_up(a_ptrs, w13_ptr, w13_desc, expert, pid_n, hidden, inter, stride_w13e, stride_w13n,
+                      inter * stride_w13n, GU_EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, GU_TMA, GU_SINGLE_DOT)
+    i_cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] I-columns
+    h = tl.where((i_cols < inter)[None, :], h * tl.load(weights_ptr + route).to(tl.float32), 0.0)
+    h = h.to(w2_ptr.dtype.element_ty)  # [BM, BN]
+    hs = tl.arange(0, BLOCK_H)  # [BH] H-rows of w2 per step
+    b_ptrs = w2_ptr + expert.to(tl.int64) * stride_w2e + hs[None, :].to(tl.int64) * stride_w2n + i_cols[:, None]
+    o_ptrs = part_ptr + (route.to(tl.int64) * num_i_tiles + pid_n) * hidden + hs[None, :] + 0 * m[:, None]
+    for h0 in range(0, hidden, BLOCK_H):
+        if DN_TMA:
+            # Rows of the [E * H, I] view (past row H: the next expert's, never stored); zero past column I.
+            b = w2_desc.load([expert * hidden + h0, pid_n * BLOCK_N]).T  # [BN, BH]
+        elif DN_EVEN:
+            b = tl.load(b_ptrs)
         else:
-            b_ptrs = b_base + e.to(tl.int64) * stride_we + k0
-            if EVEN_K:
-                b = tl.load(b_ptrs)
-            else:
-                b = tl.load(b_ptrs, mask=((k0 + ks) < inter)[:, None], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-    y_ptrs = y_ptr + t.to(tl.int64) * stride_ym + cols[None, :] + 0 * m[:, None]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(m == 0)[:, None] & (cols < hidden)[None, :])
+            b = tl.load(b_ptrs, mask=(i_cols < inter)[:, None] & ((h0 + hs) < hidden)[None, :], other=0.0)
+        part = tl.dot(h, b, input_precision=DOT_PRECISION)  # [BM, BH]
+        tl.store(o_ptrs, part, mask=(m == 0)[:, None] & ((h0 + hs) < hidden)[None, :])
+        b_ptrs += BLOCK_H * stride_w2n
+        o_ptrs += BLOCK_H
+
+
+@triton.jit
+def _sum_slices(
+    part_ptr, y_ptr, ids_ptr,
+    t,  # the token
+    pid_c,  # H-column block
+    hidden, num_experts, num_i_tiles, stride_ym,
+    TOP_K: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """y[t, cols] = sum over the token's routes k (in order) of the sum over I tiles of part[t*TOP_K + k]:
+    float32, a fixed order (the same bits whatever program runs it). Routes with a bad id were never
+    computed and are skipped."""
+    j = tl.arange(0, BLOCK_J)[:, None]  # [BJ, 1] I tile
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BC]
+    col_ok = cols < hidden
+    acc = tl.zeros((BLOCK_C,), tl.float32)
+    for k in tl.static_range(TOP_K):
+        p = t * TOP_K + k
+        e = tl.load(ids_ptr + p)
+        j_end = tl.where((e >= 0) & (e < num_experts), num_i_tiles, 0)  # a bad id: read none of its parts
+        ok = (j < j_end) & col_ok[None, :]  # [BJ, BC]
+        v = tl.load(part_ptr + (p.to(tl.int64) * num_i_tiles + j) * hidden + cols[None, :], mask=ok, other=0.0)
+        acc += tl.sum(v, axis=0)
+    tl.store(y_ptr + t.to(tl.int64) * stride_ym + cols, acc.to(y_ptr.dtype.element_ty), mask=col_ok)
 
 
 @triton.jit
@@ -509,12 +480,12 @@ def _direct_kernel(
     w13_ptr,  # [E, 2I, H] gate rows then up rows; stride 1 along H
     w13_desc,  # TMA descriptor of w13 viewed as [E * 2I, H], blocks [GU_BLOCK_N, GU_BLOCK_K] (GU_TMA only)
     w2_ptr,  # [E, H, I]; stride 1 along I
-    w2_desc,  # TMA descriptor of w2 viewed as [E * H, I], blocks [DN_BLOCK_N, DN_BLOCK_K] (DN_TMA only)
-    h_ptr,  # [N, I] scratch: each route's weighted silu(gate) * up, x's dtype
+    w2_desc,  # TMA descriptor of w2 viewed as [E * H, I], blocks [DN_BLOCK_H, GU_BLOCK_N] (DN_TMA only)
+    part_ptr,  # [N, cdiv(I, GU_BLOCK_N), H] float32 scratch: each route's I tile's share of its down GEMM
     y_ptr,  # [T, H] out, x's dtype
     ids_ptr,  # [N] expert id per route (topk_ids flattened, int32 or int64)
     weights_ptr,  # [N] routing weight per route
-    sync_ptr,  # [T + 1] int32, zero at launch: [t] finished gate_up items of token t (all: TOP_K * cdiv(I,
+    sync_ptr,  # [T + 1] int32, zero at launch: [t] finished slice items of token t (all: TOP_K * cdiv(I,
     #            GU_BLOCK_N)); [T] the next work item to hand out
     num_tokens,  # T
     hidden,  # H
@@ -525,56 +496,56 @@ def _direct_kernel(
     stride_w13n,
     stride_w2e,
     stride_w2n,
-    stride_hm,
     stride_ym,
     TOP_K: tl.constexpr,  # routes per token
-    BLOCK_R: tl.constexpr,  # next power of two >= TOP_K
-    # The gate_up tile (see _gate_up_tile; BLOCK_M rows of the one route) and the down tile (_down_route_tile):
+    # The gate_up tile of a slice item (see _silu_gate_up; BLOCK_M rows of the one token):
     GU_EVEN_K: tl.constexpr, GU_BLOCK_M: tl.constexpr, GU_BLOCK_N: tl.constexpr, GU_BLOCK_K: tl.constexpr,
     GU_TMA: tl.constexpr, GU_SINGLE_DOT: tl.constexpr,
-    DN_EVEN_K: tl.constexpr, DN_BLOCK_M: tl.constexpr, DN_BLOCK_N: tl.constexpr, DN_BLOCK_K: tl.constexpr,
-    DN_TMA: tl.constexpr,
+    DN_BLOCK_H: tl.constexpr,  # H-rows of w2 per step of a slice item's down GEMM
+    DN_TMA: tl.constexpr,  # w2 tiles through the TMA descriptor
+    DN_EVEN: tl.constexpr,  # I % GU_BLOCK_N == 0 and H % DN_BLOCK_H == 0: no masks on w2 pointer loads
+    SUM_BLOCK_J: tl.constexpr,  # next power of two >= cdiv(I, GU_BLOCK_N)
+    SUM_BLOCK_C: tl.constexpr,  # H-columns per sum item
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32 rounding); 16-bit inputs ignore it
 ):
-    """The direct layout in one launch (see the module docstring). The work items are every gate_up item
-    (route, I tile), then every down item (token, H tile); a program takes the next item from a counter
-    until none is left. A gate_up item stores its tile of h and counts itself done for its token (release);
-    a down item waits until its token's count is complete (acquire), then runs _down_route_tile. Items are
-    handed out in order, so every gate_up item a down item waits for is already held by a running program
+    """The direct layout in one launch (see the module docstring). The work items are every slice item
+    (route, I tile: _route_slice), then every sum item (token, H-column block: _sum_slices); a program takes
+    the next item from a counter until none is left. A slice item stores its part and counts itself done
+    for its token (release); a sum item waits until its token's count is complete (acquire). Items are
+    handed out in order, so every slice item a sum item waits for is already held by a running program
     that waits for nothing: no launch size or residency can deadlock."""
     num_pairs = num_tokens * TOP_K
-    gu_tiles = tl.cdiv(inter, GU_BLOCK_N)
-    gu_items = num_pairs * gu_tiles
-    items = gu_items + num_tokens * tl.cdiv(hidden, DN_BLOCK_N)
+    i_tiles = tl.cdiv(inter, GU_BLOCK_N)
+    slice_items = num_pairs * i_tiles
+    items = slice_items + num_tokens * tl.cdiv(hidden, SUM_BLOCK_C)
     done_ptr = sync_ptr
     next_ptr = sync_ptr + num_tokens
     item = tl.atomic_add(next_ptr, 1, sem="relaxed", scope="gpu")
     while item < items:
-        if item < gu_items:
+        if item < slice_items:
             # N-tile-major: the routes of one I tile are consecutive, so routes that share an expert (several
             # tokens) read the same weight tile at about the same time (from the L2 after the first).
             route = item % num_pairs
             pid_n = item // num_pairs
-            e_raw = tl.load(ids_ptr + route)
-            expert = tl.where((e_raw >= 0) & (e_raw < num_experts), e_raw, 0).to(tl.int32)
-            _gate_up_tile(x_ptr, w13_ptr, w13_desc, h_ptr, ids_ptr, weights_ptr, expert, pid_n, route, route + 1,
-                          num_pairs, hidden, inter, TOP_K, stride_xm, stride_w13e, stride_w13n, stride_hm,
-                          inter * stride_w13n, "route", GU_EVEN_K, GU_BLOCK_M, GU_BLOCK_N, GU_BLOCK_K, DOT_PRECISION,
-                          GU_TMA, GU_SINGLE_DOT)
-            tl.debug_barrier()  # every thread's stores of h come before the release below
+            expert = tl.load(ids_ptr + route).to(tl.int32)
+            if (expert >= 0) & (expert < num_experts):  # a bad id: nothing to compute (the sum skips it)
+                _route_slice(x_ptr, w13_ptr, w13_desc, w2_ptr, w2_desc, part_ptr, weights_ptr, route, expert, pid_n,
+                             hidden, inter, i_tiles, stride_xm, stride_w13e, stride_w13n, stride_w2e, stride_w2n,
+                             TOP_K, GU_EVEN_K, GU_BLOCK_M, GU_BLOCK_N, GU_BLOCK_K, GU_TMA, GU_SINGLE_DOT, DN_BLOCK_H,
+                             DN_TMA, DN_EVEN, DOT_PRECISION)
+            tl.debug_barrier()  # every thread's stores of the part come before the release below
             tl.atomic_add(done_ptr + route // TOP_K, 1, sem="release", scope="gpu")
         else:
-            t = (item - gu_items) % num_tokens
-            pid_n = (item - gu_items) // num_tokens
+            t = (item - slice_items) % num_tokens
+            pid_c = (item - slice_items) // num_tokens
             # The acquire (an atomic read) once per check; between checks, plain volatile reads spin, paced
-            # by _pause, so that waiting programs neither queue atomics in front of the gate_up releases nor
-            # poll the flag's L2 line back to back (T = 1 on the H200 times the same with an atomic spin).
-            while tl.atomic_add(done_ptr + t, 0, sem="acquire", scope="gpu") < TOP_K * gu_tiles:
-                while _pause(tl.load(done_ptr + t, volatile=True)) < TOP_K * gu_tiles:
+            # by _pause, so that waiting programs neither queue atomics in front of the slice releases nor
+            # poll the flag's L2 line back to back.
+            while tl.atomic_add(done_ptr + t, 0, sem="acquire", scope="gpu") < TOP_K * i_tiles:
+                while _pause(tl.load(done_ptr + t, volatile=True)) < TOP_K * i_tiles:
                     pass
-            _down_route_tile(h_ptr, w2_ptr, w2_desc, y_ptr, ids_ptr, t, pid_n, hidden, inter, num_experts, stride_hm,
-                             stride_w2e, stride_w2n, stride_ym, TOP_K, BLOCK_R, DN_EVEN_K, DN_BLOCK_M, DN_BLOCK_N,
-                             DN_BLOCK_K, DOT_PRECISION, DN_TMA)
+            _sum_slices(part_ptr, y_ptr, ids_ptr, t, pid_c, hidden, num_experts, i_tiles, stride_ym, TOP_K,
+                        SUM_BLOCK_J, SUM_BLOCK_C)
         item = tl.atomic_add(next_ptr, 1, sem="relaxed", scope="gpu")
 
 
@@ -599,31 +570,6 @@ def _sum_topk_kernel(
         v = tl.load(buf_ptr + (t * TOP_K + k) * hidden + cols, mask=cols < limit, other=0.0)
         acc += v.to(tl.float32)
     tl.store(y_ptr + t * hidden + cols, acc.to(y_ptr.dtype.element_ty), mask=col_ok)
-
-
-@triton.jit
-def _zero_unrouted_kernel(
-    ids_ptr,  # [T * TOP_K] expert id per route (int32 or int64)
-    y_ptr,  # [T, H] out: the rows of tokens without a valid route set to 0
-    num_tokens,
-    hidden,
-    num_experts,
-    TOP_K: tl.constexpr,  # routes per token
-    BLOCK_R: tl.constexpr,  # next power of two >= TOP_K
-    BLOCK_T: tl.constexpr,  # tokens per program
-    BLOCK_H: tl.constexpr,  # hidden columns per store
-):
-    """y[t] = 0 for each token none of whose ids is in [0, E): the fused top-k sum writes every other row."""
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
-    r = tl.arange(0, BLOCK_R)[None, :]  # [1, BR]
-    e = tl.load(ids_ptr + t.to(tl.int64)[:, None] * TOP_K + r, mask=(t < num_tokens)[:, None] & (r < TOP_K), other=-1)
-    dead = (t < num_tokens) & (tl.sum(((e >= 0) & (e < num_experts)).to(tl.int32), axis=1) == 0)  # [BT]
-    if tl.max(dead.to(tl.int32), axis=0) > 0:
-        cols = tl.arange(0, BLOCK_H)
-        for h0 in range(0, hidden, BLOCK_H):
-            y_ptrs = y_ptr + t.to(tl.int64)[:, None] * hidden + (h0 + cols)[None, :]
-            tl.store(y_ptrs, tl.zeros((BLOCK_T, BLOCK_H), y_ptr.dtype.element_ty),
-                     mask=dead[:, None] & ((h0 + cols) < hidden)[None, :])
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -671,28 +617,22 @@ def _gate_up(x, w13, cfg: GemmConfig, rows: str, row_map, *, pair=None, num_rows
     return h
 
 
-def _down(h, w2, cfg: GemmConfig, rows: str, row_map, out, *, pair=None, weights=None, num_pairs=0, pad=0,
-          sum_into=None, ids=None, top_k=1) -> None:
-    """out = the down GEMM of h in row layout ``rows`` ("sorted", "gather", "padded"; see _gate_up). With
-    ``sum_into`` (y [T, H]; "gather"/"padded", ``ids`` the flattened topk_ids), the kernel also writes each
-    token's top-k sum to y, except for tokens without a valid route (see moe_ffn_triton)."""
+def _down(h, w2, cfg: GemmConfig, rows: str, row_map, out, *, pair=None, weights=None, num_pairs=0, pad=0) -> None:
+    """out = the down GEMM of h in row layout ``rows`` ("sorted", "gather", "padded"; see _gate_up)."""
     num_experts, hidden, inter = w2.shape
     num_rows = h.shape[0]
     m_tiles = num_rows // cfg.block_m if rows == "padded" else _m_tiles(num_rows, num_experts, cfg.block_m)
-    fused = sum_into is not None
-    counts = (torch.zeros((sum_into.shape[0], triton.cdiv(hidden, cfg.block_n)), dtype=torch.int32, device=h.device)
-              if fused else out)
     grid = (m_tiles * triton.cdiv(hidden, cfg.block_n),)
     use_tma, w2_desc = _weight_desc(w2, cfg)
     _down_kernel[grid](
         h, w2, w2_desc, out, row_map, row_map if pair is None else pair, h if weights is None else weights,
         num_rows, num_pairs, hidden, inter, num_experts,
-        h.stride(0), w2.stride(0), w2.stride(1), out.stride(0), sum_into if fused else out, counts,
-        ids if fused else row_map, m_tiles, ROWS=rows, PAD=pad, EVEN_K=inter % cfg.block_k == 0,
+        h.stride(0), w2.stride(0), w2.stride(1), out.stride(0), m_tiles,
+        ROWS=rows, PAD=pad, EVEN_K=inter % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         BLOCK_E=triton.next_power_of_2(num_experts), GROUP_M=cfg.group_m, DOT_PRECISION=_precision(h.dtype),
-        USE_TMA=use_tma, SPLIT_TAIL=cfg.split_tail and rows != "padded", TOP_K=top_k,
-        BLOCK_R=triton.next_power_of_2(top_k), FUSED_SUM=fused, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        USE_TMA=use_tma, SPLIT_TAIL=cfg.split_tail and rows != "padded", num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
 
 
@@ -701,6 +641,8 @@ def _down(h, w2, cfg: GemmConfig, rows: str, row_map, out, *, pair=None, weights
 # Triton's interpreter runs the programs one after another: there the first does every item.
 DIRECT_PROGRAMS_PER_SM = 1
 INTERPRETER_PROGRAMS = 2
+# Most float32 elements of one route's parts a sum item loads at once (I tiles x H-columns).
+_SUM_TILE = 4096
 
 
 @functools.cache
@@ -709,29 +651,34 @@ def _sm_count(device_index: int) -> int:
 
 
 def _direct(x, w13, w2, weights, ids, y, top_k: int, cfg_gu: GemmConfig, cfg_dn: GemmConfig) -> None:
-    """y [T, H] = moe_ffn in the direct layout, one launch of _direct_kernel (num_warps and num_stages from
-    ``cfg_gu``; each GEMM's tile from its config)."""
+    """y [T, H] = moe_ffn in the direct layout, one launch of _direct_kernel. ``cfg_gu``: the slice items'
+    gate_up tile (its block_n is the I tile of an item), num_warps and num_stages; ``cfg_dn``: block_n H-rows
+    of w2 per step of an item's down GEMM, tma (its other fields are unused)."""
     num_tokens, hidden = x.shape
     num_experts, two_i, _ = w13.shape
     inter = two_i // 2
-    h = torch.empty((ids.numel(), inter), dtype=x.dtype, device=x.device)  # [N, I]
+    i_tiles = triton.cdiv(inter, cfg_gu.block_n)
+    part = torch.empty((ids.numel(), i_tiles, hidden), dtype=torch.float32, device=x.device)  # [N, I tiles, H]
     sync = torch.zeros(num_tokens + 1, dtype=torch.int32, device=x.device)  # see _direct_kernel's sync_ptr
-    items = ids.numel() * triton.cdiv(inter, cfg_gu.block_n) + num_tokens * triton.cdiv(hidden, cfg_dn.block_n)
     programs = INTERPRETER_PROGRAMS
     if x.device.type == "cuda":
         device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
         programs = DIRECT_PROGRAMS_PER_SM * _sm_count(device_index)
+    # Sum items: about one per program, each loading at most _SUM_TILE parts of a route at once.
+    block_j = triton.next_power_of_2(i_tiles)
+    block_c = max(16, min(_SUM_TILE // block_j, triton.next_power_of_2(triton.cdiv(num_tokens * hidden, programs))))
+    items = ids.numel() * i_tiles + num_tokens * triton.cdiv(hidden, block_c)
     gu_tma, w13_desc = _weight_desc(w13, cfg_gu)
-    dn_tma, w2_desc = _weight_desc(w2, cfg_dn)
+    dn_tma, w2_desc = _weight_desc(w2, cfg_dn._replace(block_k=cfg_gu.block_n))  # [block_h, I tile] blocks
     _direct_kernel[(min(items, programs),)](
-        x, w13, w13_desc, w2, w2_desc, h, y, ids, weights, sync, num_tokens, hidden, inter, num_experts,
-        x.stride(0), w13.stride(0), w13.stride(1), w2.stride(0), w2.stride(1), h.stride(0), y.stride(0),
-        TOP_K=top_k, BLOCK_R=triton.next_power_of_2(top_k),
-        GU_EVEN_K=hidden % cfg_gu.block_k == 0, GU_BLOCK_M=cfg_gu.block_m, GU_BLOCK_N=cfg_gu.block_n,
+        x, w13, w13_desc, w2, w2_desc, part, y, ids, weights, sync, num_tokens, hidden, inter, num_experts,
+        x.stride(0), w13.stride(0), w13.stride(1), w2.stride(0), w2.stride(1), y.stride(0),
+        TOP_K=top_k, GU_EVEN_K=hidden % cfg_gu.block_k == 0, GU_BLOCK_M=cfg_gu.block_m, GU_BLOCK_N=cfg_gu.block_n,
         GU_BLOCK_K=cfg_gu.block_k, GU_TMA=gu_tma, GU_SINGLE_DOT=cfg_gu.single_dot and not gu_tma,
-        DN_EVEN_K=inter % cfg_dn.block_k == 0, DN_BLOCK_M=cfg_dn.block_m, DN_BLOCK_N=cfg_dn.block_n,
-        DN_BLOCK_K=cfg_dn.block_k, DN_TMA=dn_tma,
-        DOT_PRECISION=_precision(x.dtype), num_warps=cfg_gu.num_warps, num_stages=cfg_gu.num_stages,
+        DN_BLOCK_H=cfg_dn.block_n, DN_TMA=dn_tma,
+        DN_EVEN=inter % cfg_gu.block_n == 0 and hidden % cfg_dn.block_n == 0, SUM_BLOCK_J=block_j,
+        SUM_BLOCK_C=block_c, DOT_PRECISION=_precision(x.dtype), num_warps=cfg_gu.num_warps,
+        num_stages=cfg_gu.num_stages,
     )
 
 
@@ -768,28 +715,19 @@ def moe_ffn_triton(
         _direct(x, w13, w2, weights, ids, y, top_k, cfg_gu, cfg_dn)
         return y
     buf = torch.empty((num_pairs, hidden), dtype=x.dtype, device=x.device)  # [N, H] route order
-    fused = moe_configs.FUSED_TOPK_SUM
-    if fused:
-        block_r = triton.next_power_of_2(top_k)
-        _zero_unrouted_kernel[(triton.cdiv(num_tokens, _ZERO_BLOCK_T),)](
-            ids, y, num_tokens, hidden, num_experts, TOP_K=top_k, BLOCK_R=block_r, BLOCK_T=_ZERO_BLOCK_T,
-            BLOCK_H=_ZERO_BLOCK_H, num_warps=4,
-        )
-    summed = dict(sum_into=y, ids=ids, top_k=top_k) if fused else {}
     if layout == "padded":
         pad = max(cfg_gu.block_m, cfg_dn.block_m)
         block_expert, sorted_pair = permute_padded(topk_ids, num_experts, pad)
         h = _gate_up(x, w13, cfg_gu, "padded", block_expert, pair=sorted_pair, num_rows=sorted_pair.numel(),
                      num_pairs=num_pairs, top_k=top_k, pad=pad)  # [R_padded, I]
         _down(h, w2, cfg_dn, "padded", block_expert, buf, pair=sorted_pair, weights=weights, num_pairs=num_pairs,
-              pad=pad, **summed)
+              pad=pad)
     else:
         offsets, sorted_pair = permute(topk_ids, num_experts)
         h = _gate_up(x, w13, cfg_gu, "gather", offsets, pair=sorted_pair, num_rows=num_pairs, top_k=top_k)  # [N, I]
-        _down(h, w2, cfg_dn, "gather", offsets, buf, pair=sorted_pair, weights=weights, **summed)
-    if not fused:
-        grid = (num_tokens, triton.cdiv(hidden, _SUM_BLOCK_H))
-        _sum_topk_kernel[grid](buf, ids, y, hidden, num_experts, TOP_K=top_k, BLOCK_H=_SUM_BLOCK_H, num_warps=4)
+        _down(h, w2, cfg_dn, "gather", offsets, buf, pair=sorted_pair, weights=weights)
+    grid = (num_tokens, triton.cdiv(hidden, _SUM_BLOCK_H))
+    _sum_topk_kernel[grid](buf, ids, y, hidden, num_experts, TOP_K=top_k, BLOCK_H=_SUM_BLOCK_H, num_warps=4)
     return y
 
 

@@ -8,9 +8,10 @@ and the bucket from the average rows per expert ``rows / E`` (rows = tokens x to
     "medium"   <= 128
     "large"    >  128                  prefill (8192 tokens at top-6: 768 rows per expert on 64, 307 on 160)
 
-plus the pseudo-bucket "direct": the two GEMMs of moe_ffn's one-launch direct layout (up to
-``DIRECT_MAX_TOKENS`` tokens, see ``layout_for``): gate_up items of one route, down items of one token over
-its routes.
+plus the pseudo-bucket "direct": moe_ffn's one-launch direct layout (up to ``DIRECT_MAX_TOKENS`` tokens, see
+``layout_for``), whose slice items run both GEMMs of one route's I tile: the "gate_up" entry is that
+tile (block_n = the I tile), num_warps and num_stages of the kernel; the "down" entry gives block_n, the
+H-rows of w2 per step of the item's down GEMM, and tma (its other fields are unused).
 
 Shapes not in the table use ``DEFAULTS[(gemm, bucket)]``. To update after a sweep: run
 ``python -m bench.tune_moe --out tune.json`` on the GPU, then copy each shape's ``best`` entry from the JSON
@@ -46,11 +47,6 @@ BUCKETS = (("decode", 4.0), ("small", 32.0), ("medium", 128.0), ("large", float(
 # (Lite) and 87.6 vs 91.5 (236B); at T = 2 direct loses (69.4 vs 61.2, 165.7 vs 155.5).
 DIRECT_MAX_TOKENS = 1
 
-# The sorted and padded layouts' top-k sum: False, a separate kernel over the route rows (_sum_topk_kernel);
-# True, inside the down GEMM (the program that stores a token's last route row of an H tile sums the
-# token's rows, while the other programs still run the GEMM; same bits). Off until measured on the GPU.
-FUSED_TOPK_SUM = False
-
 # Starting points by bucket, before any sweep (Hopper, bf16). Decode tiles are thin in M and N so that
 # many programs stream each hit expert's weights once, with deep K steps and stages to keep loads in flight.
 DEFAULTS: dict[tuple[str, str], GemmConfig] = {
@@ -62,12 +58,11 @@ DEFAULTS: dict[tuple[str, str], GemmConfig] = {
     ("down", "small"): GemmConfig(32, 64, 128, 1, 4, 4),
     ("down", "medium"): GemmConfig(64, 128, 64, 8, 4, 4),
     ("down", "large"): GemmConfig(128, 128, 64, 8, 8, 4),
-    # Direct layout (one kernel, a program per SM taking work items from a counter), M = one row: thin N
-    # tiles so that the top_k x cdiv(I, BLOCK_N) gate_up items and the cdiv(H, BLOCK_N) down items spread
-    # over the SMs (Lite: 264 and 128), each streaming its slab of weights; stages deep enough for ~40 KB of
-    # weights in flight per SM. The kernel takes num_warps and num_stages from the gate_up entry.
-    ("gate_up", "direct"): GemmConfig(16, 32, 128, 1, 4, 4, True),
-    ("down", "direct"): GemmConfig(16, 16, 256, 1, 4, 4),
+    # Direct layout (one kernel, a program per SM taking work items from a counter), M = one row. Slice items
+    # of 64 I-columns: on Lite 6 x 22 = 132 items, each streaming 768 KiB of gate, up and down weights; the
+    # down GEMM steps over 128 H-rows of w2 (16 KiB a stage).
+    ("gate_up", "direct"): GemmConfig(16, 64, 128, 1, 4, 4, True),
+    ("down", "direct"): GemmConfig(16, 128, 64, 1, 4, 4),
 }
 
 # Measured winners per shape: (gemm, H, I, bucket) -> config. Lite: H 2048, I 1408; 236B: H 5120, I 1536;
@@ -80,12 +75,6 @@ TABLE: dict[tuple[str, int, int, str], GemmConfig] = {
     ("down", 2048, 1408, "large"): GemmConfig(128, 256, 64, 8, 8, 4, True, False, True),
     ("gate_up", 5120, 1536, "large"): GemmConfig(128, 128, 64, 8, 8, 4, True, False, True),
     ("down", 5120, 1536, "large"): GemmConfig(128, 256, 64, 8, 8, 4, True, False, True),
-    # H200, triton 3.6, `python -m bench.tune_moe --decode-only --only lite` (and 236b) (2026-11-29, the one-launch
-    # direct kernel at T = 1; bench/results/nvidia-h200/tune/moe_direct.json): Lite 38.4 µs, 236B 88.2 µs
-    ("gate_up", 2048, 1408, "direct"): GemmConfig(16, 64, 128, 1, 4, 4, True),
-    ("down", 2048, 1408, "direct"): GemmConfig(16, 16, 512, 1, 4, 4),
-    ("gate_up", 5120, 1536, "direct"): GemmConfig(16, 32, 256, 1, 4, 4, False, True),
-    ("down", 5120, 1536, "direct"): GemmConfig(16, 64, 128, 1, 4, 4),
     # H200, triton 3.6, `python -m bench.tune_moe` (2026-11-28; 107 s budget, best of each bucket's candidates)
     ("gate_up", 2048, 1408, "decode"): GemmConfig(16, 64, 128, 1, 4, 4, True, False),
     ("down", 2048, 1408, "decode"): GemmConfig(16, 64, 128, 1, 4, 4, False, False),
