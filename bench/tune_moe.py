@@ -301,6 +301,40 @@ def _direct_programs(case, cfg_gu, cfg_dn, sets, w13, w2) -> None:
         grouped_gemm.DIRECT_PROGRAMS_PER_SM = keep
 
 
+def _timeline(report, cache) -> None:
+    """The direct kernel's timeline at T = 1 with the table's configs (Lite and 236B): per item the global
+    timer at its start, at the end of its first phase (a slice item's h; a sum item's wait) and at its end.
+    Prints and records, in µs from the first item's start: the slice items' h and parts phases (mean, max),
+    when the last slice item starts and ends, when the sums start and end, and the span."""
+    import triton
+
+    from pykernels.triton import grouped_gemm, moe_configs
+
+    report["timeline"] = []
+    for label, E, H, I in DIRECT_SHAPES[:2]:
+        w13, w2 = _weights(cache, E, H, I)
+        cfg_gu, cfg_dn = (moe_configs.pick(g, H, I, TOP_K, E, 2, direct=True) for g in ("gate_up", "down"))
+        slices = TOP_K * triton.cdiv(I, cfg_gu.block_n)
+        for st in _case_sets(E, H, I, 1, w13, w2, DECODE_SETS, direct=True):
+            y = torch.empty(1, H, dtype=torch.bfloat16, device="cuda")
+            timeline = torch.zeros(4096, 4, dtype=torch.int64, device="cuda")
+            for _ in range(3):  # the last run is recorded; the weights were read by the other sets' runs
+                grouped_gemm._direct(st["x"], w13, w2, st["weights"], st["ids"].view(-1), y, TOP_K, cfg_gu, cfg_dn,
+                                     timeline)
+            torch.cuda.synchronize()
+            rows = timeline[timeline[:, 0] > 0].cpu()
+            t = (rows[:, :3] - rows[:, 0].min()).double() / 1e3  # µs
+            sl, sm = t[:slices], t[slices:]
+            row = {"label": label, "slice_items": slices, "sum_items": len(sm), "sms": len(set(rows[:, 3].tolist())),
+                   "h_mean": sl[:, 1].sub(sl[:, 0]).mean().item(), "h_max": sl[:, 1].sub(sl[:, 0]).max().item(),
+                   "parts_mean": sl[:, 2].sub(sl[:, 1]).mean().item(), "parts_max": sl[:, 2].sub(sl[:, 1]).max().item(),
+                   "last_slice_start": sl[:, 0].max().item(), "first_slice_end": sl[:, 2].min().item(),
+                   "last_slice_end": sl[:, 2].max().item(), "sums_start": sm[:, 0].min().item(),
+                   "sums_waited": sm[:, 1].max().item(), "span": t[:, 2].max().item()}
+            report["timeline"].append({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
+            print("timeline " + "  ".join(f"{k} {v}" for k, v in report["timeline"][-1].items()), flush=True)
+
+
 def _copy_gbps() -> float:
     """Device-to-device copy bandwidth (read + write bytes), measured here: the layouts' ceiling."""
     n = 1 << 30
@@ -359,6 +393,7 @@ def main(argv=None) -> int:
     p.add_argument("--decode-only", action="store_true", help="skip the prefill (T = 8192) GEMM cases")
     p.add_argument("--prefill-only", action="store_true",
                    help="only the prefill (T = 8192) GEMM cases, with the table's config and PREFILL_CANDIDATES")
+    p.add_argument("--timeline", action="store_true", help="only the direct kernel's timeline at T = 1 (Lite, 236B)")
     p.add_argument("--compile-only", action="store_true",
                    help="no GPU needed: compile every candidate for sm_90a and report shared memory, registers, spills")
     args = p.parse_args(argv)
@@ -380,6 +415,10 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
 
+    if args.timeline:
+        _timeline(report, cache)
+        save()
+        return 0
     if args.decode_only and args.prefill_only:
         p.error("--decode-only and --prefill-only exclude each other")
     work = [] if args.prefill_only else [(label, E, H, I, 1, "direct") for label, E, H, I in DIRECT_SHAPES]
@@ -486,7 +525,7 @@ def compile_report(out_path: str, prefill_only: bool = False) -> int:
             consts = dict(TOP_K=TOP_K, GU_EVEN_K=True, GU_BLOCK_M=gu.block_m, GU_BLOCK_N=gu.block_n,
                           GU_BLOCK_K=gu.block_k, GU_TMA=gu.tma, GU_SINGLE_DOT=gu.single_dot and not gu.tma,
                           DN_BLOCK_H=dn.block_n, DN_TMA=dn.tma, DN_EVEN=True, SUM_BLOCK_J=32, SUM_BLOCK_C=16,
-                          DOT_PRECISION="tf32")
+                          DOT_PRECISION="tf32", TIMELINE=False)
             shown = {"gate_up": gu._asdict(), "down": dn._asdict()}
             cfg = gu  # num_warps, num_stages
         else:

@@ -448,6 +448,26 @@ def test_gpu_direct_any_launch_size(monkeypatch):
 
 
 @pytest.mark.gpu
+def test_gpu_direct_timeline():
+    """The direct kernel's diagnosis timeline (bench/tune_moe.py --timeline) stamps every item in order
+    (start <= first phase <= end) and leaves the output's bits unchanged."""
+    from pykernels.triton import grouped_gemm
+
+    T, E, H, I = 2, 64, 2048, 1408
+    x, w13, w2, tw, ids = _gpu_inputs(T, E, H, I, 6)
+    cfg_gu, cfg_dn = (moe_configs.pick(g, H, I, T * 6, E, 2, direct=True) for g in ("gate_up", "down"))
+    plain = grouped_gemm.moe_ffn_triton(x, w13, w2, tw, ids, layout="direct")
+    y = torch.empty_like(plain)
+    timeline = torch.zeros(4096, 4, dtype=torch.int64, device="cuda")
+    grouped_gemm._direct(x, w13, w2, tw.reshape(-1), ids.reshape(-1), y, 6, cfg_gu, cfg_dn, timeline)
+    assert torch.equal(y, plain)
+    rows = timeline[timeline[:, 0] > 0]
+    items = T * 6 * -(-I // cfg_gu.block_n)  # the slice items; the sum items follow
+    assert rows.shape[0] > items
+    assert bool((rows[:, 0] <= rows[:, 1]).all()) and bool((rows[:, 1] <= rows[:, 2]).all())
+
+
+@pytest.mark.gpu
 def test_gpu_cuda_graph_decode_step():
     """Route + FFN captured in one CUDA graph (no host synchronisation inside), replayed on new inputs."""
     x, w13, w2, _, _ = _gpu_inputs(8, 64, 2048, 1408, 6)

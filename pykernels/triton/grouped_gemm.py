@@ -405,34 +405,45 @@ def _down_kernel(
 
 
 @triton.jit
-def _route_slice(
-    x_ptr, w13_ptr, w13_desc, w2_ptr, w2_desc, part_ptr, weights_ptr,
+def _route_h(
+    x_ptr, w13_ptr, w13_desc, weights_ptr,
     route,  # p = t * TOP_K + k
     expert,  # the route's expert (in range)
     pid_n,  # I tile
-    hidden, inter, num_i_tiles, stride_xm, stride_w13e, stride_w13n, stride_w2e, stride_w2n,
-    TOP_K: tl.constexpr, GU_EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GU_TMA: tl.constexpr, GU_SINGLE_DOT: tl.constexpr, BLOCK_H: tl.constexpr,
-    DN_TMA: tl.constexpr, DN_EVEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    hidden, inter, stride_xm, stride_w13e, stride_w13n,
+    TOP_K: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_TMA: tl.constexpr, SINGLE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """part[p, pid_n, :] = h[p, cols] @ w2_e[:, cols].T in float32, where h[p, cols] = w_p * silu(x_t @ gate_e.T)
-    * (x_t @ up_e.T) on the I tile's columns, rounded once to x's dtype: both GEMMs of one route's I tile,
-    h kept in registers. Every row of the [BLOCK_M, ...] tiles is the token's; row 0 is stored."""
+    """h [BM, BN] in x's dtype: w_p * silu(x_t @ gate_e.T) * (x_t @ up_e.T) on the I tile's columns (0 past
+    column I), rounded once. Every row is the token's (the A tile repeats it)."""
     m = tl.arange(0, BLOCK_M)  # [BM]
     a_ptrs = x_ptr + (route // TOP_K).to(tl.int64) * stride_xm + tl.arange(0, BLOCK_K)[None, :] + 0 * m[:, None]
     h = _silu_gate_up(a_ptrs, w13_ptr, w13_desc, expert, pid_n, hidden, inter, stride_w13e, stride_w13n,
-                      inter * stride_w13n, GU_EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, GU_TMA, GU_SINGLE_DOT)
+                      inter * stride_w13n, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA, SINGLE_DOT)
     i_cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] I-columns
     h = tl.where((i_cols < inter)[None, :], h * tl.load(weights_ptr + route).to(tl.float32), 0.0)
-    h = h.to(w2_ptr.dtype.element_ty)  # [BM, BN]
+    return h.to(x_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _route_parts(
+    h,  # [BM, BN] from _route_h
+    w2_ptr, w2_desc, part_ptr,
+    route, expert, pid_n, hidden, inter, num_i_tiles, stride_w2e, stride_w2n,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, USE_TMA: tl.constexpr, EVEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """part[p, pid_n, :] = h @ w2_e[:, I tile].T in float32 (row 0 of each [BM, BLOCK_H] step is stored)."""
+    m = tl.arange(0, BLOCK_M)  # [BM]
+    i_cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] I-columns
     hs = tl.arange(0, BLOCK_H)  # [BH] H-rows of w2 per step
     b_ptrs = w2_ptr + expert.to(tl.int64) * stride_w2e + hs[None, :].to(tl.int64) * stride_w2n + i_cols[:, None]
     o_ptrs = part_ptr + (route.to(tl.int64) * num_i_tiles + pid_n) * hidden + hs[None, :] + 0 * m[:, None]
     for h0 in range(0, hidden, BLOCK_H):
-        if DN_TMA:
+        if USE_TMA:
             # Rows of the [E * H, I] view (past row H: the next expert's, never stored); zero past column I.
             b = w2_desc.load([expert * hidden + h0, pid_n * BLOCK_N]).T  # [BN, BH]
-        elif DN_EVEN:
+        elif EVEN:
             b = tl.load(b_ptrs)
         else:
             b = tl.load(b_ptrs, mask=(i_cols < inter)[:, None] & ((h0 + hs) < hidden)[None, :], other=0.0)
@@ -475,6 +486,16 @@ def _pause(v):
 
 
 @triton.jit
+def _stamp(timeline_ptr, item, slot, dep):
+    """timeline[item, slot] = the global timer (ns), read after ``dep`` (an int32 it waits for);
+    timeline[item, 3] = this program's SM."""
+    t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dep], dtype=tl.int64, is_pure=False, pack=1)
+    tl.store(timeline_ptr + item * 4 + slot, t)
+    sm = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [dep], dtype=tl.int32, is_pure=False, pack=1)
+    tl.store(timeline_ptr + item * 4 + 3, sm.to(tl.int64))
+
+
+@triton.jit
 def _direct_kernel(
     x_ptr,  # [T, H] tokens
     w13_ptr,  # [E, 2I, H] gate rows then up rows; stride 1 along H
@@ -487,6 +508,8 @@ def _direct_kernel(
     weights_ptr,  # [N] routing weight per route
     sync_ptr,  # [T + 1] int32, zero at launch: [t] finished slice items of token t (all: TOP_K * cdiv(I,
     #            GU_BLOCK_N)); [T] the next work item to hand out
+    timeline_ptr,  # TIMELINE: [items, 4] int64 out: per item the global timer (ns) at its start, at the end of
+    #                its first phase (h / the wait) and at its end, and its SM (bench/tune_moe.py --timeline)
     num_tokens,  # T
     hidden,  # H
     inter,  # I
@@ -507,9 +530,10 @@ def _direct_kernel(
     SUM_BLOCK_J: tl.constexpr,  # next power of two >= cdiv(I, GU_BLOCK_N)
     SUM_BLOCK_C: tl.constexpr,  # H-columns per sum item
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32 rounding); 16-bit inputs ignore it
+    TIMELINE: tl.constexpr,  # record the items' timeline (diagnosis only)
 ):
     """The direct layout in one launch (see the module docstring). The work items are every slice item
-    (route, I tile: _route_slice), then every sum item (token, H-column block: _sum_slices); a program takes
+    (route, I tile: _route_h, then _route_parts), then every sum item (token, H-column block: _sum_slices); a program takes
     the next item from a counter until none is left. A slice item stores its part and counts itself done
     for its token (release); a sum item waits until its token's count is complete (acquire). Items are
     handed out in order, so every slice item a sum item waits for is already held by a running program
@@ -522,6 +546,8 @@ def _direct_kernel(
     next_ptr = sync_ptr + num_tokens
     item = tl.atomic_add(next_ptr, 1, sem="relaxed", scope="gpu")
     while item < items:
+        if TIMELINE:
+            _stamp(timeline_ptr, item, 0, item)
         if item < slice_items:
             # N-tile-major: the routes of one I tile are consecutive, so routes that share an expert (several
             # tokens) read the same weight tile at about the same time (from the L2 after the first).
@@ -529,12 +555,17 @@ def _direct_kernel(
             pid_n = item // num_pairs
             expert = tl.load(ids_ptr + route).to(tl.int32)
             if (expert >= 0) & (expert < num_experts):  # a bad id: nothing to compute (the sum skips it)
-                _route_slice(x_ptr, w13_ptr, w13_desc, w2_ptr, w2_desc, part_ptr, weights_ptr, route, expert, pid_n,
-                             hidden, inter, i_tiles, stride_xm, stride_w13e, stride_w13n, stride_w2e, stride_w2n,
-                             TOP_K, GU_EVEN_K, GU_BLOCK_M, GU_BLOCK_N, GU_BLOCK_K, GU_TMA, GU_SINGLE_DOT, DN_BLOCK_H,
-                             DN_TMA, DN_EVEN, DOT_PRECISION)
+                h = _route_h(x_ptr, w13_ptr, w13_desc, weights_ptr, route, expert, pid_n, hidden, inter, stride_xm,
+                             stride_w13e, stride_w13n, TOP_K, GU_EVEN_K, GU_BLOCK_M, GU_BLOCK_N, GU_BLOCK_K, GU_TMA,
+                             GU_SINGLE_DOT, DOT_PRECISION)
+                if TIMELINE:
+                    _stamp(timeline_ptr, item, 1, tl.sum(tl.sum(h.to(tl.float32), axis=1), axis=0).to(tl.int32))
+                _route_parts(h, w2_ptr, w2_desc, part_ptr, route, expert, pid_n, hidden, inter, i_tiles, stride_w2e,
+                             stride_w2n, GU_BLOCK_M, GU_BLOCK_N, DN_BLOCK_H, DN_TMA, DN_EVEN, DOT_PRECISION)
             tl.debug_barrier()  # every thread's stores of the part come before the release below
             tl.atomic_add(done_ptr + route // TOP_K, 1, sem="release", scope="gpu")
+            if TIMELINE:
+                _stamp(timeline_ptr, item, 2, item)
         else:
             t = (item - slice_items) % num_tokens
             pid_c = (item - slice_items) // num_tokens
@@ -544,8 +575,13 @@ def _direct_kernel(
             while tl.atomic_add(done_ptr + t, 0, sem="acquire", scope="gpu") < TOP_K * i_tiles:
                 while _pause(tl.load(done_ptr + t, volatile=True)) < TOP_K * i_tiles:
                     pass
+            if TIMELINE:
+                _stamp(timeline_ptr, item, 1, item)
             _sum_slices(part_ptr, y_ptr, ids_ptr, t, pid_c, hidden, num_experts, i_tiles, stride_ym, TOP_K,
                         SUM_BLOCK_J, SUM_BLOCK_C)
+            if TIMELINE:
+                tl.debug_barrier()
+                _stamp(timeline_ptr, item, 2, item)
         item = tl.atomic_add(next_ptr, 1, sem="relaxed", scope="gpu")
 
 
@@ -641,8 +677,11 @@ def _down(h, w2, cfg: GemmConfig, rows: str, row_map, out, *, pair=None, weights
 # Triton's interpreter runs the programs one after another: there the first does every item.
 DIRECT_PROGRAMS_PER_SM = 1
 INTERPRETER_PROGRAMS = 2
-# Most float32 elements of one route's parts a sum item loads at once (I tiles x H-columns).
+# Most float32 elements of one route's parts a sum item loads at once (I tiles x H-columns), and the sum
+# items per token aimed at (about one per SM). The sum's tile shape sets its order of additions, so it
+# depends on the shape alone, not on the launch: the same bits whatever DIRECT_PROGRAMS_PER_SM and the GPU.
 _SUM_TILE = 4096
+_SUM_ITEMS = 128
 
 
 @functools.cache
@@ -650,10 +689,12 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _direct(x, w13, w2, weights, ids, y, top_k: int, cfg_gu: GemmConfig, cfg_dn: GemmConfig) -> None:
+def _direct(x, w13, w2, weights, ids, y, top_k: int, cfg_gu: GemmConfig, cfg_dn: GemmConfig,
+            timeline: torch.Tensor | None = None) -> None:
     """y [T, H] = moe_ffn in the direct layout, one launch of _direct_kernel. ``cfg_gu``: the slice items'
     gate_up tile (its block_n is the I tile of an item), num_warps and num_stages; ``cfg_dn``: block_n H-rows
-    of w2 per step of an item's down GEMM, tma (its other fields are unused)."""
+    of w2 per step of an item's down GEMM, tma (its other fields are unused). ``timeline``: int64 [>= items,
+    4], filled with the items' timeline (see _direct_kernel; diagnosis)."""
     num_tokens, hidden = x.shape
     num_experts, two_i, _ = w13.shape
     inter = two_i // 2
@@ -664,21 +705,23 @@ def _direct(x, w13, w2, weights, ids, y, top_k: int, cfg_gu: GemmConfig, cfg_dn:
     if x.device.type == "cuda":
         device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
         programs = DIRECT_PROGRAMS_PER_SM * _sm_count(device_index)
-    # Sum items: about one per program, each loading at most _SUM_TILE parts of a route at once.
     block_j = triton.next_power_of_2(i_tiles)
-    block_c = max(16, min(_SUM_TILE // block_j, triton.next_power_of_2(triton.cdiv(num_tokens * hidden, programs))))
+    block_c = max(16, min(_SUM_TILE // block_j, triton.next_power_of_2(triton.cdiv(hidden, _SUM_ITEMS))))
     items = ids.numel() * i_tiles + num_tokens * triton.cdiv(hidden, block_c)
+    if timeline is not None and (timeline.dtype != torch.int64 or timeline.shape[0] < items):
+        raise ValueError(f"timeline: expected int64 [>= {items}, 4], got {timeline.dtype} {list(timeline.shape)}")
     gu_tma, w13_desc = _weight_desc(w13, cfg_gu)
     dn_tma, w2_desc = _weight_desc(w2, cfg_dn._replace(block_k=cfg_gu.block_n))  # [block_h, I tile] blocks
     _direct_kernel[(min(items, programs),)](
-        x, w13, w13_desc, w2, w2_desc, part, y, ids, weights, sync, num_tokens, hidden, inter, num_experts,
+        x, w13, w13_desc, w2, w2_desc, part, y, ids, weights, sync, sync if timeline is None else timeline,
+        num_tokens, hidden, inter, num_experts,
         x.stride(0), w13.stride(0), w13.stride(1), w2.stride(0), w2.stride(1), y.stride(0),
         TOP_K=top_k, GU_EVEN_K=hidden % cfg_gu.block_k == 0, GU_BLOCK_M=cfg_gu.block_m, GU_BLOCK_N=cfg_gu.block_n,
         GU_BLOCK_K=cfg_gu.block_k, GU_TMA=gu_tma, GU_SINGLE_DOT=cfg_gu.single_dot and not gu_tma,
         DN_BLOCK_H=cfg_dn.block_n, DN_TMA=dn_tma,
         DN_EVEN=inter % cfg_gu.block_n == 0 and hidden % cfg_dn.block_n == 0, SUM_BLOCK_J=block_j,
-        SUM_BLOCK_C=block_c, DOT_PRECISION=_precision(x.dtype), num_warps=cfg_gu.num_warps,
-        num_stages=cfg_gu.num_stages,
+        SUM_BLOCK_C=block_c, DOT_PRECISION=_precision(x.dtype), TIMELINE=timeline is not None,
+        num_warps=cfg_gu.num_warps, num_stages=cfg_gu.num_stages,
     )
 
 
