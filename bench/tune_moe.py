@@ -117,7 +117,7 @@ def candidates(gemm: str, bucket: str, prefill_only: bool = False, hidden: int =
         # wider ones write fewer float32 parts), K step, TMA / pointer / one wide dot, stages, warps for the
         # whole kernel. down: block_n H-rows of w2 per step of an item's down GEMM, through TMA or pointers.
         extra = {
-            "gate_up": [C(16, 32, 128, 1, 4, 4, True), C(16, 16, 256, 1, 4, 4, True), C(16, 64, 64, 1, 4, 6, True),
+            "gate_up": [C(16, 16, 256, 1, 4, 4, True), C(16, 64, 64, 1, 4, 6, True),
                         C(16, 32, 256, 1, 4, 3, True), C(16, 64, 128, 1, 4, 3, True), C(16, 64, 128, 1, 8, 4, True),
                         C(16, 32, 128, 1, 4, 6, True), C(16, 64, 128, 1, 4, 4, False, True),
                         C(16, 32, 256, 1, 4, 4, False, True)],
@@ -497,8 +497,8 @@ def compile_report(out_path: str, prefill_only: bool = False) -> int:
     aligned = {"x_ptr", "w13_ptr", "h_ptr", "map_ptr", "pair_ptr", "w2_ptr", "out_ptr", "y_ptr", "ids_ptr",
                "weights_ptr", "sync_ptr", "part_ptr", "hidden", "inter", "stride_xm", "stride_we", "stride_wn", "stride_hm",
                "stride_om", "stride_ym", "up_shift", "stride_w13e", "stride_w13n", "stride_w2e", "stride_w2n"}
-    ints = ("num_rows", "num_pairs", "num_tokens", "hidden", "inter", "num_experts", "top_k", "stride_xm", "stride_wn",
-            "stride_hm", "stride_om", "stride_ym", "up_shift", "num_m_tiles", "stride_w13n", "stride_w2n")
+    ints = ("num_rows", "num_pairs", "num_tokens", "hidden", "inter", "num_experts", "head_units", "top_k", "stride_xm",
+            "stride_wn", "stride_hm", "stride_om", "stride_ym", "up_shift", "num_m_tiles", "stride_w13n", "stride_w2n")
     variants = []  # (name, kernel, rows, config)
     for gemm in ("gate_up", "down") if prefill_only else ():
         for c in map(GemmConfig._make, PREFILL_CANDIDATES[gemm]):
@@ -524,7 +524,8 @@ def compile_report(out_path: str, prefill_only: bool = False) -> int:
             descs = {"w13_desc": desc(gu), "w2_desc": desc(dn._replace(block_k=gu.block_n))}
             consts = dict(TOP_K=TOP_K, GU_EVEN_K=True, GU_BLOCK_M=gu.block_m, GU_BLOCK_N=gu.block_n,
                           GU_BLOCK_K=gu.block_k, GU_TMA=gu.tma, GU_SINGLE_DOT=gu.single_dot and not gu.tma,
-                          DN_BLOCK_H=dn.block_n, DN_TMA=dn.tma, DN_EVEN=True, SUM_BLOCK_J=32, SUM_BLOCK_C=16,
+                          DN_BLOCK_H=dn.block_n, DN_TMA=dn.tma, DN_EVEN=True, SUM_BLOCK_R=8, SUM_BLOCK_J=32,
+                          SUM_BLOCK_C=16, SPLIT=max(1, min(grouped_gemm._SPLIT, gu.block_n // 16)),
                           DOT_PRECISION="tf32", TIMELINE=False)
             shown = {"gate_up": gu._asdict(), "down": dn._asdict()}
             cfg = gu  # num_warps, num_stages

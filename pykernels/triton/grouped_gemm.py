@@ -15,8 +15,10 @@
   its token are done. Items are handed out in order, so the items waited for are held by running programs
   that wait for nothing: it cannot deadlock, whatever the launch size. A slice item streams its share of
   the expert's three matrices (Lite at 64-column I tiles: 6 x 22 = 132 items of 768 KiB, one per SM of
-  the H200), and no item waits for another's h: the only wait is the short sum at the end. The float32
-  parts cost N x cdiv(I, BLOCK_N) x H x 4 bytes of writes and reads (1 % of the weights on Lite).
+  the H200), and no item waits for another's h: the only wait is the short sum at the end. The (route,
+  I tile) units left after the last full round over the SMs run in pieces of 16 columns, so that the SMs
+  finish together (236B: 144 units on 132 SMs). The float32 parts cost N x cdiv(I, BLOCK_N) x H x 4 bytes
+  of writes and reads (1 % of the weights on Lite).
 
 "sorted" (the unpadded layout of moe_permute.permute) -- 3 launches up to ``moe_permute.CHUNK`` routes
 (21 tokens at top-6), 4 beyond::
@@ -429,16 +431,17 @@ def _route_h(
 def _route_parts(
     h,  # [BM, BN] from _route_h
     w2_ptr, w2_desc, part_ptr,
-    route, expert, pid_n, hidden, inter, num_i_tiles, stride_w2e, stride_w2n,
+    part_row,  # the row of part written (see _direct_kernel)
+    expert, pid_n, hidden, inter, stride_w2e, stride_w2n,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, USE_TMA: tl.constexpr, EVEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """part[p, pid_n, :] = h @ w2_e[:, I tile].T in float32 (row 0 of each [BM, BLOCK_H] step is stored)."""
+    """part[part_row, :] = h @ w2_e[:, I tile pid_n].T in float32 (row 0 of each [BM, BLOCK_H] step is stored)."""
     m = tl.arange(0, BLOCK_M)  # [BM]
     i_cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] I-columns
     hs = tl.arange(0, BLOCK_H)  # [BH] H-rows of w2 per step
     b_ptrs = w2_ptr + expert.to(tl.int64) * stride_w2e + hs[None, :].to(tl.int64) * stride_w2n + i_cols[:, None]
-    o_ptrs = part_ptr + (route.to(tl.int64) * num_i_tiles + pid_n) * hidden + hs[None, :] + 0 * m[:, None]
+    o_ptrs = part_ptr + part_row.to(tl.int64) * hidden + hs[None, :] + 0 * m[:, None]
     for h0 in range(0, hidden, BLOCK_H):
         if USE_TMA:
             # Rows of the [E * H, I] view (past row H: the next expert's, never stored); zero past column I.
@@ -454,28 +457,49 @@ def _route_parts(
 
 
 @triton.jit
+def _route_slice(
+    x_ptr, w13_ptr, w13_desc, w2_ptr, w2_desc, part_ptr, weights_ptr, timeline_ptr, item, route, expert, pid_n,
+    part_row, hidden, inter, stride_xm, stride_w13e, stride_w13n, stride_w2e, stride_w2n,
+    TOP_K: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GU_TMA: tl.constexpr, GU_SINGLE_DOT: tl.constexpr, BLOCK_H: tl.constexpr, DN_TMA: tl.constexpr,
+    DN_EVEN: tl.constexpr, DOT_PRECISION: tl.constexpr, TIMELINE: tl.constexpr,
+):
+    """One slice item of _direct_kernel: h of the route's I tile ``pid_n`` (BLOCK_N columns), then its part."""
+    h = _route_h(x_ptr, w13_ptr, w13_desc, weights_ptr, route, expert, pid_n, hidden, inter, stride_xm, stride_w13e,
+                 stride_w13n, TOP_K, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GU_TMA, GU_SINGLE_DOT, DOT_PRECISION)
+    if TIMELINE:
+        _stamp(timeline_ptr, item, 1, tl.sum(tl.sum(h.to(tl.float32), axis=1), axis=0).to(tl.int32))
+    _route_parts(h, w2_ptr, w2_desc, part_ptr, part_row, expert, pid_n, hidden, inter, stride_w2e, stride_w2n,
+                 BLOCK_M, BLOCK_N, BLOCK_H, DN_TMA, DN_EVEN, DOT_PRECISION)
+
+
+@triton.jit
 def _sum_slices(
     part_ptr, y_ptr, ids_ptr,
     t,  # the token
     pid_c,  # H-column block
-    hidden, num_experts, num_i_tiles, stride_ym,
-    TOP_K: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+    hidden, num_experts, num_pairs, i_tiles, head_units, stride_ym,
+    TOP_K: tl.constexpr, SPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """y[t, cols] = sum over the token's routes k (in order) of the sum over I tiles of part[t*TOP_K + k]:
-    float32, a fixed order (the same bits whatever program runs it). Routes with a bad id were never
-    computed and are skipped."""
-    j = tl.arange(0, BLOCK_J)[:, None]  # [BJ, 1] I tile
+    """y[t, cols] = the sum of the token's parts (see _direct_kernel): per piece q = 0, 1, ... in order, one
+    [routes, I tiles, columns] tile summed over the I tiles, then the routes; float32, a fixed order (the same
+    bits whatever program runs it). Routes with a bad id were never computed and are skipped; pieces q > 0
+    exist only for the split units."""
+    r = tl.arange(0, BLOCK_R)[:, None, None]  # [BR, 1, 1] route k of the token
+    j = tl.arange(0, BLOCK_J)[None, :, None]  # [1, BJ, 1] I tile
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BC]
-    col_ok = cols < hidden
+    p = t * TOP_K + r  # [BR, 1, 1]
+    e = tl.load(ids_ptr + p, mask=r < TOP_K, other=-1)
+    live = (r < TOP_K) & (e >= 0) & (e < num_experts) & (j < i_tiles) & (cols < hidden)[None, None, :]  # [BR, BJ, BC]
+    rows = (p * i_tiles + j).to(tl.int64)  # [BR, BJ, 1] rows of piece 0
     acc = tl.zeros((BLOCK_C,), tl.float32)
-    for k in tl.static_range(TOP_K):
-        p = t * TOP_K + k
-        e = tl.load(ids_ptr + p)
-        j_end = tl.where((e >= 0) & (e < num_experts), num_i_tiles, 0)  # a bad id: read none of its parts
-        ok = (j < j_end) & col_ok[None, :]  # [BJ, BC]
-        v = tl.load(part_ptr + (p.to(tl.int64) * num_i_tiles + j) * hidden + cols[None, :], mask=ok, other=0.0)
-        acc += tl.sum(v, axis=0)
-    tl.store(y_ptr + t.to(tl.int64) * stride_ym + cols, acc.to(y_ptr.dtype.element_ty), mask=col_ok)
+    for q in tl.static_range(SPLIT):
+        ok = live
+        if q > 0:
+            ok = live & (j * num_pairs + p >= head_units)  # a split unit
+        v = tl.load(part_ptr + (rows + q * num_pairs * i_tiles) * hidden + cols[None, None, :], mask=ok, other=0.0)
+        acc += tl.sum(tl.sum(v, axis=1), axis=0)
+    tl.store(y_ptr + t.to(tl.int64) * stride_ym + cols, acc.to(y_ptr.dtype.element_ty), mask=cols < hidden)
 
 
 @triton.jit
@@ -502,18 +526,19 @@ def _direct_kernel(
     w13_desc,  # TMA descriptor of w13 viewed as [E * 2I, H], blocks [GU_BLOCK_N, GU_BLOCK_K] (GU_TMA only)
     w2_ptr,  # [E, H, I]; stride 1 along I
     w2_desc,  # TMA descriptor of w2 viewed as [E * H, I], blocks [DN_BLOCK_H, GU_BLOCK_N] (DN_TMA only)
-    part_ptr,  # [N, cdiv(I, GU_BLOCK_N), H] float32 scratch: each route's I tile's share of its down GEMM
+    part_ptr,  # [SPLIT, N, cdiv(I, GU_BLOCK_N), H] float32 scratch: [q, p, J] = piece q of unit (p, J)'s down GEMM
     y_ptr,  # [T, H] out, x's dtype
     ids_ptr,  # [N] expert id per route (topk_ids flattened, int32 or int64)
     weights_ptr,  # [N] routing weight per route
-    sync_ptr,  # [T + 1] int32, zero at launch: [t] finished slice items of token t (all: TOP_K * cdiv(I,
-    #            GU_BLOCK_N)); [T] the next work item to hand out
+    sync_ptr,  # [T + 1] int32, zero at launch: [t] slice work of token t done, in pieces (all: TOP_K * cdiv(I,
+    #            GU_BLOCK_N) * SPLIT); [T] the next work item to hand out
     timeline_ptr,  # TIMELINE: [items, 4] int64 out: per item the global timer (ns) at its start, at the end of
     #                its first phase (h / the wait) and at its end, and its SM (bench/tune_moe.py --timeline)
     num_tokens,  # T
     hidden,  # H
     inter,  # I
     num_experts,
+    head_units,  # units run whole; the rest are split into SPLIT items each
     stride_xm,
     stride_w13e,
     stride_w13n,
@@ -521,26 +546,32 @@ def _direct_kernel(
     stride_w2n,
     stride_ym,
     TOP_K: tl.constexpr,  # routes per token
-    # The gate_up tile of a slice item (see _silu_gate_up; BLOCK_M rows of the one token):
+    # The gate_up tile of a whole unit (see _silu_gate_up; BLOCK_M rows of the one token):
     GU_EVEN_K: tl.constexpr, GU_BLOCK_M: tl.constexpr, GU_BLOCK_N: tl.constexpr, GU_BLOCK_K: tl.constexpr,
     GU_TMA: tl.constexpr, GU_SINGLE_DOT: tl.constexpr,
     DN_BLOCK_H: tl.constexpr,  # H-rows of w2 per step of a slice item's down GEMM
-    DN_TMA: tl.constexpr,  # w2 tiles through the TMA descriptor
+    DN_TMA: tl.constexpr,  # w2 tiles of a whole unit through the TMA descriptor
     DN_EVEN: tl.constexpr,  # I % GU_BLOCK_N == 0 and H % DN_BLOCK_H == 0: no masks on w2 pointer loads
+    SPLIT: tl.constexpr,  # pieces of a split unit (GU_BLOCK_N / SPLIT columns each, >= 16; pointer loads)
+    SUM_BLOCK_R: tl.constexpr,  # next power of two >= TOP_K
     SUM_BLOCK_J: tl.constexpr,  # next power of two >= cdiv(I, GU_BLOCK_N)
     SUM_BLOCK_C: tl.constexpr,  # H-columns per sum item
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32 rounding); 16-bit inputs ignore it
     TIMELINE: tl.constexpr,  # record the items' timeline (diagnosis only)
 ):
-    """The direct layout in one launch (see the module docstring). The work items are every slice item
-    (route, I tile: _route_h, then _route_parts), then every sum item (token, H-column block: _sum_slices); a program takes
-    the next item from a counter until none is left. A slice item stores its part and counts itself done
-    for its token (release); a sum item waits until its token's count is complete (acquire). Items are
-    handed out in order, so every slice item a sum item waits for is already held by a running program
-    that waits for nothing: no launch size or residency can deadlock."""
+    """The direct layout in one launch (see the module docstring). A unit is (route p, I tile J of GU_BLOCK_N
+    columns), numbered u = J * N + p. The work items: units [0, head_units) whole, then each later unit as
+    SPLIT items of GU_BLOCK_N / SPLIT columns (the small items even out the programs' finish), then the sum
+    items (token, H-column block). A program takes the next item from a counter until none is left. A slice
+    item stores its part and counts its pieces done for its token (release); a sum item waits until its
+    token's count is complete (acquire). Items are handed out in order, so every slice item a sum item waits
+    for is already held by a running program that waits for nothing: no launch size or residency can
+    deadlock."""
+    TAIL_N: tl.constexpr = GU_BLOCK_N // SPLIT
     num_pairs = num_tokens * TOP_K
     i_tiles = tl.cdiv(inter, GU_BLOCK_N)
-    slice_items = num_pairs * i_tiles
+    units = num_pairs * i_tiles
+    slice_items = head_units + (units - head_units) * SPLIT
     items = slice_items + num_tokens * tl.cdiv(hidden, SUM_BLOCK_C)
     done_ptr = sync_ptr
     next_ptr = sync_ptr + num_tokens
@@ -551,19 +582,25 @@ def _direct_kernel(
         if item < slice_items:
             # N-tile-major: the routes of one I tile are consecutive, so routes that share an expert (several
             # tokens) read the same weight tile at about the same time (from the L2 after the first).
-            route = item % num_pairs
-            pid_n = item // num_pairs
+            whole = item < head_units
+            u = tl.where(whole, item, head_units + (item - head_units) // SPLIT)
+            q = tl.where(whole, 0, (item - head_units) % SPLIT)  # the piece
+            route = u % num_pairs
+            part_row = (q * num_pairs + route) * i_tiles + u // num_pairs
             expert = tl.load(ids_ptr + route).to(tl.int32)
             if (expert >= 0) & (expert < num_experts):  # a bad id: nothing to compute (the sum skips it)
-                h = _route_h(x_ptr, w13_ptr, w13_desc, weights_ptr, route, expert, pid_n, hidden, inter, stride_xm,
-                             stride_w13e, stride_w13n, TOP_K, GU_EVEN_K, GU_BLOCK_M, GU_BLOCK_N, GU_BLOCK_K, GU_TMA,
-                             GU_SINGLE_DOT, DOT_PRECISION)
-                if TIMELINE:
-                    _stamp(timeline_ptr, item, 1, tl.sum(tl.sum(h.to(tl.float32), axis=1), axis=0).to(tl.int32))
-                _route_parts(h, w2_ptr, w2_desc, part_ptr, route, expert, pid_n, hidden, inter, i_tiles, stride_w2e,
-                             stride_w2n, GU_BLOCK_M, GU_BLOCK_N, DN_BLOCK_H, DN_TMA, DN_EVEN, DOT_PRECISION)
+                if whole:
+                    _route_slice(x_ptr, w13_ptr, w13_desc, w2_ptr, w2_desc, part_ptr, weights_ptr, timeline_ptr, item,
+                                 route, expert, u // num_pairs, part_row, hidden, inter, stride_xm, stride_w13e,
+                                 stride_w13n, stride_w2e, stride_w2n, TOP_K, GU_EVEN_K, GU_BLOCK_M, GU_BLOCK_N,
+                                 GU_BLOCK_K, GU_TMA, GU_SINGLE_DOT, DN_BLOCK_H, DN_TMA, DN_EVEN, DOT_PRECISION, TIMELINE)
+                else:  # piece q: I tile (u // N) * SPLIT + q of TAIL_N columns
+                    _route_slice(x_ptr, w13_ptr, w13_desc, w2_ptr, w2_desc, part_ptr, weights_ptr, timeline_ptr, item,
+                                 route, expert, (u // num_pairs) * SPLIT + q, part_row, hidden, inter, stride_xm,
+                                 stride_w13e, stride_w13n, stride_w2e, stride_w2n, TOP_K, GU_EVEN_K, GU_BLOCK_M, TAIL_N,
+                                 GU_BLOCK_K, False, True, DN_BLOCK_H, False, DN_EVEN, DOT_PRECISION, TIMELINE)
             tl.debug_barrier()  # every thread's stores of the part come before the release below
-            tl.atomic_add(done_ptr + route // TOP_K, 1, sem="release", scope="gpu")
+            tl.atomic_add(done_ptr + route // TOP_K, tl.where(whole, SPLIT, 1), sem="release", scope="gpu")
             if TIMELINE:
                 _stamp(timeline_ptr, item, 2, item)
         else:
@@ -572,13 +609,14 @@ def _direct_kernel(
             # The acquire (an atomic read) once per check; between checks, plain volatile reads spin, paced
             # by _pause, so that waiting programs neither queue atomics in front of the slice releases nor
             # poll the flag's L2 line back to back.
-            while tl.atomic_add(done_ptr + t, 0, sem="acquire", scope="gpu") < TOP_K * i_tiles:
-                while _pause(tl.load(done_ptr + t, volatile=True)) < TOP_K * i_tiles:
+            need = TOP_K * i_tiles * SPLIT
+            while tl.atomic_add(done_ptr + t, 0, sem="acquire", scope="gpu") < need:
+                while _pause(tl.load(done_ptr + t, volatile=True)) < need:
                     pass
             if TIMELINE:
                 _stamp(timeline_ptr, item, 1, item)
-            _sum_slices(part_ptr, y_ptr, ids_ptr, t, pid_c, hidden, num_experts, i_tiles, stride_ym, TOP_K,
-                        SUM_BLOCK_J, SUM_BLOCK_C)
+            _sum_slices(part_ptr, y_ptr, ids_ptr, t, pid_c, hidden, num_experts, num_pairs, i_tiles, head_units,
+                        stride_ym, TOP_K, SPLIT, SUM_BLOCK_R, SUM_BLOCK_J, SUM_BLOCK_C)
             if TIMELINE:
                 tl.debug_barrier()
                 _stamp(timeline_ptr, item, 2, item)
@@ -677,11 +715,13 @@ def _down(h, w2, cfg: GemmConfig, rows: str, row_map, out, *, pair=None, weights
 # Triton's interpreter runs the programs one after another: there the first does every item.
 DIRECT_PROGRAMS_PER_SM = 1
 INTERPRETER_PROGRAMS = 2
-# Most float32 elements of one route's parts a sum item loads at once (I tiles x H-columns), and the sum
-# items per token aimed at (about one per SM). The sum's tile shape sets its order of additions, so it
-# depends on the shape alone, not on the launch: the same bits whatever DIRECT_PROGRAMS_PER_SM and the GPU.
+# Most float32 elements a sum item loads at once (routes x I tiles x H-columns), and the sum items per token
+# aimed at (about one per SM). The sum's tile shape sets its order of additions, so it depends on the shape
+# alone, not on the launch: the same bits whatever DIRECT_PROGRAMS_PER_SM and the GPU.
 _SUM_TILE = 4096
 _SUM_ITEMS = 128
+# Pieces a split unit of the direct layout runs as (at most; each piece >= 16 columns).
+_SPLIT = 4
 
 
 @functools.cache
@@ -699,28 +739,35 @@ def _direct(x, w13, w2, weights, ids, y, top_k: int, cfg_gu: GemmConfig, cfg_dn:
     num_experts, two_i, _ = w13.shape
     inter = two_i // 2
     i_tiles = triton.cdiv(inter, cfg_gu.block_n)
-    part = torch.empty((ids.numel(), i_tiles, hidden), dtype=torch.float32, device=x.device)  # [N, I tiles, H]
-    sync = torch.zeros(num_tokens + 1, dtype=torch.int32, device=x.device)  # see _direct_kernel's sync_ptr
-    programs = INTERPRETER_PROGRAMS
+    units = ids.numel() * i_tiles  # (route, I tile)
+    sms, programs = INTERPRETER_PROGRAMS, INTERPRETER_PROGRAMS
     if x.device.type == "cuda":
-        device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        programs = DIRECT_PROGRAMS_PER_SM * _sm_count(device_index)
+        sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        programs = DIRECT_PROGRAMS_PER_SM * sms
+    # Whole units in full rounds over the SMs; the units left over are split so that the SMs finish together
+    # (236B at 64 columns: 144 units on 132 SMs, 12 split in 4). Which units are split (so the order of the
+    # sum's additions) follows the SM count, not the launch size: the same bits on one GPU at any launch.
+    head = units if units <= sms else units // sms * sms
+    split = min(_SPLIT, cfg_gu.block_n // 16) if head < units else 1
+    part = torch.empty((split, ids.numel(), i_tiles, hidden), dtype=torch.float32, device=x.device)
+    sync = torch.zeros(num_tokens + 1, dtype=torch.int32, device=x.device)  # see _direct_kernel's sync_ptr
+    block_r = triton.next_power_of_2(top_k)
     block_j = triton.next_power_of_2(i_tiles)
-    block_c = max(16, min(_SUM_TILE // block_j, triton.next_power_of_2(triton.cdiv(hidden, _SUM_ITEMS))))
-    items = ids.numel() * i_tiles + num_tokens * triton.cdiv(hidden, block_c)
+    block_c = max(16, min(_SUM_TILE // (block_r * block_j), triton.next_power_of_2(triton.cdiv(hidden, _SUM_ITEMS))))
+    items = head + (units - head) * split + num_tokens * triton.cdiv(hidden, block_c)
     if timeline is not None and (timeline.dtype != torch.int64 or timeline.shape[0] < items):
         raise ValueError(f"timeline: expected int64 [>= {items}, 4], got {timeline.dtype} {list(timeline.shape)}")
     gu_tma, w13_desc = _weight_desc(w13, cfg_gu)
     dn_tma, w2_desc = _weight_desc(w2, cfg_dn._replace(block_k=cfg_gu.block_n))  # [block_h, I tile] blocks
     _direct_kernel[(min(items, programs),)](
         x, w13, w13_desc, w2, w2_desc, part, y, ids, weights, sync, sync if timeline is None else timeline,
-        num_tokens, hidden, inter, num_experts,
+        num_tokens, hidden, inter, num_experts, head,
         x.stride(0), w13.stride(0), w13.stride(1), w2.stride(0), w2.stride(1), y.stride(0),
         TOP_K=top_k, GU_EVEN_K=hidden % cfg_gu.block_k == 0, GU_BLOCK_M=cfg_gu.block_m, GU_BLOCK_N=cfg_gu.block_n,
         GU_BLOCK_K=cfg_gu.block_k, GU_TMA=gu_tma, GU_SINGLE_DOT=cfg_gu.single_dot and not gu_tma,
         DN_BLOCK_H=cfg_dn.block_n, DN_TMA=dn_tma,
-        DN_EVEN=inter % cfg_gu.block_n == 0 and hidden % cfg_dn.block_n == 0, SUM_BLOCK_J=block_j,
-        SUM_BLOCK_C=block_c, DOT_PRECISION=_precision(x.dtype), TIMELINE=timeline is not None,
+        DN_EVEN=inter % cfg_gu.block_n == 0 and hidden % cfg_dn.block_n == 0, SPLIT=split, SUM_BLOCK_R=block_r,
+        SUM_BLOCK_J=block_j, SUM_BLOCK_C=block_c, DOT_PRECISION=_precision(x.dtype), TIMELINE=timeline is not None,
         num_warps=cfg_gu.num_warps, num_stages=cfg_gu.num_stages,
     )
 
