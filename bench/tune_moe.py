@@ -314,7 +314,10 @@ def _timeline(report, cache) -> None:
     for label, E, H, I in DIRECT_SHAPES[:2]:
         w13, w2 = _weights(cache, E, H, I)
         cfg_gu, cfg_dn = (moe_configs.pick(g, H, I, TOP_K, E, 2, direct=True) for g in ("gate_up", "down"))
-        slices = TOP_K * triton.cdiv(I, cfg_gu.block_n)
+        units = TOP_K * triton.cdiv(I, cfg_gu.block_n)
+        head, split = grouped_gemm.direct_split(units, torch.cuda.get_device_properties(0).multi_processor_count,
+                                                cfg_gu.block_n)
+        slices = head + (units - head) * split
         for st in _case_sets(E, H, I, 1, w13, w2, DECODE_SETS, direct=True):
             y = torch.empty(1, H, dtype=torch.bfloat16, device="cuda")
             timeline = torch.zeros(4096, 4, dtype=torch.int64, device="cuda")

@@ -729,6 +729,15 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def direct_split(units: int, sms: int, block_n: int) -> tuple[int, int]:
+    """(units run whole, pieces of each later unit) of the direct kernel: whole units in full rounds over the
+    SMs, the units left over split so that the SMs finish together (236B at 64 columns: 144 units on 132
+    SMs, 12 split in 4). Which units are split (so the order of the sum's additions) follows the SM count,
+    not the launch size: the same bits on one GPU at any launch."""
+    head = units if units <= sms else units // sms * sms
+    return head, (min(_SPLIT, block_n // 16) if head < units else 1)
+
+
 def _direct(x, w13, w2, weights, ids, y, top_k: int, cfg_gu: GemmConfig, cfg_dn: GemmConfig,
             timeline: torch.Tensor | None = None) -> None:
     """y [T, H] = moe_ffn in the direct layout, one launch of _direct_kernel. ``cfg_gu``: the slice items'
@@ -744,11 +753,7 @@ def _direct(x, w13, w2, weights, ids, y, top_k: int, cfg_gu: GemmConfig, cfg_dn:
     if x.device.type == "cuda":
         sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
         programs = DIRECT_PROGRAMS_PER_SM * sms
-    # Whole units in full rounds over the SMs; the units left over are split so that the SMs finish together
-    # (236B at 64 columns: 144 units on 132 SMs, 12 split in 4). Which units are split (so the order of the
-    # sum's additions) follows the SM count, not the launch size: the same bits on one GPU at any launch.
-    head = units if units <= sms else units // sms * sms
-    split = min(_SPLIT, cfg_gu.block_n // 16) if head < units else 1
+    head, split = direct_split(units, sms, cfg_gu.block_n)
     part = torch.empty((split, ids.numel(), i_tiles, hidden), dtype=torch.float32, device=x.device)
     sync = torch.zeros(num_tokens + 1, dtype=torch.int32, device=x.device)  # see _direct_kernel's sync_ptr
     block_r = triton.next_power_of_2(top_k)
