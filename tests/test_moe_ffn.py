@@ -175,14 +175,14 @@ def test_triton_skips_out_of_range_ids(device, dtype, layout):
 def test_triton_direct_split_units(device, dtype, variant, monkeypatch):
     """The direct layout runs the units past the last full round over the SMs in pieces: on 4 "SMs", 3 tokens x
     top-2 x 2 I tiles = 12 units (none split); 7 tokens x top-3 x 2 I tiles = 42 units, the last 2 split in
-    4 pieces of 16 columns (I = 100: one piece partly, one wholly past I; the bad id is in a split unit);
-    several H steps of w2; against the reference."""
+    4 pieces of 16 columns (I = 100: one piece partly, one wholly past I, pointer loads; I = 96: TMA pieces;
+    the bad id is in a split unit); several H steps of w2; against the reference."""
     from pykernels.triton import grouped_gemm
 
     monkeypatch.setattr(grouped_gemm, "INTERPRETER_PROGRAMS", 4)  # (CPU; on a GPU, its SMs)
     cfg_gu = moe_configs.GemmConfig(16, 64, 32, 1, 4, 2, variant == "tma", variant == "single dot")
     cfg_dn = moe_configs.GemmConfig(16, 32, 32, 1, 4, 2, variant == "tma")
-    for T, I, k in ((3, 128, 2), (7, 100, 3)):
+    for T, I, k in ((3, 128, 2), (7, 100, 3), (7, 96, 3)):
         x, w13, w2, tw, ids = _case_inputs((T, 5, 72, I, k, "random"), dtype, device)
         ids[T - 1, k - 1] = 9
         y = grouped_gemm.moe_ffn_triton(x, w13, w2, tw, ids, gate_up_config=cfg_gu, down_config=cfg_dn,
