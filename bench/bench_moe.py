@@ -28,7 +28,8 @@ Records (shape {T, E, H, I, top_k}; moe_gate {T, E, H}):
                Cost: profiles.cost_model.moe_ffn with experts_hit = the experts the routing actually hits.
                Bars: prefill >= 1.15x the peer and >= 75 % of the bf16 matmul rate; decode >= 80 % of
                copy bandwidth over those bytes (read ``frac_copy_bw``).
-               backend "triton" is the default row layout (extra.layout: direct at T = 1, sorted beyond);
+               backend "triton" is the default row layout (extra.layout: direct at T = 1 where the table has
+               direct tiles, sorted otherwise);
                "triton-<layout>" rows time the other layouts at the same shape: "triton-padded" (vLLM's
                align layout) at every T against the default's unpadded masked tiles, "triton-sorted" /
                "triton-direct" at T <= 8 (where the direct layout's limit is decided).
@@ -334,7 +335,7 @@ def run(ctx) -> None:
             if backend == "triton":
                 from pykernels.triton.moe_configs import layout_for
 
-                layout = layout_for(T)
+                layout = layout_for(T, H, I)
                 extra.update(_configs_extra(H, I, rows, E, layout))
 
             # moe_ffn

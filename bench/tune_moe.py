@@ -117,9 +117,10 @@ def candidates(gemm: str, bucket: str, prefill_only: bool = False, hidden: int =
         # wider ones write fewer float32 parts), K step, TMA / pointer / one wide dot, stages, warps for the
         # whole kernel. down: block_n H-rows of w2 per step of an item's down GEMM, through TMA or pointers.
         extra = {
-            "gate_up": [C(16, 16, 256, 1, 4, 4, True), C(16, 64, 64, 1, 4, 6, True), C(16, 64, 128, 1, 4, 3, True),
-                        C(16, 64, 128, 1, 8, 4, True), C(16, 32, 128, 1, 4, 6, True),
-                        C(16, 64, 128, 1, 4, 4, False, True)],
+            "gate_up": [C(16, 16, 256, 1, 4, 4, True), C(16, 64, 64, 1, 4, 6, True),
+                        C(16, 32, 256, 1, 4, 3, True), C(16, 64, 128, 1, 4, 3, True), C(16, 64, 128, 1, 8, 4, True),
+                        C(16, 32, 128, 1, 4, 6, True), C(16, 64, 128, 1, 4, 4, False, True),
+                        C(16, 32, 256, 1, 4, 4, False, True)],
             "down": [C(16, 64, 64, 1, 4, 4), C(16, 256, 64, 1, 4, 4), C(16, 128, 64, 1, 4, 4, True),
                      C(16, 64, 64, 1, 4, 4, True), C(16, 256, 64, 1, 4, 4, True)],
         }[gemm]
@@ -523,16 +524,11 @@ def compile_report(out_path: str, prefill_only: bool = False) -> int:
             return f"tensordesc<bf16[{c.block_n}, {c.block_k}]>" if c.tma else "*bf16"
         if which == "direct":
             gu, dn = cfg
-            split = max(1, min(grouped_gemm._SPLIT, gu.block_n // 16))
-            tail = gu._replace(block_n=gu.block_n // split, tma=True)
-            tail_h = min(256, dn.block_n * split)
-            descs = {"w13_desc": desc(gu), "w2_desc": desc(dn._replace(block_k=gu.block_n)),
-                     "w13_tail_desc": desc(tail), "w2_tail_desc": desc(tail._replace(block_n=tail_h, block_k=tail.block_n))}
+            descs = {"w13_desc": desc(gu), "w2_desc": desc(dn._replace(block_k=gu.block_n))}
             consts = dict(TOP_K=TOP_K, GU_EVEN_K=True, GU_BLOCK_M=gu.block_m, GU_BLOCK_N=gu.block_n,
                           GU_BLOCK_K=gu.block_k, GU_TMA=gu.tma, GU_SINGLE_DOT=gu.single_dot and not gu.tma,
                           DN_BLOCK_H=dn.block_n, DN_TMA=dn.tma, DN_EVEN=True, SUM_BLOCK_R=8, SUM_BLOCK_J=32,
-                          SUM_BLOCK_C=16, SPLIT=split, TAIL_K=tail.block_k, TAIL_H=tail_h, TAIL_EVEN_K=True,
-                          TAIL_TMA=True, TAIL_STAGES=grouped_gemm._TAIL_STAGES,
+                          SUM_BLOCK_C=16, SPLIT=max(1, min(grouped_gemm._SPLIT, gu.block_n // 16)),
                           DOT_PRECISION="tf32", TIMELINE=False)
             shown = {"gate_up": gu._asdict(), "down": dn._asdict()}
             cfg = gu  # num_warps, num_stages

@@ -135,8 +135,8 @@ LAYOUTS = ("direct", "sorted", "padded")
 @pytest.mark.parametrize("layout", ["direct", "padded"])
 @pytest.mark.parametrize("case", CASES, ids=[c[-1] for c in CASES])
 def test_triton_layouts_match_reference(device, dtype, layout, case):
-    """The row layouts moe_ffn does not pick by default at these T (test_moe_ffn_matches_reference runs the
-    default: direct at T = 1, sorted beyond); the direct layout takes any T, repeated experts too."""
+    """The row layouts moe_ffn does not pick by default at these shapes (test_moe_ffn_matches_reference runs the
+    default: sorted, as these shapes have no direct tiles); the direct layout takes any T, repeated experts too."""
     from pykernels.triton.grouped_gemm import moe_ffn_triton
 
     x, w13, w2, tw, ids = _case_inputs(case, dtype, device)
@@ -147,8 +147,10 @@ def test_triton_layouts_match_reference(device, dtype, layout, case):
 def test_layout_choice():
     from pykernels.triton.grouped_gemm import moe_ffn_triton
 
-    assert moe_configs.layout_for(moe_configs.DIRECT_MAX_TOKENS) == "direct"
-    assert moe_configs.layout_for(moe_configs.DIRECT_MAX_TOKENS + 1) == "sorted"
+    tuned = next(key[1:3] for key in moe_configs.TABLE if key[3] == "direct")  # (H, I) with direct tiles
+    assert moe_configs.layout_for(moe_configs.DIRECT_MAX_TOKENS, *tuned) == "direct"
+    assert moe_configs.layout_for(moe_configs.DIRECT_MAX_TOKENS + 1, *tuned) == "sorted"
+    assert moe_configs.layout_for(1, 5120, 1536) == "sorted"  # 236B: no direct tiles (the sorted layout won)
     with pytest.raises(ValueError, match="layout"):
         moe_ffn_triton(*_bad_moe().values(), layout="aligned")
 
@@ -175,8 +177,8 @@ def test_triton_skips_out_of_range_ids(device, dtype, layout):
 def test_triton_direct_split_units(device, dtype, variant, monkeypatch):
     """The direct layout runs the units past the last full round over the SMs in pieces: on 4 "SMs", 3 tokens x
     top-2 x 2 I tiles = 12 units (none split); 7 tokens x top-3 x 2 I tiles = 42 units, the last 2 split in
-    4 pieces of 16 columns (I = 100: one piece partly, one wholly past I, pointer loads; I = 96: TMA pieces;
-    the bad id is in a split unit); several H steps of w2; against the reference."""
+    4 pieces of 16 columns (I = 100: one piece partly, one wholly past I; I = 96: the pieces end at I; the
+    bad id is in a split unit); several H steps of w2; against the reference."""
     from pykernels.triton import grouped_gemm
 
     monkeypatch.setattr(grouped_gemm, "INTERPRETER_PROGRAMS", 4)  # (CPU; on a GPU, its SMs)

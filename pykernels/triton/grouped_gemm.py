@@ -1,7 +1,8 @@
 """Triton grouped-GEMM expert FFN: the backend of ``pykernels.moe_ffn`` and ``pykernels.grouped_ffn``.
 
 ``moe_ffn`` runs in one of three row layouts (``moe_ffn_triton(layout=...)``; by default "direct" up to
-``moe_configs.DIRECT_MAX_TOKENS`` tokens, "sorted" beyond). No layout synchronises with the host.
+``moe_configs.DIRECT_MAX_TOKENS`` tokens on the shapes tuned for it, "sorted" otherwise). No layout
+synchronises with the host.
 
 "direct" (decode, one token: its top_k routes are distinct experts) -- 1 launch, no permutation::
 
@@ -161,7 +162,7 @@ def _gate_up_tile(
             src = rows
     a_ptrs = x_ptr + src.to(tl.int64)[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]  # [BM, BK]
     h = _silu_gate_up(a_ptrs, w13_ptr, w13_desc, expert, pid_n, hidden, inter, stride_we, stride_wn, up_shift,
-                      EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA, SINGLE_DOT, None)
+                      EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA, SINGLE_DOT)
     if ROWS == "route":
         h = h * tl.load(weights_ptr + row_begin).to(tl.float32)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] I-columns
@@ -175,7 +176,6 @@ def _silu_gate_up(
     w13_ptr, w13_desc, expert, pid_n, hidden, inter, stride_we, stride_wn, up_shift,
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, SINGLE_DOT: tl.constexpr,
-    STAGES: tl.constexpr,  # pipeline stages of the k loop (None: the kernel's num_stages)
 ):
     """float32 [BM, BN] silu(x @ gate_e.T) * (x @ up_e.T) on I tile ``pid_n`` (see _gate_up_kernel for the
     arguments); columns >= I hold finite junk, never to be stored."""
@@ -188,7 +188,7 @@ def _silu_gate_up(
         # Rows of the [E * 2I, H] view. Past column I the gate tile reads up rows and the up tile the next
         # expert's rows (or TMA's zero fill past the end): those columns are never stored.
         gate_row = expert * (2 * inter) + pid_n * BLOCK_N
-        for k0 in tl.range(0, hidden, BLOCK_K, num_stages=STAGES):
+        for k0 in range(0, hidden, BLOCK_K):
             if EVEN_K:
                 a = tl.load(a_ptrs)
             else:
@@ -205,7 +205,7 @@ def _silu_gate_up(
         w_rows = (pid_n * BLOCK_N + j % BLOCK_N) % inter + (j // BLOCK_N) * inter
         b_ptrs = w13_ptr + expert.to(tl.int64) * stride_we + w_rows[None, :].to(tl.int64) * stride_wn + ks[:, None]
         acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), tl.float32)
-        for k0 in tl.range(0, hidden, BLOCK_K, num_stages=STAGES):
+        for k0 in range(0, hidden, BLOCK_K):
             if EVEN_K:
                 a = tl.load(a_ptrs)
                 b = tl.load(b_ptrs)
@@ -221,7 +221,7 @@ def _silu_gate_up(
         w_base = w13_ptr + expert.to(tl.int64) * stride_we
         g_ptrs = w_base + cols_ld[None, :].to(tl.int64) * stride_wn + ks[:, None]  # [BK, BN] = gate_e.T tile
         u_ptrs = g_ptrs + up_shift  # [BK, BN] = up_e.T tile
-        for k0 in tl.range(0, hidden, BLOCK_K, num_stages=STAGES):
+        for k0 in range(0, hidden, BLOCK_K):
             if EVEN_K:
                 a = tl.load(a_ptrs)
                 g = tl.load(g_ptrs)
@@ -415,14 +415,14 @@ def _route_h(
     pid_n,  # I tile
     hidden, inter, stride_xm, stride_w13e, stride_w13n,
     TOP_K: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_TMA: tl.constexpr, SINGLE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr,
+    USE_TMA: tl.constexpr, SINGLE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """h [BM, BN] in x's dtype: w_p * silu(x_t @ gate_e.T) * (x_t @ up_e.T) on the I tile's columns (0 past
     column I), rounded once. Every row is the token's (the A tile repeats it)."""
     m = tl.arange(0, BLOCK_M)  # [BM]
     a_ptrs = x_ptr + (route // TOP_K).to(tl.int64) * stride_xm + tl.arange(0, BLOCK_K)[None, :] + 0 * m[:, None]
     h = _silu_gate_up(a_ptrs, w13_ptr, w13_desc, expert, pid_n, hidden, inter, stride_w13e, stride_w13n,
-                      inter * stride_w13n, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA, SINGLE_DOT, STAGES)
+                      inter * stride_w13n, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA, SINGLE_DOT)
     i_cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] I-columns
     h = tl.where((i_cols < inter)[None, :], h * tl.load(weights_ptr + route).to(tl.float32), 0.0)
     return h.to(x_ptr.dtype.element_ty)
@@ -435,7 +435,7 @@ def _route_parts(
     part_row,  # the row of part written (see _direct_kernel)
     expert, pid_n, hidden, inter, stride_w2e, stride_w2n,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, USE_TMA: tl.constexpr, EVEN: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """part[part_row, :] = h @ w2_e[:, I tile pid_n].T in float32 (row 0 of each [BM, BLOCK_H] step is stored)."""
     m = tl.arange(0, BLOCK_M)  # [BM]
@@ -443,7 +443,7 @@ def _route_parts(
     hs = tl.arange(0, BLOCK_H)  # [BH] H-rows of w2 per step
     b_ptrs = w2_ptr + expert.to(tl.int64) * stride_w2e + hs[None, :].to(tl.int64) * stride_w2n + i_cols[:, None]
     o_ptrs = part_ptr + part_row.to(tl.int64) * hidden + hs[None, :] + 0 * m[:, None]
-    for h0 in tl.range(0, hidden, BLOCK_H, num_stages=STAGES):
+    for h0 in range(0, hidden, BLOCK_H):
         if USE_TMA:
             # Rows of the [E * H, I] view (past row H: the next expert's, never stored); zero past column I.
             b = w2_desc.load([expert * hidden + h0, pid_n * BLOCK_N]).T  # [BN, BH]
@@ -463,16 +463,15 @@ def _route_slice(
     part_row, hidden, inter, stride_xm, stride_w13e, stride_w13n, stride_w2e, stride_w2n,
     TOP_K: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GU_TMA: tl.constexpr, GU_SINGLE_DOT: tl.constexpr, BLOCK_H: tl.constexpr, DN_TMA: tl.constexpr,
-    DN_EVEN: tl.constexpr, DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr, TIMELINE: tl.constexpr,
+    DN_EVEN: tl.constexpr, DOT_PRECISION: tl.constexpr, TIMELINE: tl.constexpr,
 ):
-    """One slice item of _direct_kernel: h of the route's I tile ``pid_n`` (BLOCK_N columns), then its part;
-    both loops with ``STAGES`` pipeline stages (None: the kernel's num_stages)."""
+    """One slice item of _direct_kernel: h of the route's I tile ``pid_n`` (BLOCK_N columns), then its part."""
     h = _route_h(x_ptr, w13_ptr, w13_desc, weights_ptr, route, expert, pid_n, hidden, inter, stride_xm, stride_w13e,
-                 stride_w13n, TOP_K, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GU_TMA, GU_SINGLE_DOT, DOT_PRECISION, STAGES)
+                 stride_w13n, TOP_K, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GU_TMA, GU_SINGLE_DOT, DOT_PRECISION)
     if TIMELINE:
         _stamp(timeline_ptr, item, 1, tl.sum(tl.sum(h.to(tl.float32), axis=1), axis=0).to(tl.int32))
     _route_parts(h, w2_ptr, w2_desc, part_ptr, part_row, expert, pid_n, hidden, inter, stride_w2e, stride_w2n,
-                 BLOCK_M, BLOCK_N, BLOCK_H, DN_TMA, DN_EVEN, DOT_PRECISION, STAGES)
+                 BLOCK_M, BLOCK_N, BLOCK_H, DN_TMA, DN_EVEN, DOT_PRECISION)
 
 
 @triton.jit
@@ -533,10 +532,8 @@ def _direct_kernel(
     x_ptr,  # [T, H] tokens
     w13_ptr,  # [E, 2I, H] gate rows then up rows; stride 1 along H
     w13_desc,  # TMA descriptor of w13 viewed as [E * 2I, H], blocks [GU_BLOCK_N, GU_BLOCK_K] (GU_TMA only)
-    w13_tail_desc,  # the same, blocks [GU_BLOCK_N / SPLIT, TAIL_K] (TAIL_TMA only)
     w2_ptr,  # [E, H, I]; stride 1 along I
     w2_desc,  # TMA descriptor of w2 viewed as [E * H, I], blocks [DN_BLOCK_H, GU_BLOCK_N] (DN_TMA only)
-    w2_tail_desc,  # the same, blocks [TAIL_H, GU_BLOCK_N / SPLIT] (TAIL_TMA only)
     part_ptr,  # [SPLIT, N, cdiv(I, GU_BLOCK_N), H] float32 scratch: [q, p, J] = piece q of unit (p, J)'s down GEMM
     y_ptr,  # [T, H] out, x's dtype
     ids_ptr,  # [N] expert id per route (topk_ids flattened, int32 or int64)
@@ -563,11 +560,7 @@ def _direct_kernel(
     DN_BLOCK_H: tl.constexpr,  # H-rows of w2 per step of a slice item's down GEMM
     DN_TMA: tl.constexpr,  # w2 tiles of a whole unit through the TMA descriptor
     DN_EVEN: tl.constexpr,  # I % GU_BLOCK_N == 0 and H % DN_BLOCK_H == 0: no masks on w2 pointer loads
-    SPLIT: tl.constexpr,  # pieces of a split unit (GU_BLOCK_N / SPLIT columns each, >= 16)
-    # A piece's tiles: K step and H-rows of w2 per step (about a whole unit's bytes per stage), both weights
-    # through TMA or (TAIL_TMA False) pointer loads with the whole unit's steps; TAIL_STAGES pipeline stages.
-    TAIL_K: tl.constexpr, TAIL_H: tl.constexpr, TAIL_EVEN_K: tl.constexpr, TAIL_TMA: tl.constexpr,
-    TAIL_STAGES: tl.constexpr,
+    SPLIT: tl.constexpr,  # pieces of a split unit (GU_BLOCK_N / SPLIT columns each, >= 16; pointer loads)
     SUM_BLOCK_R: tl.constexpr,  # next power of two >= TOP_K
     SUM_BLOCK_J: tl.constexpr,  # next power of two >= cdiv(I, GU_BLOCK_N)
     SUM_BLOCK_C: tl.constexpr,  # H-columns per sum item
@@ -576,13 +569,12 @@ def _direct_kernel(
 ):
     """The direct layout in one launch (see the module docstring). A unit is (route p, I tile J of GU_BLOCK_N
     columns), numbered u = J * N + p. The work items: units [0, head_units) whole, then each later unit as
-    SPLIT items of GU_BLOCK_N / SPLIT columns (the small items even out the SMs' finish), then the sum items
-    (token, H-column block). A program takes items from a counter until none is left, the next ticket
-    taken when an item starts (its latency hidden behind the item). A slice item stores its part (zeros
-    for a bad id) and counts its pieces done for its token (release); a sum item waits until its token's
-    count is complete (acquire; once per token and program). Tickets are handed out in order and a program
-    holds a later slice item only while working on an earlier one, so every slice item a sum item waits
-    for is held by a running program that waits for nothing: no launch size or residency can deadlock."""
+    SPLIT items of GU_BLOCK_N / SPLIT columns (the small items even out the programs' finish), then the sum
+    items (token, H-column block). A program takes the next item from a counter until none is left. A slice
+    item stores its part (zeros for a bad id) and counts its pieces done for its token (release); a sum item
+    waits until its token's count is complete (acquire; once per token and program). Items are handed out in
+    order, so every slice item a sum item waits for is already held by a running program that waits for
+    nothing: no launch size or residency can deadlock."""
     TAIL_N: tl.constexpr = GU_BLOCK_N // SPLIT
     num_pairs = num_tokens * TOP_K
     i_tiles = tl.cdiv(inter, GU_BLOCK_N)
@@ -594,7 +586,6 @@ def _direct_kernel(
     ready = num_tokens * 0 - 1  # the token whose slices this program has seen done (int32)
     item = tl.atomic_add(next_ptr, 1, sem="relaxed", scope="gpu")
     while item < items:
-        following = tl.atomic_add(next_ptr, 1, sem="relaxed", scope="gpu")
         if TIMELINE:
             _stamp(timeline_ptr, item, 0, item)
         if item < slice_items:
@@ -609,23 +600,18 @@ def _direct_kernel(
             expert = e_raw.to(tl.int32)
             if (e_raw < 0) | (e_raw >= num_experts):  # a bad id: the route adds nothing
                 _zero_part(part_ptr, part_row, hidden, 1024)
-            elif whole:
-                _route_slice(x_ptr, w13_ptr, w13_desc, w2_ptr, w2_desc, part_ptr, weights_ptr, timeline_ptr, item,
-                             route, expert, u // num_pairs, part_row, hidden, inter, stride_xm, stride_w13e,
-                             stride_w13n, stride_w2e, stride_w2n, TOP_K, GU_EVEN_K, GU_BLOCK_M, GU_BLOCK_N, GU_BLOCK_K,
-                             GU_TMA, GU_SINGLE_DOT, DN_BLOCK_H, DN_TMA, DN_EVEN, DOT_PRECISION, None, TIMELINE)
-            elif SPLIT == 1:
-                pass  # no pieces (nothing compiled for them)
-            elif TAIL_TMA:  # piece q: I tile (u // N) * SPLIT + q of TAIL_N columns
-                _route_slice(x_ptr, w13_ptr, w13_tail_desc, w2_ptr, w2_tail_desc, part_ptr, weights_ptr, timeline_ptr,
-                             item, route, expert, (u // num_pairs) * SPLIT + q, part_row, hidden, inter, stride_xm,
-                             stride_w13e, stride_w13n, stride_w2e, stride_w2n, TOP_K, TAIL_EVEN_K, GU_BLOCK_M, TAIL_N,
-                             TAIL_K, True, False, TAIL_H, True, DN_EVEN, DOT_PRECISION, TAIL_STAGES, TIMELINE)
             else:
-                _route_slice(x_ptr, w13_ptr, w13_desc, w2_ptr, w2_desc, part_ptr, weights_ptr, timeline_ptr, item,
-                             route, expert, (u // num_pairs) * SPLIT + q, part_row, hidden, inter, stride_xm,
-                             stride_w13e, stride_w13n, stride_w2e, stride_w2n, TOP_K, GU_EVEN_K, GU_BLOCK_M, TAIL_N,
-                             GU_BLOCK_K, False, True, DN_BLOCK_H, False, DN_EVEN, DOT_PRECISION, TAIL_STAGES, TIMELINE)
+                if whole:
+                    _route_slice(x_ptr, w13_ptr, w13_desc, w2_ptr, w2_desc, part_ptr, weights_ptr, timeline_ptr, item,
+                                 route, expert, u // num_pairs, part_row, hidden, inter, stride_xm, stride_w13e,
+                                 stride_w13n, stride_w2e, stride_w2n, TOP_K, GU_EVEN_K, GU_BLOCK_M, GU_BLOCK_N,
+                                 GU_BLOCK_K, GU_TMA, GU_SINGLE_DOT, DN_BLOCK_H, DN_TMA, DN_EVEN, DOT_PRECISION,
+                                 TIMELINE)
+                elif SPLIT > 1:  # piece q: I tile (u // N) * SPLIT + q of TAIL_N columns (pointer loads)
+                    _route_slice(x_ptr, w13_ptr, w13_desc, w2_ptr, w2_desc, part_ptr, weights_ptr, timeline_ptr, item,
+                                 route, expert, (u // num_pairs) * SPLIT + q, part_row, hidden, inter, stride_xm,
+                                 stride_w13e, stride_w13n, stride_w2e, stride_w2n, TOP_K, GU_EVEN_K, GU_BLOCK_M, TAIL_N,
+                                 GU_BLOCK_K, False, True, DN_BLOCK_H, False, DN_EVEN, DOT_PRECISION, TIMELINE)
             tl.debug_barrier()  # every thread's stores of the part come before the release below
             tl.atomic_add(done_ptr + route // TOP_K, tl.where(whole, SPLIT, 1), sem="release", scope="gpu")
             if TIMELINE:
@@ -633,11 +619,11 @@ def _direct_kernel(
         else:
             t = (item - slice_items) % num_tokens
             pid_c = (item - slice_items) // num_tokens
-            if t != ready:
-                # The acquire (an atomic read) once per check; between checks, plain volatile reads spin, paced
-                # by _pause, so that waiting programs neither queue atomics in front of the slice releases nor
-                # poll the flag's L2 line back to back.
-                need = TOP_K * i_tiles * SPLIT
+            # The acquire (an atomic read) once per check; between checks, plain volatile reads spin, paced
+            # by _pause, so that waiting programs neither queue atomics in front of the slice releases nor
+            # poll the flag's L2 line back to back.
+            need = TOP_K * i_tiles * SPLIT
+            if t != ready:  # once per token and program
                 while tl.atomic_add(done_ptr + t, 0, sem="acquire", scope="gpu") < need:
                     while _pause(tl.load(done_ptr + t, volatile=True)) < need:
                         pass
@@ -649,7 +635,7 @@ def _direct_kernel(
             if TIMELINE:
                 tl.debug_barrier()
                 _stamp(timeline_ptr, item, 2, item)
-        item = following
+        item = tl.atomic_add(next_ptr, 1, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -749,11 +735,8 @@ INTERPRETER_PROGRAMS = 2
 # alone, not on the launch: the same bits whatever DIRECT_PROGRAMS_PER_SM and the GPU.
 _SUM_TILE = 4096
 _SUM_ITEMS = 128
-# Pieces a split unit of the direct layout runs as (at most; each piece >= 16 columns), and the pipeline
-# stages of a piece's loops (its tiles are about as many bytes as a whole unit's, so more stages keep as
-# many bytes in flight as a whole unit's loops; TMA boxes are at most 256 wide).
+# Pieces a split unit of the direct layout runs as (at most; each piece >= 16 columns).
 _SPLIT = 4
-_TAIL_STAGES = 6
 
 
 @functools.cache
@@ -796,25 +779,15 @@ def _direct(x, w13, w2, weights, ids, y, top_k: int, cfg_gu: GemmConfig, cfg_dn:
         raise ValueError(f"timeline: expected int64 [>= {items}, 4], got {timeline.dtype} {list(timeline.shape)}")
     gu_tma, w13_desc = _weight_desc(w13, cfg_gu)
     dn_tma, w2_desc = _weight_desc(w2, cfg_dn._replace(block_k=cfg_gu.block_n))  # [block_h, I tile] blocks
-    # A piece's tiles: TAIL_N = block_n / split columns, K steps and w2 rows `split` times longer (TMA boxes
-    # at most 256 long), so that each stage carries about a whole unit's bytes.
-    tail = cfg_gu._replace(block_n=cfg_gu.block_n // split, tma=True)
-    tail_h = min(256, cfg_dn.block_n * split)
-    tail_tma = split > 1 and _tma_ok(w13) and _tma_ok(w2)
-    w13_tail_desc = _weight_desc(w13, tail)[1] if tail_tma else w13
-    w2_tail_desc = _weight_desc(w2, tail._replace(block_n=tail_h, block_k=tail.block_n))[1] if tail_tma else w2
     _direct_kernel[(min(items, programs),)](
-        x, w13, w13_desc, w13_tail_desc, w2, w2_desc, w2_tail_desc, part, y, ids, weights, sync,
-        sync if timeline is None else timeline,
+        x, w13, w13_desc, w2, w2_desc, part, y, ids, weights, sync, sync if timeline is None else timeline,
         num_tokens, hidden, inter, num_experts, head,
         x.stride(0), w13.stride(0), w13.stride(1), w2.stride(0), w2.stride(1), y.stride(0),
         TOP_K=top_k, GU_EVEN_K=hidden % cfg_gu.block_k == 0, GU_BLOCK_M=cfg_gu.block_m, GU_BLOCK_N=cfg_gu.block_n,
         GU_BLOCK_K=cfg_gu.block_k, GU_TMA=gu_tma, GU_SINGLE_DOT=cfg_gu.single_dot and not gu_tma,
         DN_BLOCK_H=cfg_dn.block_n, DN_TMA=dn_tma,
-        DN_EVEN=inter % cfg_gu.block_n == 0 and hidden % cfg_dn.block_n == 0, SPLIT=split, TAIL_K=tail.block_k,
-        TAIL_H=tail_h, TAIL_EVEN_K=hidden % tail.block_k == 0, TAIL_TMA=tail_tma, TAIL_STAGES=_TAIL_STAGES,
-        SUM_BLOCK_R=block_r, SUM_BLOCK_J=block_j, SUM_BLOCK_C=block_c, DOT_PRECISION=_precision(x.dtype),
-        TIMELINE=timeline is not None,
+        DN_EVEN=inter % cfg_gu.block_n == 0 and hidden % cfg_dn.block_n == 0, SPLIT=split, SUM_BLOCK_R=block_r,
+        SUM_BLOCK_J=block_j, SUM_BLOCK_C=block_c, DOT_PRECISION=_precision(x.dtype), TIMELINE=timeline is not None,
         num_warps=cfg_gu.num_warps, num_stages=cfg_gu.num_stages,
     )
 
@@ -837,7 +810,7 @@ def moe_ffn_triton(
     top_k = topk_ids.shape[1]
     num_pairs = num_tokens * top_k
     if layout is None:
-        layout = moe_configs.layout_for(num_tokens)
+        layout = moe_configs.layout_for(num_tokens, hidden, inter)
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     y = torch.empty((num_tokens, hidden), dtype=x.dtype, device=x.device)

@@ -39,12 +39,11 @@ class GemmConfig(NamedTuple):
 
 BUCKETS = (("decode", 4.0), ("small", 32.0), ("medium", 128.0), ("large", float("inf")))
 
-# moe_ffn takes the direct layout (no permutation, no top-k sum kernel: 1 launch) up to this many tokens.
-# One token's top_k routes are distinct experts, so route-major items read each hit expert once; with
-# more tokens, routes share experts and a route-major item would read a shared expert once per route.
-# bench/tune_moe.py times the layouts at T = 1, 2, 4, 8, 64, 128 and prints the crossing. H200, tuned
-# configs (bench/results/nvidia-h200/tune/moe_layouts.json): direct against sorted at T = 1, 38.1 vs 40.8 µs
-# (Lite) and 87.6 vs 91.5 (236B); at T = 2 direct loses (69.4 vs 61.2, 165.7 vs 155.5).
+# moe_ffn takes the direct layout (no permutation, no top-k sum kernel: 1 launch) up to this many tokens,
+# on the shapes whose direct tiles the table holds (measured winners; see layout_for). One token's top_k
+# routes are distinct experts, so route-major items read each hit expert once; with more tokens, routes
+# share experts and a route-major item would read a shared expert once per route. bench/tune_moe.py times
+# the layouts at T = 1, 2, 4, 8, 64, 128 and prints the crossing.
 DIRECT_MAX_TOKENS = 1
 
 # Starting points by bucket, before any sweep (Hopper, bf16). Decode tiles are thin in M and N so that
@@ -75,6 +74,12 @@ TABLE: dict[tuple[str, int, int, str], GemmConfig] = {
     ("down", 2048, 1408, "large"): GemmConfig(128, 256, 64, 8, 8, 4, True, False, True),
     ("gate_up", 5120, 1536, "large"): GemmConfig(128, 128, 64, 8, 8, 4, True, False, True),
     ("down", 5120, 1536, "large"): GemmConfig(128, 256, 64, 8, 8, 4, True, False, True),
+    # H200, triton 3.6, `python -m bench.tune_moe --decode-only --only lite` (2026-11-29, the slice-item direct
+    # kernel at T = 1; bench/results/nvidia-h200/tune/moe_direct.json): Lite 32.9 µs, the sorted layout 41.6.
+    # No 236B entry: there its 144 (route, I tile) units do not fit the 132 SMs' one round, and the direct
+    # kernel took 98-103 µs against the sorted layout's 91.6 (bench/results/nvidia-h200/moe.json at 7afb7e3).
+    ("gate_up", 2048, 1408, "direct"): GemmConfig(16, 64, 128, 1, 4, 4, True),
+    ("down", 2048, 1408, "direct"): GemmConfig(16, 128, 64, 1, 4, 4),
     # H200, triton 3.6, `python -m bench.tune_moe` (2026-11-28; 107 s budget, best of each bucket's candidates)
     ("gate_up", 2048, 1408, "decode"): GemmConfig(16, 64, 128, 1, 4, 4, True, False),
     ("down", 2048, 1408, "decode"): GemmConfig(16, 64, 128, 1, 4, 4, False, False),
@@ -103,9 +108,12 @@ def bucket_of(rows: int, num_experts: int) -> str:
     return BUCKETS[-1][0]
 
 
-def layout_for(num_tokens: int) -> str:
-    """moe_ffn's row layout for ``num_tokens`` tokens: "direct" up to DIRECT_MAX_TOKENS, else "sorted"."""
-    return "direct" if num_tokens <= DIRECT_MAX_TOKENS else "sorted"
+def layout_for(num_tokens: int, hidden: int, inter: int) -> str:
+    """moe_ffn's row layout for ``num_tokens`` tokens of the (H, I) experts: "direct" up to DIRECT_MAX_TOKENS
+    where the table holds the shape's direct tiles (the direct layout was measured faster there), else
+    "sorted"."""
+    tuned = ("gate_up", hidden, inter, "direct") in TABLE
+    return "direct" if num_tokens <= DIRECT_MAX_TOKENS and tuned else "sorted"
 
 
 def pick(gemm: str, hidden: int, inter: int, rows: int, num_experts: int, elem_bytes: int = 2,
