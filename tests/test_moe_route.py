@@ -121,15 +121,32 @@ def test_backend_ties(device, dtype, backend, T=12):
     assert ids[0].tolist() == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("device,dtype,backend", _backends())
-def test_nan_logits_keep_ids_in_range(device, dtype, backend):
-    logits = torch.randn(4, 16)
+def _nan_logits():
+    """[5, 16]: a finite row, one NaN, all NaN, the NaN 0xffffffff (whose order bits equal the kernel's
+    dead-lane value) among finite logits, and -inf everywhere but one expert."""
+    logits = torch.randn(5, 16)
     logits[1, 3] = float("nan")
     logits[2] = float("nan")
-    for case in [(4, 16, 5, "greedy", 1, 1, 1.0, False), (4, 16, 5, "group_limited_greedy", 4, 2, 1.0, False)]:
+    logits[3, 9] = torch.tensor(-1, dtype=torch.int32).view(torch.float32)
+    logits[4] = float("-inf")
+    logits[4, 11] = 2.0
+    return logits
+
+
+def _assert_nan_contract(logits, w, ids, E=16):
+    """NaN rows: NaN weights, ids in range and distinct (every column written); other rows: the reference."""
+    assert bool(((ids >= 0) & (ids < E)).all())
+    assert all(len(set(row.tolist())) == ids.shape[1] for row in ids.cpu())
+    assert bool(w[1:4].isnan().all())
+    assert ids[4, 0].item() == 11
+
+
+@pytest.mark.parametrize("device,dtype,backend", _backends())
+def test_nan_logits_keep_ids_in_range(device, dtype, backend):
+    logits = _nan_logits()
+    for case in [(5, 16, 5, "greedy", 1, 1, 1.0, False), (5, 16, 5, "group_limited_greedy", 4, 2, 1.0, False)]:
         w, ids = _route(logits.to(dtype).to(device), case, backend)
-        assert bool(((ids >= 0) & (ids < 16)).all())
-        assert bool(w[2].isnan().all())
+        _assert_nan_contract(logits, w, ids)
 
 
 @pytest.mark.parametrize("device,dtype,backend", _backends())
@@ -153,6 +170,62 @@ def test_triton_several_rows_per_program(monkeypatch):
         w, ids = _route(logits, case, "triton")
         _assert_matches_reference(logits, case, w, ids)
     test_backend_ties("cpu", torch.float32, "triton", T=30)
+
+
+def _variants():
+    """Every valid code variant of the Triton kernel (bench/tune_route.py times them)."""
+    from pykernels.triton import moe_route as triton_route
+
+    rankings = (triton_route.RANK_INT64.value, triton_route.RANK_VALUE_ID.value, triton_route.RANK_DISTINCT.value)
+    out = []
+    for ranking in rankings:
+        for max_from_top in (False, True):
+            for scatter in (False, True):
+                for reverse in (False, True):
+                    if ranking == triton_route.RANK_DISTINCT.value and not scatter:
+                        continue  # no ids for a tile
+                    out.append(triton_route.Variant(ranking, max_from_top, scatter, reverse))
+    return out
+
+
+def _check_variant(variant, device, dtype, block_ts):
+    """``variant`` at several rows per program on model shapes, ties, k = E, odd groups and NaN rows."""
+    from pykernels.triton import moe_route as triton_route
+
+    torch.manual_seed(7)
+    ties = torch.randint(-2, 3, (9, 16)).float()
+    ties[0] = 0.0
+    ties[1, ::3] = -0.0
+    ties[2, :4] = ties[2, 12:]  # group 0 and group 3 equal
+    inputs = [(torch.randn(5, 64) * 3, (5, 64, 6, "greedy", 1, 1, 1.0, False)),
+              (torch.randn(5, 160) * 3, (5, 160, 6, "group_limited_greedy", 8, 3, 16.0, False)),
+              (torch.randn(5, 20), (5, 20, 4, "group_limited_greedy", 4, 2, 2.5, True)),
+              (ties, (9, 16, 5, "greedy", 1, 1, 1.0, False)),
+              (ties, (9, 16, 5, "group_limited_greedy", 4, 2, 16.0, False)),
+              (ties, (9, 16, 16, "greedy", 1, 1, 1.0, True))]  # k = E: every lane ranked
+    for logits, case in inputs:
+        logits = logits.to(dtype).to(device)
+        T, E, k, method, g, tg, scale, norm = case
+        if method == "greedy":
+            g, tg = 1, 1
+        _, block_g, block_s = triton_route.launch_shape(T, E, g)
+        for block_t in block_ts:
+            launch = triton_route.Launch(block_t, 1, block_g, block_s, variant)
+            w, ids = triton_route.moe_route_triton(logits, k, g, tg, scale, norm, launch)
+            _assert_matches_reference(logits, case, w, ids)
+    nan = _nan_logits().to(dtype).to(device)
+    for g, tg in ((1, 1), (4, 2)):
+        launch = triton_route.Launch(block_ts[-1], 1, *triton_route.launch_shape(5, 16, g)[1:], variant)
+        _assert_nan_contract(nan, *triton_route.moe_route_triton(nan, 5, g, tg, 1.0, False, launch))
+
+
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="needs TRITON_INTERPRET=1 on the CPU")
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the interpreter's float max of a NaN row
+@pytest.mark.parametrize("variant", _variants() if TRITON_ON_CPU else [], ids=str)
+def test_triton_variants_match_reference(variant):
+    """Every code variant gives the reference's ids bit for bit (4 rows a program: full and partial programs;
+    the interpreter has no layouts, so one row a program adds nothing here but time)."""
+    _check_variant(variant, "cpu", torch.float32, (4,))
 
 
 @pytest.mark.skipif(not TRITON_ON_CPU, reason="needs TRITON_INTERPRET=1 on the CPU")
@@ -237,6 +310,14 @@ def test_gpu_model_shapes_deterministic(T, E, k, method, g, tg, scale):
     # backend=None picks Triton on CUDA
     w3, ids3 = _route(logits, case, None)
     assert torch.equal(w3, w1) and torch.equal(ids3, ids1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", _variants() if HAS_CUDA else [], ids=str)
+def test_gpu_variants_match_reference(variant):
+    """Every code variant, compiled, in bf16 (equal logits are common) and float32."""
+    for dtype in (torch.bfloat16, torch.float32):
+        _check_variant(variant, "cuda", dtype, (1, 2, 8))
 
 
 @pytest.mark.gpu
