@@ -75,9 +75,10 @@ TABLE: dict[tuple[str, int, int, str], GemmConfig] = {
     ("gate_up", 5120, 1536, "large"): GemmConfig(128, 128, 64, 8, 8, 4, True, False, True),
     ("down", 5120, 1536, "large"): GemmConfig(128, 256, 64, 8, 8, 4, True, False, True),
     # H200, triton 3.6, `python -m bench.tune_moe --decode-only --only lite` (2026-11-29, the slice-item direct
-    # kernel at T = 1; bench/results/nvidia-h200/tune/moe_direct.json): Lite 32.9 µs, the sorted layout 41.6.
-    # No 236B entry: there its 144 (route, I tile) units do not fit the 132 SMs' one round, and the direct
-    # kernel took 98-103 µs against the sorted layout's 91.6 (bench/results/nvidia-h200/moe.json at 7afb7e3).
+    # kernel at T = 1; bench/results/nvidia-h200/tune/moe_direct.json): Lite 33.1 µs; in bench/results/
+    # nvidia-h200/moe.json (52e1dd8) moe_ffn takes 33.5 µs, the sorted layout 41.7. No 236B entry: its 144
+    # (route, I tile) units do not fit one round of the 132 SMs, and the direct kernel takes 104.1 µs against
+    # the sorted layout's 92.3 (same file; tune/moe_direct_timeline.json shows where the time goes).
     ("gate_up", 2048, 1408, "direct"): GemmConfig(16, 64, 128, 1, 4, 4, True),
     ("down", 2048, 1408, "direct"): GemmConfig(16, 128, 64, 1, 4, 4),
     # H200, triton 3.6, `python -m bench.tune_moe` (2026-11-28; 107 s budget, best of each bucket's candidates)
