@@ -368,6 +368,8 @@ def run(ctx) -> None:
             counts = [torch.diff(s["offsets"], prepend=s["offsets"].new_zeros(1)).tolist() for s in sets]
             loop = _time_or_missing(ctx, LOOP, lambda i: loop_ffn(sets[i]["x_sorted"], w13, w2, counts[i]), n_sets, False)
             rec_extra = dict(extra, loop_us=loop[1], x_loop=round(loop[1] / t_ours, 3) if loop[1] else None)
+            if layout is not None:  # grouped_ffn's rows are sorted already: its tiles, not moe_ffn's layout
+                rec_extra.update(_configs_extra(H, I, rows, E))
             cost = cost_model.grouped_ffn(rows, hit, H, I, elem_bytes=elem)
             ctx.record(op="grouped_ffn", backend=backend, shape=shape, dtype=DTYPE_NAMES[dtype], time_us=t_ours,
                        bytes=cost.bytes, flops=cost.flops, peer=peer, extra=rec_extra)
