@@ -591,48 +591,14 @@ def compile_report(out_path: str, prefill_only: bool = False) -> int:
 
 
 def _compile_route_kernels(cuobjdump: str) -> list[dict]:
-    """The routing kernel at the bar's shapes (float32 logits, top-6): registers, spills and shared memory
-    (one-warp programs need none for their reductions; only the final store's layout change uses some)."""
-    import os
-    import subprocess
-    import tempfile
+    """The routing kernel at the bar's shapes (float32 logits, top-6) at its default launches: registers, spills
+    and shared memory (one-warp programs need none); bench/tune_route.py compiles every launch shape."""
+    from bench.tune_route import compile_kernel, describe
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from pykernels.triton import moe_route as route
-
-    kernel = route._moe_route_kernel
     out = []
     for T, E, n_group, topk_group in [(64, 64, 1, 1), (8192, 64, 1, 1), (64, 160, 8, 3), (8192, 160, 8, 3)]:
-        block_t, block_g, block_s = route.launch_shape(T, E, n_group)
-        consts = dict(NUM_EXPERTS=E, GROUP_SIZE=E // n_group, TOP_K=TOP_K, N_GROUP=n_group, TOPK_GROUP=topk_group,
-                      NORM=False, BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_S=block_s, BLOCK_K=8)
-        sig = {n: "constexpr" for n in consts}
-        sig.update(logits_ptr="*fp32", weights_ptr="*fp32", ids_ptr="*i32", num_tokens="i32", stride_t="i32",
-                   scale="fp32")
-        attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]]
-                 for n in ("logits_ptr", "weights_ptr", "ids_ptr", "stride_t")}
-        entry = {"T": T, "E": E, "n_group": n_group, "block_t": block_t}
-        try:
-            compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
-                                      target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1))
-            with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
-                f.write(compiled.asm["cubin"])
-            usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-            os.unlink(f.name)
-            fields = dict(item.split(":", 1) for line in usage.splitlines() if "REG:" in line for item in line.split())
-            entry.update(shared=compiled.metadata.shared, registers=int(fields["REG"]), stack=int(fields["STACK"]),
-                         local=int(fields["LOCAL"]))
-            entry["ok"] = entry["stack"] == 0 and entry["local"] == 0
-        except Exception as e:  # noqa: BLE001 - reported per shape
-            entry.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
-        out.append(entry)
-        print(f"moe_route  T={T:<5} E={E:<4} rows/program {block_t}: "
-              + (f"shared {entry['shared']:6d}  registers {entry['registers']:3d}  stack {entry['stack']}"
-                 f"  local {entry['local']}" if "local" in entry else entry.get("error", ""))
-              + ("" if entry["ok"] else "   <-- NOT OK"), flush=True)
+        out.append(compile_kernel(T, E, n_group, topk_group, cuobjdump=cuobjdump))
+        print(describe(out[-1]), flush=True)
     return out
 
 

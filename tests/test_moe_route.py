@@ -6,7 +6,6 @@ import pykernels as pk
 from pykernels import _backend
 from pykernels.moe_route import moe_route_reference
 
-HAS_CUDA = torch.cuda.is_available()
 TRITON_ON_CPU = _backend.triton_usable(torch.device("cpu"))
 
 # (T, E, top_k, method, n_group, topk_group, routed_scaling_factor, norm_topk_prob)
@@ -172,25 +171,10 @@ def test_triton_several_rows_per_program(monkeypatch):
     test_backend_ties("cpu", torch.float32, "triton", T=30)
 
 
-def _variants():
-    """Every valid code variant of the Triton kernel (bench/tune_route.py times them)."""
-    from pykernels.triton import moe_route as triton_route
-
-    rankings = (triton_route.RANK_INT64.value, triton_route.RANK_VALUE_ID.value, triton_route.RANK_DISTINCT.value)
-    out = []
-    for ranking in rankings:
-        for max_from_top in (False, True):
-            for scatter in (False, True):
-                for reverse in (False, True):
-                    if ranking == triton_route.RANK_DISTINCT.value and not scatter:
-                        continue  # no ids for a tile
-                    out.append(triton_route.Variant(ranking, max_from_top, scatter, reverse))
-    return out
-
-
-def _check_variant(variant, device, dtype, block_ts):
-    """``variant`` at several rows per program on model shapes, ties, k = E, odd groups and NaN rows."""
-    from pykernels.triton import moe_route as triton_route
+def _check_rows_per_program(device, dtype, block_t):
+    """The kernel at ``block_t`` rows a program (full and partial programs) on model shapes, ties, k = E, odd
+    groups and NaN rows."""
+    from pykernels.triton.moe_route import moe_route_triton
 
     torch.manual_seed(7)
     ties = torch.randint(-2, 3, (9, 16)).float()
@@ -205,27 +189,22 @@ def _check_variant(variant, device, dtype, block_ts):
               (ties, (9, 16, 16, "greedy", 1, 1, 1.0, True))]  # k = E: every lane ranked
     for logits, case in inputs:
         logits = logits.to(dtype).to(device)
-        T, E, k, method, g, tg, scale, norm = case
+        _, _, k, method, g, tg, scale, norm = case
         if method == "greedy":
             g, tg = 1, 1
-        _, block_g, block_s = triton_route.launch_shape(T, E, g)
-        for block_t in block_ts:
-            launch = triton_route.Launch(block_t, 1, block_g, block_s, variant)
-            w, ids = triton_route.moe_route_triton(logits, k, g, tg, scale, norm, launch)
-            _assert_matches_reference(logits, case, w, ids)
+        w, ids = moe_route_triton(logits, k, g, tg, scale, norm, block_t=block_t)
+        _assert_matches_reference(logits, case, w, ids)
     nan = _nan_logits().to(dtype).to(device)
     for g, tg in ((1, 1), (4, 2)):
-        launch = triton_route.Launch(block_ts[-1], 1, *triton_route.launch_shape(5, 16, g)[1:], variant)
-        _assert_nan_contract(nan, *triton_route.moe_route_triton(nan, 5, g, tg, 1.0, False, launch))
+        _assert_nan_contract(nan, *moe_route_triton(nan, 5, g, tg, 1.0, False, block_t=block_t))
 
 
 @pytest.mark.skipif(not TRITON_ON_CPU, reason="needs TRITON_INTERPRET=1 on the CPU")
 @pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the interpreter's float max of a NaN row
-@pytest.mark.parametrize("variant", _variants() if TRITON_ON_CPU else [], ids=str)
-def test_triton_variants_match_reference(variant):
-    """Every code variant gives the reference's ids bit for bit (4 rows a program: full and partial programs;
-    the interpreter has no layouts, so one row a program adds nothing here but time)."""
-    _check_variant(variant, "cpu", torch.float32, (4,))
+def test_triton_rows_per_program_match_reference():
+    """4 rows a program (full and partial programs) give the reference's ids bit for bit (the interpreter has
+    no layouts, so other row counts add nothing here but time)."""
+    _check_rows_per_program("cpu", torch.float32, 4)
 
 
 @pytest.mark.skipif(not TRITON_ON_CPU, reason="needs TRITON_INTERPRET=1 on the CPU")
@@ -313,11 +292,11 @@ def test_gpu_model_shapes_deterministic(T, E, k, method, g, tg, scale):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", _variants() if HAS_CUDA else [], ids=str)
-def test_gpu_variants_match_reference(variant):
-    """Every code variant, compiled, in bf16 (equal logits are common) and float32."""
-    for dtype in (torch.bfloat16, torch.float32):
-        _check_variant(variant, "cuda", dtype, (1, 2, 8))
+def test_gpu_rows_per_program_match_reference():
+    """Several rows a program, compiled (one row a program is every other GPU test's launch): bf16 (equal logits
+    are common) at 4 rows, float32 at 2; 12 small kernels to compile."""
+    for dtype, block_t in ((torch.bfloat16, 4), (torch.float32, 2)):
+        _check_rows_per_program("cuda", dtype, block_t)
 
 
 @pytest.mark.gpu
