@@ -131,23 +131,18 @@ def _program_tile(map_ptr, num_experts, num_rows, num_m_tiles, num_n_tiles, ROWS
 
 @triton.jit
 def _gate_up_tile(
-    x_ptr, w13_ptr, w13_desc, h_ptr, pair_ptr, weights_ptr,
+    x_ptr, w13_ptr, w13_desc, h_ptr, pair_ptr,
     expert,  # the tile's expert (in range)
     pid_n,  # I tile
-    row_begin,  # first row of h ("route": the route)
-    row_end,  # "sorted"/"gather": end of the expert's rows (rows >= it are masked); others: unused
+    row_begin,  # first row of h
+    row_end,  # "sorted"/"gather": end of the expert's rows (rows >= it are masked); "padded": unused
     num_pairs, hidden, inter, top_k, stride_xm, stride_we, stride_wn, stride_hm, up_shift,
     ROWS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, SINGLE_DOT: tl.constexpr,
 ):
     """h[rows, cols] of one (M tile, N tile) of _gate_up_kernel (its arguments; BLOCK_M may be half the kernel's)."""
     m = tl.arange(0, BLOCK_M)  # [BM]
-    if ROWS == "route":
-        # Every row of the A tile is the route's token; only row 0 is stored.
-        rows = row_begin + 0 * m  # [BM] rows of h
-        row_ok = m == 0
-        src = rows // top_k
-    elif ROWS == "padded":
+    if ROWS == "padded":
         rows = row_begin + m  # [BM] padded sorted rows
         route = tl.load(pair_ptr + rows)
         row_ok = route < num_pairs
@@ -163,8 +158,6 @@ def _gate_up_tile(
     a_ptrs = x_ptr + src.to(tl.int64)[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]  # [BM, BK]
     h = _silu_gate_up(a_ptrs, w13_ptr, w13_desc, expert, pid_n, hidden, inter, stride_we, stride_wn, up_shift,
                       EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA, SINGLE_DOT)
-    if ROWS == "route":
-        h = h * tl.load(weights_ptr + row_begin).to(tl.float32)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] I-columns
     h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + cols[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < inter)[None, :])
@@ -280,15 +273,15 @@ def _gate_up_kernel(
         return
     if SPLIT_TAIL:
         if row_end - row_begin <= BLOCK_M // 2:
-            _gate_up_tile(x_ptr, w13_ptr, w13_desc, h_ptr, pair_ptr, pair_ptr, expert, pid_n, row_begin, row_end,
+            _gate_up_tile(x_ptr, w13_ptr, w13_desc, h_ptr, pair_ptr, expert, pid_n, row_begin, row_end,
                           num_pairs, hidden, inter, top_k, stride_xm, stride_we, stride_wn, stride_hm, up_shift,
                           ROWS, EVEN_K, BLOCK_M // 2, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA, SINGLE_DOT)
         else:
-            _gate_up_tile(x_ptr, w13_ptr, w13_desc, h_ptr, pair_ptr, pair_ptr, expert, pid_n, row_begin, row_end,
+            _gate_up_tile(x_ptr, w13_ptr, w13_desc, h_ptr, pair_ptr, expert, pid_n, row_begin, row_end,
                           num_pairs, hidden, inter, top_k, stride_xm, stride_we, stride_wn, stride_hm, up_shift,
                           ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA, SINGLE_DOT)
     else:
-        _gate_up_tile(x_ptr, w13_ptr, w13_desc, h_ptr, pair_ptr, pair_ptr, expert, pid_n, row_begin, row_end,
+        _gate_up_tile(x_ptr, w13_ptr, w13_desc, h_ptr, pair_ptr, expert, pid_n, row_begin, row_end,
                       num_pairs, hidden, inter, top_k, stride_xm, stride_we, stride_wn, stride_hm, up_shift,
                       ROWS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA, SINGLE_DOT)
 
