@@ -2,6 +2,7 @@
 
     python -m bench.tune_moe --out tune-moe.json [--budget-s 240] [--only lite] [--decode-only | --prefill-only]
     python -m bench.tune_moe --out compile.json --compile-only     # no GPU: shared memory, registers, spills
+    python -m bench.tune_moe --out timeline.json --timeline        # where the direct kernel's T = 1 time goes
 
 Three parts, in this order (the budget stops the sweep between configs; the JSON is written after every
 case, so a run stopped by the budget keeps what it measured):
@@ -498,8 +499,9 @@ def compile_report(out_path: str, prefill_only: bool = False) -> int:
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     aligned = {"x_ptr", "w13_ptr", "h_ptr", "map_ptr", "pair_ptr", "w2_ptr", "out_ptr", "y_ptr", "ids_ptr",
-               "weights_ptr", "sync_ptr", "part_ptr", "hidden", "inter", "stride_xm", "stride_we", "stride_wn", "stride_hm",
-               "stride_om", "stride_ym", "up_shift", "stride_w13e", "stride_w13n", "stride_w2e", "stride_w2n"}
+               "weights_ptr", "sync_ptr", "part_ptr", "hidden", "inter", "stride_xm", "stride_we", "stride_wn",
+               "stride_hm", "stride_om", "stride_ym", "up_shift", "stride_w13e", "stride_w13n", "stride_w2e",
+               "stride_w2n"}
     ints = ("num_rows", "num_pairs", "num_tokens", "hidden", "inter", "num_experts", "head_units", "top_k", "stride_xm",
             "stride_wn", "stride_hm", "stride_om", "stride_ym", "up_shift", "num_m_tiles", "stride_w13n", "stride_w2n")
     variants = []  # (name, kernel, rows, config)
