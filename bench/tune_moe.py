@@ -526,12 +526,13 @@ def compile_report(out_path: str, prefill_only: bool = False) -> int:
             return f"tensordesc<bf16[{c.block_n}, {c.block_k}]>" if c.tma else "*bf16"
         if which == "direct":
             gu, dn = cfg
+            split = grouped_gemm.direct_split(144, 132, gu.block_n)[1]  # 236B at T = 1 on the H200
             descs = {"w13_desc": desc(gu), "w2_desc": desc(dn._replace(block_k=gu.block_n))}
             consts = dict(TOP_K=TOP_K, GU_EVEN_K=True, GU_BLOCK_M=gu.block_m, GU_BLOCK_N=gu.block_n,
                           GU_BLOCK_K=gu.block_k, GU_TMA=gu.tma, GU_SINGLE_DOT=gu.single_dot and not gu.tma,
-                          DN_BLOCK_H=dn.block_n, DN_TMA=dn.tma, DN_EVEN=True, SUM_BLOCK_R=8, SUM_BLOCK_J=32,
-                          SUM_BLOCK_C=16, SPLIT=max(1, min(grouped_gemm._SPLIT, gu.block_n // 16)),
-                          DOT_PRECISION="tf32", TIMELINE=False)
+                          DN_BLOCK_H=dn.block_n, DN_TMA=dn.tma, DN_EVEN=True, SUM_BLOCK_J=32, SUM_BLOCK_C=64,
+                          SPLIT=split, PIECE_K=gu.block_k * split, PIECE_H=dn.block_n * split,
+                          PIECE_STAGES=gu.num_stages, DOT_PRECISION="tf32", TIMELINE=False)
             shown = {"gate_up": gu._asdict(), "down": dn._asdict()}
             cfg = gu  # num_warps, num_stages
         else:

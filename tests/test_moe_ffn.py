@@ -175,21 +175,53 @@ def test_triton_skips_out_of_range_ids(device, dtype, layout):
 @pytest.mark.parametrize("device,dtype", _fast_devices())
 @pytest.mark.parametrize("variant", ["pointers", "tma", "single dot"])
 def test_triton_direct_split_units(device, dtype, variant, monkeypatch):
-    """The direct layout runs the units past the last full round over the SMs in pieces: on 4 "SMs", 3 tokens x
-    top-2 x 2 I tiles = 12 units (none split); 7 tokens x top-3 x 2 I tiles = 42 units, the last 2 split in
-    4 pieces of 16 columns (I = 100: one piece partly, one wholly past I; I = 96: the pieces end at I; the
-    bad id is in a split unit); several H steps of w2; against the reference."""
+    """The direct layout runs the units past the last full round over the SMs in pieces, on "SMs" programs
+    (the interpreter's programs, or a GPU's SM count, monkeypatched): 3 tokens x
+    top-2 x 2 I tiles = 12 units on 4 (none split); 7 x top-3 x 2 = 42 on 4, the last 2 in 2 pieces of 32
+    columns; 3 x top-3 x 2 = 18 on 8 (2 left: 4 pieces of 16) and on 16 (8 pieces of 8). I = 100: pieces
+    partly and wholly past I; I = 96: the pieces end at I. The last route's id is bad (a split unit's);
+    several H steps of w2 (pieces: one step of more rows than H); against the reference."""
     from pykernels.triton import grouped_gemm
 
-    monkeypatch.setattr(grouped_gemm, "INTERPRETER_PROGRAMS", 4)  # (CPU; on a GPU, its SMs)
     cfg_gu = moe_configs.GemmConfig(16, 64, 32, 1, 4, 2, variant == "tma", variant == "single dot")
     cfg_dn = moe_configs.GemmConfig(16, 32, 32, 1, 4, 2, variant == "tma")
-    for T, I, k in ((3, 128, 2), (7, 100, 3), (7, 96, 3)):
+    for sms, T, I, k, split in ((4, 3, 128, 2, 1), (4, 7, 100, 3, 2), (8, 3, 100, 3, 4), (16, 3, 100, 3, 8),
+                                (16, 3, 96, 3, 8)):
+        monkeypatch.setattr(grouped_gemm, "INTERPRETER_PROGRAMS", sms)
+        monkeypatch.setattr(grouped_gemm, "_sm_count", lambda _, sms=sms: sms)
+        units = T * k * 2
+        assert grouped_gemm.direct_split(units, sms, 64) == (units - (units % sms if split > 1 else 0), split)
         x, w13, w2, tw, ids = _case_inputs((T, 5, 72, I, k, "random"), dtype, device)
         ids[T - 1, k - 1] = 9
         y = grouped_gemm.moe_ffn_triton(x, w13, w2, tw, ids, gate_up_config=cfg_gu, down_config=cfg_dn,
                                         layout="direct")
-        assert _rel(y, moe_ffn_reference(x.float(), w13.float(), w2.float(), tw, ids)) <= TOL[dtype], (T, I)
+        assert _rel(y, moe_ffn_reference(x.float(), w13.float(), w2.float(), tw, ids)) <= TOL[dtype], (sms, T, I)
+
+
+def test_direct_split_plans():
+    """Whole rounds over the SMs, the rest in as many pieces (a power of two, >= 8 columns) as fit one round."""
+    from pykernels.triton.grouped_gemm import direct_split
+
+    assert direct_split(132, 132, 64) == (132, 1)  # Lite, T = 1: one round
+    assert direct_split(144, 132, 64) == (132, 8)  # 236B, T = 1: 12 left, 96 pieces of 8 columns
+    assert direct_split(72, 132, 64) == (72, 1)  # fewer units than SMs
+    assert direct_split(264 + 70, 132, 64) == (334, 1)  # 70 left: no room for 2 pieces each, run whole
+    assert direct_split(140, 132, 16) == (132, 2)  # 16-column units: pieces of 8
+    assert direct_split(140, 132, 64) == (132, 8)  # 8 left: 16 each would fit, pieces stop at 8 columns
+
+
+def test_direct_counters_left_zero(monkeypatch):
+    """The direct kernel's counters (no memset per launch) are zero after each launch, whatever the launch size;
+    a bigger T grows the buffer."""
+    from pykernels.triton import grouped_gemm
+
+    x, w13, w2, tw, ids = _case_inputs((5, 6, 40, 48, 2, "random"), torch.float16, "cpu")
+    for programs in (1, 3, 16):
+        monkeypatch.setattr(grouped_gemm, "INTERPRETER_PROGRAMS", programs)
+        for n in (2, 5):
+            y = grouped_gemm.moe_ffn_triton(x[:n], w13, w2, tw[:n], ids[:n], layout="direct")
+            assert _rel(y, moe_ffn_reference(x[:n].float(), w13.float(), w2.float(), tw[:n], ids[:n])) <= 1e-2
+            assert not grouped_gemm._sync_buffer(x.device, n + 2).any()
 
 
 @pytest.mark.parametrize("device,dtype", _fast_devices())

@@ -468,29 +468,72 @@ def _route_slice(
 
 
 @triton.jit
+def _piece_slice(
+    x_ptr, w13_ptr, w2_ptr, part_ptr, weights_ptr,
+    route, expert,
+    col0,  # the piece's first I-column
+    part_row, hidden, inter, stride_xm, stride_w13e, stride_w13n, stride_w2e, stride_w2n,
+    TOP_K: tl.constexpr, PIECE_N: tl.constexpr, PIECE_K: tl.constexpr, PIECE_H: tl.constexpr,
+    PIECE_STAGES: tl.constexpr,
+):
+    """One piece of a split unit of _direct_kernel: _route_slice on the route's PIECE_N I-columns from col0, as
+    matrix-vector products of the one token (no dot: a piece may be 8 columns, under tl.dot's 16). Each step
+    reads [2 * PIECE_N, PIECE_K] of w13, then [PIECE_H, PIECE_N] of w2 (as many bytes as a whole unit's step
+    would), PIECE_STAGES steps in flight."""
+    j = tl.arange(0, 2 * PIECE_N)  # [2PN] gate columns, then the same up columns
+    cols = col0 + j % PIECE_N
+    ks = tl.arange(0, PIECE_K)  # [PK]
+    w_ptrs = (w13_ptr + expert.to(tl.int64) * stride_w13e + (cols + (j // PIECE_N) * inter).to(tl.int64)[:, None]
+              * stride_w13n + ks[None, :])  # [2PN, PK]
+    x_ptrs = x_ptr + (route // TOP_K).to(tl.int64) * stride_xm + ks  # [PK]
+    acc = tl.zeros((2 * PIECE_N,), tl.float32)
+    for k0 in tl.range(0, hidden, PIECE_K, num_stages=PIECE_STAGES):
+        k_ok = (k0 + ks) < hidden
+        w = tl.load(w_ptrs, mask=(cols < inter)[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(x_ptrs, mask=k_ok, other=0.0)
+        acc += tl.sum(w.to(tl.float32) * a.to(tl.float32)[None, :], axis=1)
+        w_ptrs += PIECE_K
+        x_ptrs += PIECE_K
+    g, u = tl.split(tl.permute(tl.reshape(acc, (2, PIECE_N)), (1, 0)))  # [PN] each
+    n = col0 + tl.arange(0, PIECE_N)  # [PN] I-columns
+    h = tl.where(n < inter, g * tl.sigmoid(g) * u * tl.load(weights_ptr + route).to(tl.float32), 0.0)
+    h = h.to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded once, as a whole unit's h
+    hs = tl.arange(0, PIECE_H)  # [PH] H-rows of w2
+    b_ptrs = w2_ptr + expert.to(tl.int64) * stride_w2e + hs.to(tl.int64)[:, None] * stride_w2n + n[None, :]
+    o_ptrs = part_ptr + part_row.to(tl.int64) * hidden + hs
+    for h0 in tl.range(0, hidden, PIECE_H, num_stages=PIECE_STAGES):
+        h_ok = (h0 + hs) < hidden
+        b = tl.load(b_ptrs, mask=h_ok[:, None] & (n < inter)[None, :], other=0.0)  # [PH, PN]
+        tl.store(o_ptrs, tl.sum(b.to(tl.float32) * h[None, :], axis=1), mask=h_ok)
+        b_ptrs += PIECE_H * stride_w2n
+        o_ptrs += PIECE_H
+
+
+@triton.jit
 def _sum_slices(
     part_ptr, y_ptr,
     t,  # the token
     pid_c,  # H-column block
     hidden, num_pairs, i_tiles, head_units, stride_ym,
-    TOP_K: tl.constexpr, SPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+    TOP_K: tl.constexpr, SPLIT: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """y[t, cols] = the sum of the token's parts (see _direct_kernel): per piece q = 0, 1, ... in order, one
-    [routes, I tiles, columns] tile summed over the I tiles, then the routes; float32, a fixed order (the same
-    bits whatever program runs it). Pieces q > 0 exist only for the split units."""
-    r = tl.arange(0, BLOCK_R)[:, None, None]  # [BR, 1, 1] route k of the token
-    j = tl.arange(0, BLOCK_J)[None, :, None]  # [1, BJ, 1] I tile
+    """y[t, cols] = the sum of the token's parts (see _direct_kernel): per route k = 0, 1, ... and per piece
+    q = 0, 1, ... in order, one [I tiles, columns] tile summed over the I tiles; float32, a fixed order (the
+    same bits whatever program runs it). Pieces q > 0 exist only for the split units."""
+    j = tl.arange(0, BLOCK_J)[:, None]  # [BJ, 1] I tile
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BC]
-    p = t * TOP_K + r  # [BR, 1, 1]
-    live = (r < TOP_K) & (j < i_tiles) & (cols < hidden)[None, None, :]  # [BR, BJ, BC]
-    rows = (p * i_tiles + j).to(tl.int64)  # [BR, BJ, 1] rows of piece 0
+    live = (j < i_tiles) & (cols < hidden)[None, :]  # [BJ, BC]
     acc = tl.zeros((BLOCK_C,), tl.float32)
-    for q in tl.static_range(SPLIT):
-        ok = live
-        if q > 0:
-            ok = live & (j * num_pairs + p >= head_units)  # a split unit
-        v = tl.load(part_ptr + (rows + q * num_pairs * i_tiles) * hidden + cols[None, None, :], mask=ok, other=0.0)
-        acc += tl.sum(tl.sum(v, axis=1), axis=0)
+    for k in tl.static_range(TOP_K):
+        u = j * num_pairs + t * TOP_K + k  # [BJ, 1] the route's units
+        whole = u < head_units
+        for q in tl.static_range(SPLIT):
+            ok = live
+            if q > 0:
+                ok = live & ~whole
+            row = tl.where(whole, u, head_units + (u - head_units) * SPLIT + q).to(tl.int64)  # = the slice item
+            v = tl.load(part_ptr + row * hidden + cols[None, :], mask=ok, other=0.0)
+            acc += tl.sum(v, axis=0)
     tl.store(y_ptr + t.to(tl.int64) * stride_ym + cols, acc.to(y_ptr.dtype.element_ty), mask=cols < hidden)
 
 
@@ -527,12 +570,12 @@ def _direct_kernel(
     w13_desc,  # TMA descriptor of w13 viewed as [E * 2I, H], blocks [GU_BLOCK_N, GU_BLOCK_K] (GU_TMA only)
     w2_ptr,  # [E, H, I]; stride 1 along I
     w2_desc,  # TMA descriptor of w2 viewed as [E * H, I], blocks [DN_BLOCK_H, GU_BLOCK_N] (DN_TMA only)
-    part_ptr,  # [SPLIT, N, cdiv(I, GU_BLOCK_N), H] float32 scratch: [q, p, J] = piece q of unit (p, J)'s down GEMM
+    part_ptr,  # [slice items, H] float32 scratch: per slice item its share of the down GEMM
     y_ptr,  # [T, H] out, x's dtype
     ids_ptr,  # [N] expert id per route (topk_ids flattened, int32 or int64)
     weights_ptr,  # [N] routing weight per route
-    sync_ptr,  # [T + 1] int32, zero at launch: [t] slice work of token t done, in pieces (all: TOP_K * cdiv(I,
-    #            GU_BLOCK_N) * SPLIT); [T] the next work item to hand out
+    sync_ptr,  # [T + 2] int32, zero at launch and left zero: [t] slice work of token t done, in pieces (all:
+    #            TOP_K * cdiv(I, GU_BLOCK_N) * SPLIT); [T] the next work item to hand out; [T + 1] programs done
     timeline_ptr,  # TIMELINE: [items, 4] int64 out: per item the global timer (ns) at its start, at the end of
     #                its first phase (h / the wait) and at its end, and its SM (bench/tune_moe.py --timeline)
     num_tokens,  # T
@@ -553,8 +596,10 @@ def _direct_kernel(
     DN_BLOCK_H: tl.constexpr,  # H-rows of w2 per step of a slice item's down GEMM
     DN_TMA: tl.constexpr,  # w2 tiles of a whole unit through the TMA descriptor
     DN_EVEN: tl.constexpr,  # I % GU_BLOCK_N == 0 and H % DN_BLOCK_H == 0: no masks on w2 pointer loads
-    SPLIT: tl.constexpr,  # pieces of a split unit (GU_BLOCK_N / SPLIT columns each, >= 16; pointer loads)
-    SUM_BLOCK_R: tl.constexpr,  # next power of two >= TOP_K
+    SPLIT: tl.constexpr,  # pieces of a split unit (GU_BLOCK_N / SPLIT columns each; see _piece_slice)
+    PIECE_K: tl.constexpr,  # H-columns of w13 per step of a piece
+    PIECE_H: tl.constexpr,  # H-rows of w2 per step of a piece
+    PIECE_STAGES: tl.constexpr,  # a piece's steps in flight
     SUM_BLOCK_J: tl.constexpr,  # next power of two >= cdiv(I, GU_BLOCK_N)
     SUM_BLOCK_C: tl.constexpr,  # H-columns per sum item
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32 rounding); 16-bit inputs ignore it
@@ -567,8 +612,9 @@ def _direct_kernel(
     item stores its part (zeros for a bad id) and counts its pieces done for its token (release); a sum item
     waits until its token's count is complete (acquire; once per token and program). Items are handed out in
     order, so every slice item a sum item waits for is already held by a running program that waits for
-    nothing: no launch size or residency can deadlock."""
-    TAIL_N: tl.constexpr = GU_BLOCK_N // SPLIT
+    nothing: no launch size or residency can deadlock. The last program out sets the counters back to zero,
+    so the next launch needs no memset."""
+    PIECE_N: tl.constexpr = GU_BLOCK_N // SPLIT
     num_pairs = num_tokens * TOP_K
     i_tiles = tl.cdiv(inter, GU_BLOCK_N)
     units = num_pairs * i_tiles
@@ -588,23 +634,22 @@ def _direct_kernel(
             u = tl.where(whole, item, head_units + (item - head_units) // SPLIT)
             q = tl.where(whole, 0, (item - head_units) % SPLIT)  # the piece
             route = u % num_pairs
-            part_row = (q * num_pairs + route) * i_tiles + u // num_pairs
             e_raw = tl.load(ids_ptr + route)  # int32 or int64: checked before the cast
             expert = e_raw.to(tl.int32)
             if (e_raw < 0) | (e_raw >= num_experts):  # a bad id: the route adds nothing
-                _zero_part(part_ptr, part_row, hidden, 1024)
+                _zero_part(part_ptr, item, hidden, 1024)
             else:
                 if whole:
                     _route_slice(x_ptr, w13_ptr, w13_desc, w2_ptr, w2_desc, part_ptr, weights_ptr, timeline_ptr, item,
-                                 route, expert, u // num_pairs, part_row, hidden, inter, stride_xm, stride_w13e,
+                                 route, expert, u // num_pairs, item, hidden, inter, stride_xm, stride_w13e,
                                  stride_w13n, stride_w2e, stride_w2n, TOP_K, GU_EVEN_K, GU_BLOCK_M, GU_BLOCK_N,
                                  GU_BLOCK_K, GU_TMA, GU_SINGLE_DOT, DN_BLOCK_H, DN_TMA, DN_EVEN, DOT_PRECISION,
                                  TIMELINE)
-                elif SPLIT > 1:  # piece q: I tile (u // N) * SPLIT + q of TAIL_N columns (pointer loads)
-                    _route_slice(x_ptr, w13_ptr, w13_desc, w2_ptr, w2_desc, part_ptr, weights_ptr, timeline_ptr, item,
-                                 route, expert, (u // num_pairs) * SPLIT + q, part_row, hidden, inter, stride_xm,
-                                 stride_w13e, stride_w13n, stride_w2e, stride_w2n, TOP_K, GU_EVEN_K, GU_BLOCK_M, TAIL_N,
-                                 GU_BLOCK_K, False, True, DN_BLOCK_H, False, DN_EVEN, DOT_PRECISION, TIMELINE)
+                elif SPLIT > 1:  # piece q: PIECE_N columns of I tile u // N
+                    _piece_slice(x_ptr, w13_ptr, w2_ptr, part_ptr, weights_ptr, route, expert,
+                                 (u // num_pairs) * GU_BLOCK_N + q * PIECE_N, item, hidden, inter, stride_xm,
+                                 stride_w13e, stride_w13n, stride_w2e, stride_w2n, TOP_K, PIECE_N, PIECE_K, PIECE_H,
+                                 PIECE_STAGES)
             tl.debug_barrier()  # every thread's stores of the part come before the release below
             tl.atomic_add(done_ptr + route // TOP_K, tl.where(whole, SPLIT, 1), sem="release", scope="gpu")
             if TIMELINE:
@@ -624,11 +669,17 @@ def _direct_kernel(
             if TIMELINE:
                 _stamp(timeline_ptr, item, 1, item)
             _sum_slices(part_ptr, y_ptr, t, pid_c, hidden, num_pairs, i_tiles, head_units, stride_ym, TOP_K, SPLIT,
-                        SUM_BLOCK_R, SUM_BLOCK_J, SUM_BLOCK_C)
+                        SUM_BLOCK_J, SUM_BLOCK_C)
             if TIMELINE:
                 tl.debug_barrier()
                 _stamp(timeline_ptr, item, 2, item)
         item = tl.atomic_add(next_ptr, 1, sem="relaxed", scope="gpu")
+    # Every program counts itself out after its last ticket; the last one out (acq_rel: after every other
+    # program's last use of the counters) clears them for the next launch.
+    if tl.atomic_add(sync_ptr + num_tokens + 1, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
+        zero = tl.arange(0, 1024)
+        for i0 in range(0, num_tokens + 2, 1024):
+            tl.store(sync_ptr + i0 + zero, tl.zeros((1024,), tl.int32), mask=i0 + zero < num_tokens + 2)
 
 
 @triton.jit
@@ -723,13 +774,15 @@ def _down(h, w2, cfg: GemmConfig, rows: str, row_map, out, *, pair=None, weights
 # Triton's interpreter runs the programs one after another: there the first does every item.
 DIRECT_PROGRAMS_PER_SM = 1
 INTERPRETER_PROGRAMS = 2
-# Most float32 elements a sum item loads at once (routes x I tiles x H-columns), and the sum items per token
-# aimed at (about one per SM). The sum's tile shape sets its order of additions, so it depends on the shape
-# alone, not on the launch: the same bits whatever DIRECT_PROGRAMS_PER_SM and the GPU.
+# Most float32 elements a sum item loads at once (I tiles x H-columns, per route and piece), and the most sum
+# items per token (at most one per SM: one round). The sum's tile shape sets its order of additions, so it
+# depends on the shape alone, not on the launch: the same bits whatever DIRECT_PROGRAMS_PER_SM and the GPU.
 _SUM_TILE = 4096
 _SUM_ITEMS = 128
-# Pieces a split unit of the direct layout runs as (at most; each piece >= 16 columns).
-_SPLIT = 4
+# Fewest I-columns of a piece of a split unit (16 bytes of a w2 row at 2-byte elements).
+_PIECE_MIN_N = 8
+# The direct kernel's counters, per (device, stream): zeroed once, left zero by every launch.
+_SYNC: dict[tuple[int, int], torch.Tensor] = {}
 
 
 @functools.cache
@@ -739,11 +792,27 @@ def _sm_count(device_index: int) -> int:
 
 def direct_split(units: int, sms: int, block_n: int) -> tuple[int, int]:
     """(units run whole, pieces of each later unit) of the direct kernel: whole units in full rounds over the
-    SMs, the units left over split so that the SMs finish together (236B at 64 columns: 144 units on 132
-    SMs, 12 split in 4). Which units are split (so the order of the sum's additions) follows the SM count,
-    not the launch size: the same bits on one GPU at any launch."""
-    head = units if units <= sms else units // sms * sms
-    return head, (min(_SPLIT, block_n // 16) if head < units else 1)
+    SMs, the units left over split in as many pieces (a power of two, >= _PIECE_MIN_N columns each) as the
+    SMs hold in one round, so that the SMs finish together (236B at 64 columns: 144 units on 132 SMs, 12
+    split in 8). Which units are split (so the order of the sum's additions) follows the SM count, not the
+    launch size: the same bits on one GPU at any launch."""
+    left = units % sms if units > sms else 0
+    split = min(block_n // _PIECE_MIN_N, sms // left) if left else 1
+    split = 1 << (split.bit_length() - 1) if split >= 2 else 1
+    return (units - left, split) if split > 1 else (units, 1)
+
+
+def _sync_buffer(device: torch.device, size: int) -> torch.Tensor:
+    """int32 [>= size] zeros for _direct_kernel's counters, which each launch leaves zero on its way out: one
+    buffer per device and stream, as launches on one stream never overlap (a launch on another stream, or a
+    CUDA graph captured on one, gets its own). The first use on a stream zeroes it (under graph capture: a
+    memset node in the graph)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device.index if device.index is not None else -1, stream)
+    buf = _SYNC.get(key)
+    if buf is None or buf.numel() < size or buf.device != device:
+        buf = _SYNC[key] = torch.zeros(max(size, 64), dtype=torch.int32, device=device)
+    return buf
 
 
 def _direct(x, w13, w2, weights, ids, y, top_k: int, cfg_gu: GemmConfig, cfg_dn: GemmConfig,
@@ -762,12 +831,12 @@ def _direct(x, w13, w2, weights, ids, y, top_k: int, cfg_gu: GemmConfig, cfg_dn:
         sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
         programs = DIRECT_PROGRAMS_PER_SM * sms
     head, split = direct_split(units, sms, cfg_gu.block_n)
-    part = torch.empty((split, ids.numel(), i_tiles, hidden), dtype=torch.float32, device=x.device)
-    sync = torch.zeros(num_tokens + 1, dtype=torch.int32, device=x.device)  # see _direct_kernel's sync_ptr
-    block_r = triton.next_power_of_2(top_k)
+    slice_items = head + (units - head) * split
+    part = torch.empty((slice_items, hidden), dtype=torch.float32, device=x.device)
+    sync = _sync_buffer(x.device, num_tokens + 2)  # see _direct_kernel's sync_ptr
     block_j = triton.next_power_of_2(i_tiles)
-    block_c = max(16, min(_SUM_TILE // (block_r * block_j), triton.next_power_of_2(triton.cdiv(hidden, _SUM_ITEMS))))
-    items = head + (units - head) * split + num_tokens * triton.cdiv(hidden, block_c)
+    block_c = max(16, min(_SUM_TILE // block_j, triton.next_power_of_2(triton.cdiv(hidden, _SUM_ITEMS))))
+    items = slice_items + num_tokens * triton.cdiv(hidden, block_c)
     if timeline is not None and (timeline.dtype != torch.int64 or timeline.shape[0] < items):
         raise ValueError(f"timeline: expected int64 [>= {items}, 4], got {timeline.dtype} {list(timeline.shape)}")
     gu_tma, w13_desc = _weight_desc(w13, cfg_gu)
@@ -779,7 +848,8 @@ def _direct(x, w13, w2, weights, ids, y, top_k: int, cfg_gu: GemmConfig, cfg_dn:
         TOP_K=top_k, GU_EVEN_K=hidden % cfg_gu.block_k == 0, GU_BLOCK_M=cfg_gu.block_m, GU_BLOCK_N=cfg_gu.block_n,
         GU_BLOCK_K=cfg_gu.block_k, GU_TMA=gu_tma, GU_SINGLE_DOT=cfg_gu.single_dot and not gu_tma,
         DN_BLOCK_H=cfg_dn.block_n, DN_TMA=dn_tma,
-        DN_EVEN=inter % cfg_gu.block_n == 0 and hidden % cfg_dn.block_n == 0, SPLIT=split, SUM_BLOCK_R=block_r,
+        DN_EVEN=inter % cfg_gu.block_n == 0 and hidden % cfg_dn.block_n == 0, SPLIT=split,
+        PIECE_K=cfg_gu.block_k * split, PIECE_H=cfg_dn.block_n * split, PIECE_STAGES=cfg_gu.num_stages,
         SUM_BLOCK_J=block_j, SUM_BLOCK_C=block_c, DOT_PRECISION=_precision(x.dtype), TIMELINE=timeline is not None,
         num_warps=cfg_gu.num_warps, num_stages=cfg_gu.num_stages,
     )
