@@ -304,9 +304,10 @@ def _direct_programs(case, cfg_gu, cfg_dn, sets, w13, w2) -> None:
 
 def _timeline(report, cache) -> None:
     """The direct kernel's timeline at T = 1 with the table's configs (Lite and 236B): per item the global
-    timer at its start, at the end of its first phase (a slice item's h; a sum item's wait) and at its end.
-    Prints and records, in µs from the first item's start: the slice items' h and parts phases (mean, max),
-    when the last slice item starts and ends, when the sums start and end, and the span."""
+    timer at its start, at the end of its first phase (a whole unit's h; a down chunk's or a sum item's wait)
+    and at its end. Prints and records, in µs from the first item's start: the whole units' h and parts
+    phases (mean, max) and their ends, the split units' h pieces and down chunks (start, end), the sums
+    (start, waited, end) and the span; with every item's raw (start, phase, end, SM) of the last run."""
     import triton
 
     from pykernels.triton import grouped_gemm, moe_configs
@@ -318,7 +319,7 @@ def _timeline(report, cache) -> None:
         units = TOP_K * triton.cdiv(I, cfg_gu.block_n)
         head, split = grouped_gemm.direct_split(units, torch.cuda.get_device_properties(0).multi_processor_count,
                                                 cfg_gu.block_n)
-        slices = head + (units - head) * split
+        pieces = (units - head) * split
         for st in _case_sets(E, H, I, 1, w13, w2, DECODE_SETS, direct=True):
             y = torch.empty(1, H, dtype=torch.bfloat16, device="cuda")
             timeline = torch.zeros(4096, 4, dtype=torch.int64, device="cuda")
@@ -328,15 +329,25 @@ def _timeline(report, cache) -> None:
             torch.cuda.synchronize()
             rows = timeline[timeline[:, 0] > 0].cpu()
             t = (rows[:, :3] - rows[:, 0].min()).double() / 1e3  # µs
-            sl, sm = t[:slices], t[slices:]
-            row = {"label": label, "slice_items": slices, "sum_items": len(sm), "sms": len(set(rows[:, 3].tolist())),
-                   "h_mean": sl[:, 1].sub(sl[:, 0]).mean().item(), "h_max": sl[:, 1].sub(sl[:, 0]).max().item(),
-                   "parts_mean": sl[:, 2].sub(sl[:, 1]).mean().item(), "parts_max": sl[:, 2].sub(sl[:, 1]).max().item(),
-                   "last_slice_start": sl[:, 0].max().item(), "first_slice_end": sl[:, 2].min().item(),
-                   "last_slice_end": sl[:, 2].max().item(), "sums_start": sm[:, 0].min().item(),
-                   "sums_waited": sm[:, 1].max().item(), "span": t[:, 2].max().item()}
+            whole, hp, dc, sm = t[:head], t[head:head + pieces], t[head + pieces:head + 2 * pieces], t[head + 2 * pieces:]
+            row = {"label": label, "whole_units": head, "h_pieces": pieces, "down_chunks": pieces,
+                   "sum_items": len(sm), "sms": len(set(rows[:, 3].tolist())),
+                   "h_mean": whole[:, 1].sub(whole[:, 0]).mean().item(),
+                   "h_max": whole[:, 1].sub(whole[:, 0]).max().item(),
+                   "parts_mean": whole[:, 2].sub(whole[:, 1]).mean().item(),
+                   "parts_max": whole[:, 2].sub(whole[:, 1]).max().item(),
+                   "whole_first_end": whole[:, 2].min().item(), "whole_last_end": whole[:, 2].max().item()}
+            if pieces:
+                row.update(pieces_first_start=hp[:, 0].min().item(), pieces_last_end=hp[:, 2].max().item(),
+                           piece_mean=hp[:, 2].sub(hp[:, 0]).mean().item(),
+                           chunks_waited=dc[:, 1].max().item(), chunks_last_end=dc[:, 2].max().item(),
+                           chunk_mean=dc[:, 2].sub(dc[:, 1]).mean().item())
+            row.update(sums_start=sm[:, 0].min().item(), sums_waited=sm[:, 1].max().item(),
+                       span=t[:, 2].max().item())
             report["timeline"].append({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
             print("timeline " + "  ".join(f"{k} {v}" for k, v in report["timeline"][-1].items()), flush=True)
+        report["timeline"][-1]["items"] = [[round(a, 3) for a in r[:3]] + [int(r[3])] for r in
+                                           torch.cat([t, rows[:, 3:].double()], 1).tolist()]
 
 
 def _copy_gbps() -> float:
@@ -499,7 +510,7 @@ def compile_report(out_path: str, prefill_only: bool = False) -> int:
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     aligned = {"x_ptr", "w13_ptr", "h_ptr", "map_ptr", "pair_ptr", "w2_ptr", "out_ptr", "y_ptr", "ids_ptr",
-               "weights_ptr", "sync_ptr", "part_ptr", "hidden", "inter", "stride_xm", "stride_we", "stride_wn",
+               "weights_ptr", "sync_ptr", "part_ptr", "hbuf_ptr", "hidden", "inter", "stride_xm", "stride_we", "stride_wn",
                "stride_hm", "stride_om", "stride_ym", "up_shift", "stride_w13e", "stride_w13n", "stride_w2e",
                "stride_w2n"}
     ints = ("num_rows", "num_pairs", "num_tokens", "hidden", "inter", "num_experts", "head_units", "top_k", "stride_xm",
@@ -531,8 +542,8 @@ def compile_report(out_path: str, prefill_only: bool = False) -> int:
             consts = dict(TOP_K=TOP_K, GU_EVEN_K=True, GU_BLOCK_M=gu.block_m, GU_BLOCK_N=gu.block_n,
                           GU_BLOCK_K=gu.block_k, GU_TMA=gu.tma, GU_SINGLE_DOT=gu.single_dot and not gu.tma,
                           DN_BLOCK_H=dn.block_n, DN_TMA=dn.tma, DN_EVEN=True, SUM_BLOCK_J=32, SUM_BLOCK_C=64,
-                          SPLIT=split, PIECE_K=gu.block_k * split, PIECE_H=dn.block_n * split,
-                          PIECE_STAGES=gu.num_stages, DOT_PRECISION="tf32", TIMELINE=False)
+                          SPLIT=split, PIECE_K=grouped_gemm._PIECE_STEP_BYTES // (2 * gu.block_n // split * 2),
+                          PIECE_STAGES=grouped_gemm._PIECE_STAGES, DOT_PRECISION="tf32", TIMELINE=False)
             shown = {"gate_up": gu._asdict(), "down": dn._asdict()}
             cfg = gu  # num_warps, num_stages
         else:

@@ -426,26 +426,30 @@ def _route_parts(
     h,  # [BM, BN] from _route_h
     w2_ptr, w2_desc, part_ptr,
     part_row,  # the row of part written (see _direct_kernel)
-    expert, pid_n, hidden, inter, stride_w2e, stride_w2n,
+    expert, pid_n,
+    h_lo, h_hi,  # the H-columns of part written (h_lo a multiple of BLOCK_H)
+    hidden, inter, stride_w2e, stride_w2n,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, USE_TMA: tl.constexpr, EVEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """part[part_row, :] = h @ w2_e[:, I tile pid_n].T in float32 (row 0 of each [BM, BLOCK_H] step is stored)."""
+    """part[part_row, h_lo:h_hi] = h @ w2_e[h_lo:h_hi, I tile pid_n].T in float32 (row 0 of each [BM, BLOCK_H]
+    step is stored)."""
     m = tl.arange(0, BLOCK_M)  # [BM]
     i_cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] I-columns
-    hs = tl.arange(0, BLOCK_H)  # [BH] H-rows of w2 per step
+    hs = h_lo + tl.arange(0, BLOCK_H)  # [BH] H-rows of w2 of the first step
     b_ptrs = w2_ptr + expert.to(tl.int64) * stride_w2e + hs[None, :].to(tl.int64) * stride_w2n + i_cols[:, None]
     o_ptrs = part_ptr + part_row.to(tl.int64) * hidden + hs[None, :] + 0 * m[:, None]
-    for h0 in range(0, hidden, BLOCK_H):
+    hs -= h_lo
+    for h0 in range(h_lo, h_hi, BLOCK_H):
         if USE_TMA:
             # Rows of the [E * H, I] view (past row H: the next expert's, never stored); zero past column I.
             b = w2_desc.load([expert * hidden + h0, pid_n * BLOCK_N]).T  # [BN, BH]
         elif EVEN:
             b = tl.load(b_ptrs)
         else:
-            b = tl.load(b_ptrs, mask=(i_cols < inter)[:, None] & ((h0 + hs) < hidden)[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=(i_cols < inter)[:, None] & ((h0 + hs) < h_hi)[None, :], other=0.0)
         part = tl.dot(h, b, input_precision=DOT_PRECISION)  # [BM, BH]
-        tl.store(o_ptrs, part, mask=(m == 0)[:, None] & ((h0 + hs) < hidden)[None, :])
+        tl.store(o_ptrs, part, mask=(m == 0)[:, None] & ((h0 + hs) < h_hi)[None, :])
         b_ptrs += BLOCK_H * stride_w2n
         o_ptrs += BLOCK_H
 
@@ -463,23 +467,20 @@ def _route_slice(
                  stride_w13n, TOP_K, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GU_TMA, GU_SINGLE_DOT, DOT_PRECISION)
     if TIMELINE:
         _stamp(timeline_ptr, item, 1, tl.sum(tl.sum(h.to(tl.float32), axis=1), axis=0).to(tl.int32))
-    _route_parts(h, w2_ptr, w2_desc, part_ptr, part_row, expert, pid_n, hidden, inter, stride_w2e, stride_w2n,
-                 BLOCK_M, BLOCK_N, BLOCK_H, DN_TMA, DN_EVEN, DOT_PRECISION)
+    _route_parts(h, w2_ptr, w2_desc, part_ptr, part_row, expert, pid_n, 0, hidden, hidden, inter, stride_w2e,
+                 stride_w2n, BLOCK_M, BLOCK_N, BLOCK_H, DN_TMA, DN_EVEN, DOT_PRECISION)
 
 
 @triton.jit
-def _piece_slice(
-    x_ptr, w13_ptr, w2_ptr, part_ptr, weights_ptr,
-    route, expert,
+def _piece_h(
+    x_ptr, w13_ptr, weights_ptr, route, expert,
     col0,  # the piece's first I-column
-    part_row, hidden, inter, stride_xm, stride_w13e, stride_w13n, stride_w2e, stride_w2n,
-    TOP_K: tl.constexpr, PIECE_N: tl.constexpr, PIECE_K: tl.constexpr, PIECE_H: tl.constexpr,
-    PIECE_STAGES: tl.constexpr,
+    hidden, inter, stride_xm, stride_w13e, stride_w13n,
+    TOP_K: tl.constexpr, PIECE_N: tl.constexpr, PIECE_K: tl.constexpr, PIECE_STAGES: tl.constexpr,
 ):
-    """One piece of a split unit of _direct_kernel: _route_slice on the route's PIECE_N I-columns from col0, as
-    matrix-vector products of the one token (no dot: a piece may be 8 columns, under tl.dot's 16). Each step
-    reads [2 * PIECE_N, PIECE_K] of w13, then [PIECE_H, PIECE_N] of w2 (as many bytes as a whole unit's step
-    would), PIECE_STAGES steps in flight."""
+    """h [PIECE_N] in x's dtype of the route's I-columns from col0 (0 past I), as _route_h, but as a
+    matrix-vector product of the one token (no dot: a piece may be 8 columns, under tl.dot's 16); each step
+    reads [2 * PIECE_N, PIECE_K] of w13, PIECE_STAGES steps in flight."""
     j = tl.arange(0, 2 * PIECE_N)  # [2PN] gate columns, then the same up columns
     cols = col0 + j % PIECE_N
     ks = tl.arange(0, PIECE_K)  # [PK]
@@ -497,16 +498,18 @@ def _piece_slice(
     g, u = tl.split(tl.permute(tl.reshape(acc, (2, PIECE_N)), (1, 0)))  # [PN] each
     n = col0 + tl.arange(0, PIECE_N)  # [PN] I-columns
     h = tl.where(n < inter, g * tl.sigmoid(g) * u * tl.load(weights_ptr + route).to(tl.float32), 0.0)
-    h = h.to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded once, as a whole unit's h
-    hs = tl.arange(0, PIECE_H)  # [PH] H-rows of w2
-    b_ptrs = w2_ptr + expert.to(tl.int64) * stride_w2e + hs.to(tl.int64)[:, None] * stride_w2n + n[None, :]
-    o_ptrs = part_ptr + part_row.to(tl.int64) * hidden + hs
-    for h0 in tl.range(0, hidden, PIECE_H, num_stages=PIECE_STAGES):
-        h_ok = (h0 + hs) < hidden
-        b = tl.load(b_ptrs, mask=h_ok[:, None] & (n < inter)[None, :], other=0.0)  # [PH, PN]
-        tl.store(o_ptrs, tl.sum(b.to(tl.float32) * h[None, :], axis=1), mask=h_ok)
-        b_ptrs += PIECE_H * stride_w2n
-        o_ptrs += PIECE_H
+    return h.to(x_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _wait_count(count_ptr, need):
+    """Return once the int32 at count_ptr reaches ``need`` (acquire: what was stored before its releases is
+    visible after). The acquire (an atomic read) once per check; between checks, plain volatile reads spin,
+    paced by _pause, so that waiting programs neither queue atomics in front of the releases nor poll the
+    counter's L2 line back to back."""
+    while tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu") < need:
+        while _pause(tl.load(count_ptr, volatile=True)) < need:
+            pass
 
 
 @triton.jit
@@ -514,36 +517,30 @@ def _sum_slices(
     part_ptr, y_ptr,
     t,  # the token
     pid_c,  # H-column block
-    hidden, num_pairs, i_tiles, head_units, stride_ym,
-    TOP_K: tl.constexpr, SPLIT: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+    hidden, num_pairs, i_tiles, stride_ym,
+    TOP_K: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """y[t, cols] = the sum of the token's parts (see _direct_kernel): per route k = 0, 1, ... and per piece
-    q = 0, 1, ... in order, one [I tiles, columns] tile summed over the I tiles; float32, a fixed order (the
-    same bits whatever program runs it). Pieces q > 0 exist only for the split units."""
+    """y[t, cols] = the sum of the token's parts (see _direct_kernel): a [I tiles, columns] tile per route
+    k = 0, 1, ..., added up elementwise in that order (independent loads, no reduction between them), then
+    summed over the I tiles; float32, a fixed order (the same bits whatever program runs it)."""
     j = tl.arange(0, BLOCK_J)[:, None]  # [BJ, 1] I tile
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BC]
     live = (j < i_tiles) & (cols < hidden)[None, :]  # [BJ, BC]
-    acc = tl.zeros((BLOCK_C,), tl.float32)
+    acc = tl.zeros((BLOCK_J, BLOCK_C), tl.float32)
     for k in tl.static_range(TOP_K):
-        u = j * num_pairs + t * TOP_K + k  # [BJ, 1] the route's units
-        whole = u < head_units
-        for q in tl.static_range(SPLIT):
-            ok = live
-            if q > 0:
-                ok = live & ~whole
-            row = tl.where(whole, u, head_units + (u - head_units) * SPLIT + q).to(tl.int64)  # = the slice item
-            v = tl.load(part_ptr + row * hidden + cols[None, :], mask=ok, other=0.0)
-            acc += tl.sum(v, axis=0)
-    tl.store(y_ptr + t.to(tl.int64) * stride_ym + cols, acc.to(y_ptr.dtype.element_ty), mask=cols < hidden)
+        row = (j * num_pairs + t * TOP_K + k).to(tl.int64)  # [BJ, 1] the route's units
+        acc += tl.load(part_ptr + row * hidden + cols[None, :], mask=live, other=0.0)
+    tl.store(y_ptr + t.to(tl.int64) * stride_ym + cols, tl.sum(acc, axis=0).to(y_ptr.dtype.element_ty),
+             mask=cols < hidden)
 
 
 @triton.jit
-def _zero_part(part_ptr, part_row, hidden, BLOCK: tl.constexpr):
-    """part[part_row, :] = 0 (the part of a route with a bad id)."""
+def _zero_part(part_ptr, part_row, h_lo, h_hi, hidden, BLOCK: tl.constexpr):
+    """part[part_row, h_lo:h_hi] = 0 (a route with a bad id adds nothing)."""
     cols = tl.arange(0, BLOCK)
-    for h0 in range(0, hidden, BLOCK):
+    for h0 in range(h_lo, h_hi, BLOCK):
         tl.store(part_ptr + part_row.to(tl.int64) * hidden + h0 + cols, tl.zeros((BLOCK,), tl.float32),
-                 mask=h0 + cols < hidden)
+                 mask=h0 + cols < h_hi)
 
 
 @triton.jit
@@ -570,19 +567,21 @@ def _direct_kernel(
     w13_desc,  # TMA descriptor of w13 viewed as [E * 2I, H], blocks [GU_BLOCK_N, GU_BLOCK_K] (GU_TMA only)
     w2_ptr,  # [E, H, I]; stride 1 along I
     w2_desc,  # TMA descriptor of w2 viewed as [E * H, I], blocks [DN_BLOCK_H, GU_BLOCK_N] (DN_TMA only)
-    part_ptr,  # [slice items, H] float32 scratch: per slice item its share of the down GEMM
+    part_ptr,  # [units, H] float32 scratch: per unit its share of the down GEMM
+    hbuf_ptr,  # [units - head_units, GU_BLOCK_N] scratch, x's dtype: h of each split unit
     y_ptr,  # [T, H] out, x's dtype
     ids_ptr,  # [N] expert id per route (topk_ids flattened, int32 or int64)
     weights_ptr,  # [N] routing weight per route
-    sync_ptr,  # [T + 2] int32, zero at launch and left zero: [t] slice work of token t done, in pieces (all:
-    #            TOP_K * cdiv(I, GU_BLOCK_N) * SPLIT); [T] the next work item to hand out; [T + 1] programs done
+    sync_ptr,  # [T + 2 + split units] int32, zero at launch and left zero: [t] slice work of token t done, in
+    #            SPLITs of a unit (all: TOP_K * cdiv(I, GU_BLOCK_N) * SPLIT); [T] the next work item to hand out;
+    #            [T + 1] programs done; [T + 2 + v] h pieces of split unit v done
     timeline_ptr,  # TIMELINE: [items, 4] int64 out: per item the global timer (ns) at its start, at the end of
     #                its first phase (h / the wait) and at its end, and its SM (bench/tune_moe.py --timeline)
     num_tokens,  # T
     hidden,  # H
     inter,  # I
     num_experts,
-    head_units,  # units run whole; the rest are split into SPLIT items each
+    head_units,  # units run whole; the rest are split (see the docstring)
     stride_xm,
     stride_w13e,
     stride_w13n,
@@ -596,32 +595,38 @@ def _direct_kernel(
     DN_BLOCK_H: tl.constexpr,  # H-rows of w2 per step of a slice item's down GEMM
     DN_TMA: tl.constexpr,  # w2 tiles of a whole unit through the TMA descriptor
     DN_EVEN: tl.constexpr,  # I % GU_BLOCK_N == 0 and H % DN_BLOCK_H == 0: no masks on w2 pointer loads
-    SPLIT: tl.constexpr,  # pieces of a split unit (GU_BLOCK_N / SPLIT columns each; see _piece_slice)
-    PIECE_K: tl.constexpr,  # H-columns of w13 per step of a piece
-    PIECE_H: tl.constexpr,  # H-rows of w2 per step of a piece
-    PIECE_STAGES: tl.constexpr,  # a piece's steps in flight
+    SPLIT: tl.constexpr,  # h pieces and down chunks of a split unit
+    PIECE_K: tl.constexpr,  # H-columns of w13 per step of an h piece (see _piece_h)
+    PIECE_STAGES: tl.constexpr,  # an h piece's steps in flight
     SUM_BLOCK_J: tl.constexpr,  # next power of two >= cdiv(I, GU_BLOCK_N)
     SUM_BLOCK_C: tl.constexpr,  # H-columns per sum item
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32 rounding); 16-bit inputs ignore it
     TIMELINE: tl.constexpr,  # record the items' timeline (diagnosis only)
 ):
     """The direct layout in one launch (see the module docstring). A unit is (route p, I tile J of GU_BLOCK_N
-    columns), numbered u = J * N + p. The work items: units [0, head_units) whole, then each later unit as
-    SPLIT items of GU_BLOCK_N / SPLIT columns (the small items even out the programs' finish), then the sum
-    items (token, H-column block). A program takes the next item from a counter until none is left. A slice
-    item stores its part (zeros for a bad id) and counts its pieces done for its token (release); a sum item
-    waits until its token's count is complete (acquire; once per token and program). Items are handed out in
-    order, so every slice item a sum item waits for is already held by a running program that waits for
-    nothing: no launch size or residency can deadlock. The last program out sets the counters back to zero,
-    so the next launch needs no memset."""
+    columns), numbered u = J * N + p; its share of the down GEMM is part row u. The work items, in order:
+    units [0, head_units) whole (both GEMMs); each later (split) unit as SPLIT h pieces (GU_BLOCK_N / SPLIT
+    columns of h each, to hbuf), then as SPLIT down chunks (cdiv(H, SPLIT) rows of its part each, from the
+    unit's whole h); then the sum items (token, H-column block). The many small items of the split units
+    even out the programs' finish. A program takes the next item from a counter until none is left. Whole
+    units and down chunks store their part (zeros for a bad id) and count their share done for the token
+    (release); a down chunk first waits until its unit's h pieces are done, a sum item until its token's
+    count is complete (acquire; once per token and program). Items are handed out in order, so every item
+    waited for is already held by a running program that waits only for earlier items: no launch size or
+    residency can deadlock. The last program out sets the counters back to zero, so the next launch needs
+    no memset."""
     PIECE_N: tl.constexpr = GU_BLOCK_N // SPLIT
     num_pairs = num_tokens * TOP_K
     i_tiles = tl.cdiv(inter, GU_BLOCK_N)
     units = num_pairs * i_tiles
-    slice_items = head_units + (units - head_units) * SPLIT
+    num_split = units - head_units
+    h_items = head_units + num_split * SPLIT  # the end of the h pieces
+    slice_items = h_items + num_split * SPLIT  # the end of the down chunks
     items = slice_items + num_tokens * tl.cdiv(hidden, SUM_BLOCK_C)
+    chunk_h = tl.cdiv(tl.cdiv(hidden, SPLIT), DN_BLOCK_H) * DN_BLOCK_H  # H-rows of a down chunk
     done_ptr = sync_ptr
     next_ptr = sync_ptr + num_tokens
+    h_done_ptr = sync_ptr + num_tokens + 2
     ready = num_tokens * 0 - 1  # the token whose slices this program has seen done (int32)
     item = tl.atomic_add(next_ptr, 1, sem="relaxed", scope="gpu")
     while item < items:
@@ -631,45 +636,62 @@ def _direct_kernel(
             # N-tile-major: the routes of one I tile are consecutive, so routes that share an expert (several
             # tokens) read the same weight tile at about the same time (from the L2 after the first).
             whole = item < head_units
-            u = tl.where(whole, item, head_units + (item - head_units) // SPLIT)
-            q = tl.where(whole, 0, (item - head_units) % SPLIT)  # the piece
+            is_h = (item >= head_units) & (item < h_items)
+            piece = tl.where(item < h_items, item - head_units, item - h_items)
+            v = tl.where(whole, 0, piece // SPLIT)  # the split unit
+            q = piece % SPLIT  # the h piece, or the down chunk
+            u = tl.where(whole, item, head_units + v)
             route = u % num_pairs
             e_raw = tl.load(ids_ptr + route)  # int32 or int64: checked before the cast
             expert = e_raw.to(tl.int32)
-            if (e_raw < 0) | (e_raw >= num_experts):  # a bad id: the route adds nothing
-                _zero_part(part_ptr, item, hidden, 1024)
-            else:
-                if whole:
+            bad = (e_raw < 0) | (e_raw >= num_experts)  # a bad id: the route adds nothing
+            if whole:
+                if bad:
+                    _zero_part(part_ptr, u, 0, hidden, hidden, 1024)
+                else:
                     _route_slice(x_ptr, w13_ptr, w13_desc, w2_ptr, w2_desc, part_ptr, weights_ptr, timeline_ptr, item,
-                                 route, expert, u // num_pairs, item, hidden, inter, stride_xm, stride_w13e,
+                                 route, expert, u // num_pairs, u, hidden, inter, stride_xm, stride_w13e,
                                  stride_w13n, stride_w2e, stride_w2n, TOP_K, GU_EVEN_K, GU_BLOCK_M, GU_BLOCK_N,
                                  GU_BLOCK_K, GU_TMA, GU_SINGLE_DOT, DN_BLOCK_H, DN_TMA, DN_EVEN, DOT_PRECISION,
                                  TIMELINE)
-                elif SPLIT > 1:  # piece q: PIECE_N columns of I tile u // N
-                    _piece_slice(x_ptr, w13_ptr, w2_ptr, part_ptr, weights_ptr, route, expert,
-                                 (u // num_pairs) * GU_BLOCK_N + q * PIECE_N, item, hidden, inter, stride_xm,
-                                 stride_w13e, stride_w13n, stride_w2e, stride_w2n, TOP_K, PIECE_N, PIECE_K, PIECE_H,
-                                 PIECE_STAGES)
-            tl.debug_barrier()  # every thread's stores of the part come before the release below
-            tl.atomic_add(done_ptr + route // TOP_K, tl.where(whole, SPLIT, 1), sem="release", scope="gpu")
+            elif SPLIT > 1:
+                if is_h:
+                    if not bad:
+                        h_piece = _piece_h(x_ptr, w13_ptr, weights_ptr, route, expert,
+                                           (u // num_pairs) * GU_BLOCK_N + q * PIECE_N, hidden, inter, stride_xm,
+                                           stride_w13e, stride_w13n, TOP_K, PIECE_N, PIECE_K, PIECE_STAGES)
+                        tl.store(hbuf_ptr + v * GU_BLOCK_N + q * PIECE_N + tl.arange(0, PIECE_N), h_piece)
+                else:
+                    _wait_count(h_done_ptr + v, SPLIT)
+                    if TIMELINE:
+                        _stamp(timeline_ptr, item, 1, item)
+                    h_lo = q * chunk_h
+                    h_hi = tl.minimum(hidden, h_lo + chunk_h)
+                    if bad:
+                        _zero_part(part_ptr, u, h_lo, h_hi, hidden, 1024)
+                    else:
+                        n = tl.arange(0, GU_BLOCK_N)
+                        h_unit = tl.load(hbuf_ptr + v * GU_BLOCK_N + n[None, :] + 0 * tl.arange(0, GU_BLOCK_M)[:, None])
+                        _route_parts(h_unit, w2_ptr, w2_desc, part_ptr, u, expert, u // num_pairs, h_lo, h_hi, hidden,
+                                     inter, stride_w2e, stride_w2n, GU_BLOCK_M, GU_BLOCK_N, DN_BLOCK_H, DN_TMA, DN_EVEN,
+                                     DOT_PRECISION)
+            tl.debug_barrier()  # every thread's stores come before the release below
+            if is_h:
+                tl.atomic_add(h_done_ptr + v, 1, sem="release", scope="gpu")
+            else:
+                tl.atomic_add(done_ptr + route // TOP_K, tl.where(whole, SPLIT, 1), sem="release", scope="gpu")
             if TIMELINE:
                 _stamp(timeline_ptr, item, 2, item)
         else:
             t = (item - slice_items) % num_tokens
             pid_c = (item - slice_items) // num_tokens
-            # The acquire (an atomic read) once per check; between checks, plain volatile reads spin, paced
-            # by _pause, so that waiting programs neither queue atomics in front of the slice releases nor
-            # poll the flag's L2 line back to back.
-            need = TOP_K * i_tiles * SPLIT
             if t != ready:  # once per token and program
-                while tl.atomic_add(done_ptr + t, 0, sem="acquire", scope="gpu") < need:
-                    while _pause(tl.load(done_ptr + t, volatile=True)) < need:
-                        pass
+                _wait_count(done_ptr + t, TOP_K * i_tiles * SPLIT)
                 ready = t
             if TIMELINE:
                 _stamp(timeline_ptr, item, 1, item)
-            _sum_slices(part_ptr, y_ptr, t, pid_c, hidden, num_pairs, i_tiles, head_units, stride_ym, TOP_K, SPLIT,
-                        SUM_BLOCK_J, SUM_BLOCK_C)
+            _sum_slices(part_ptr, y_ptr, t, pid_c, hidden, num_pairs, i_tiles, stride_ym, TOP_K, SUM_BLOCK_J,
+                        SUM_BLOCK_C)
             if TIMELINE:
                 tl.debug_barrier()
                 _stamp(timeline_ptr, item, 2, item)
@@ -678,8 +700,8 @@ def _direct_kernel(
     # program's last use of the counters) clears them for the next launch.
     if tl.atomic_add(sync_ptr + num_tokens + 1, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
         zero = tl.arange(0, 1024)
-        for i0 in range(0, num_tokens + 2, 1024):
-            tl.store(sync_ptr + i0 + zero, tl.zeros((1024,), tl.int32), mask=i0 + zero < num_tokens + 2)
+        for i0 in range(0, num_tokens + 2 + num_split, 1024):
+            tl.store(sync_ptr + i0 + zero, tl.zeros((1024,), tl.int32), mask=i0 + zero < num_tokens + 2 + num_split)
 
 
 @triton.jit
@@ -779,8 +801,10 @@ INTERPRETER_PROGRAMS = 2
 # depends on the shape alone, not on the launch: the same bits whatever DIRECT_PROGRAMS_PER_SM and the GPU.
 _SUM_TILE = 4096
 _SUM_ITEMS = 128
-# Fewest I-columns of a piece of a split unit (16 bytes of a w2 row at 2-byte elements).
+# Fewest I-columns of an h piece of a split unit; the w13 bytes per step of an h piece, and its steps in flight.
 _PIECE_MIN_N = 8
+_PIECE_STEP_BYTES = 16384
+_PIECE_STAGES = 6
 # The direct kernel's counters, per (device, stream): zeroed once, left zero by every launch.
 _SYNC: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -831,25 +855,26 @@ def _direct(x, w13, w2, weights, ids, y, top_k: int, cfg_gu: GemmConfig, cfg_dn:
         sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
         programs = DIRECT_PROGRAMS_PER_SM * sms
     head, split = direct_split(units, sms, cfg_gu.block_n)
-    slice_items = head + (units - head) * split
-    part = torch.empty((slice_items, hidden), dtype=torch.float32, device=x.device)
-    sync = _sync_buffer(x.device, num_tokens + 2)  # see _direct_kernel's sync_ptr
+    part = torch.empty((units, hidden), dtype=torch.float32, device=x.device)
+    hbuf = torch.empty((max(units - head, 1), cfg_gu.block_n), dtype=x.dtype, device=x.device)
+    sync = _sync_buffer(x.device, num_tokens + 2 + units - head)  # see _direct_kernel's sync_ptr
     block_j = triton.next_power_of_2(i_tiles)
     block_c = max(16, min(_SUM_TILE // block_j, triton.next_power_of_2(triton.cdiv(hidden, _SUM_ITEMS))))
-    items = slice_items + num_tokens * triton.cdiv(hidden, block_c)
+    items = head + (units - head) * 2 * split + num_tokens * triton.cdiv(hidden, block_c)
+    piece_k = max(16, _PIECE_STEP_BYTES // (2 * cfg_gu.block_n // split * x.element_size()))
     if timeline is not None and (timeline.dtype != torch.int64 or timeline.shape[0] < items):
         raise ValueError(f"timeline: expected int64 [>= {items}, 4], got {timeline.dtype} {list(timeline.shape)}")
     gu_tma, w13_desc = _weight_desc(w13, cfg_gu)
     dn_tma, w2_desc = _weight_desc(w2, cfg_dn._replace(block_k=cfg_gu.block_n))  # [block_h, I tile] blocks
     _direct_kernel[(min(items, programs),)](
-        x, w13, w13_desc, w2, w2_desc, part, y, ids, weights, sync, sync if timeline is None else timeline,
+        x, w13, w13_desc, w2, w2_desc, part, hbuf, y, ids, weights, sync, sync if timeline is None else timeline,
         num_tokens, hidden, inter, num_experts, head,
         x.stride(0), w13.stride(0), w13.stride(1), w2.stride(0), w2.stride(1), y.stride(0),
         TOP_K=top_k, GU_EVEN_K=hidden % cfg_gu.block_k == 0, GU_BLOCK_M=cfg_gu.block_m, GU_BLOCK_N=cfg_gu.block_n,
         GU_BLOCK_K=cfg_gu.block_k, GU_TMA=gu_tma, GU_SINGLE_DOT=cfg_gu.single_dot and not gu_tma,
         DN_BLOCK_H=cfg_dn.block_n, DN_TMA=dn_tma,
         DN_EVEN=inter % cfg_gu.block_n == 0 and hidden % cfg_dn.block_n == 0, SPLIT=split,
-        PIECE_K=cfg_gu.block_k * split, PIECE_H=cfg_dn.block_n * split, PIECE_STAGES=cfg_gu.num_stages,
+        PIECE_K=piece_k, PIECE_STAGES=_PIECE_STAGES,
         SUM_BLOCK_J=block_j, SUM_BLOCK_C=block_c, DOT_PRECISION=_precision(x.dtype), TIMELINE=timeline is not None,
         num_warps=cfg_gu.num_warps, num_stages=cfg_gu.num_stages,
     )
