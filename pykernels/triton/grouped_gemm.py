@@ -572,9 +572,9 @@ def _direct_kernel(
     y_ptr,  # [T, H] out, x's dtype
     ids_ptr,  # [N] expert id per route (topk_ids flattened, int32 or int64)
     weights_ptr,  # [N] routing weight per route
-    sync_ptr,  # [T + 2 + split units] int32, zero at launch and left zero: [t] slice work of token t done, in
-    #            SPLITs of a unit (all: TOP_K * cdiv(I, GU_BLOCK_N) * SPLIT); [T] the next work item to hand out;
-    #            [T + 1] programs done; [T + 2 + v] h pieces of split unit v done
+    sync_ptr,  # [T + 1 + split units] int32, zero at launch and left zero: [t] slice work of token t done, in
+    #            SPLITs of a unit (all: TOP_K * cdiv(I, GU_BLOCK_N) * SPLIT); [T] the next work item to hand
+    #            out; [T + 1 + v] h pieces of split unit v done
     timeline_ptr,  # TIMELINE: [items, 4] int64 out: per item the global timer (ns) at its start, at the end of
     #                its first phase (h / the wait) and at its end, and its SM (bench/tune_moe.py --timeline)
     num_tokens,  # T
@@ -613,8 +613,9 @@ def _direct_kernel(
     (release); a down chunk first waits until its unit's h pieces are done, a sum item until its token's
     count is complete (acquire; once per token and program). Items are handed out in order, so every item
     waited for is already held by a running program that waits only for earlier items: no launch size or
-    residency can deadlock. The last program out sets the counters back to zero, so the next launch needs
-    no memset."""
+    residency can deadlock. Each program draws one ticket past the items, and last, so the program that draws
+    the very last ticket (items + programs - 1) knows every program is done with the counters: it sets them
+    back to zero, and the next launch needs no memset."""
     PIECE_N: tl.constexpr = GU_BLOCK_N // SPLIT
     num_pairs = num_tokens * TOP_K
     i_tiles = tl.cdiv(inter, GU_BLOCK_N)
@@ -626,9 +627,9 @@ def _direct_kernel(
     chunk_h = tl.cdiv(tl.cdiv(hidden, SPLIT), DN_BLOCK_H) * DN_BLOCK_H  # H-rows of a down chunk
     done_ptr = sync_ptr
     next_ptr = sync_ptr + num_tokens
-    h_done_ptr = sync_ptr + num_tokens + 2
+    h_done_ptr = sync_ptr + num_tokens + 1
     ready = num_tokens * 0 - 1  # the token whose slices this program has seen done (int32)
-    item = tl.atomic_add(next_ptr, 1, sem="relaxed", scope="gpu")
+    item = tl.atomic_add(next_ptr, 1, sem="acq_rel", scope="gpu")  # (acq_rel: orders the clearing below)
     while item < items:
         if TIMELINE:
             _stamp(timeline_ptr, item, 0, item)
@@ -695,13 +696,11 @@ def _direct_kernel(
             if TIMELINE:
                 tl.debug_barrier()
                 _stamp(timeline_ptr, item, 2, item)
-        item = tl.atomic_add(next_ptr, 1, sem="relaxed", scope="gpu")
-    # Every program counts itself out after its last ticket; the last one out (acq_rel: after every other
-    # program's last use of the counters) clears them for the next launch.
-    if tl.atomic_add(sync_ptr + num_tokens + 1, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
+        item = tl.atomic_add(next_ptr, 1, sem="acq_rel", scope="gpu")
+    if item == items + tl.num_programs(0) - 1:  # the last ticket: every program is done with the counters
         zero = tl.arange(0, 1024)
-        for i0 in range(0, num_tokens + 2 + num_split, 1024):
-            tl.store(sync_ptr + i0 + zero, tl.zeros((1024,), tl.int32), mask=i0 + zero < num_tokens + 2 + num_split)
+        for i0 in range(0, num_tokens + 1 + num_split, 1024):
+            tl.store(sync_ptr + i0 + zero, tl.zeros((1024,), tl.int32), mask=i0 + zero < num_tokens + 1 + num_split)
 
 
 @triton.jit
@@ -857,7 +856,7 @@ def _direct(x, w13, w2, weights, ids, y, top_k: int, cfg_gu: GemmConfig, cfg_dn:
     head, split = direct_split(units, sms, cfg_gu.block_n)
     part = torch.empty((units, hidden), dtype=torch.float32, device=x.device)
     hbuf = torch.empty((max(units - head, 1), cfg_gu.block_n), dtype=x.dtype, device=x.device)
-    sync = _sync_buffer(x.device, num_tokens + 2 + units - head)  # see _direct_kernel's sync_ptr
+    sync = _sync_buffer(x.device, num_tokens + 1 + units - head)  # see _direct_kernel's sync_ptr
     block_j = triton.next_power_of_2(i_tiles)
     block_c = max(16, min(_SUM_TILE // block_j, triton.next_power_of_2(triton.cdiv(hidden, _SUM_ITEMS))))
     items = head + (units - head) * 2 * split + num_tokens * triton.cdiv(hidden, block_c)
