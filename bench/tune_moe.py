@@ -121,7 +121,8 @@ def candidates(gemm: str, bucket: str, prefill_only: bool = False, hidden: int =
             "gate_up": [C(16, 16, 256, 1, 4, 4, True), C(16, 64, 64, 1, 4, 6, True),
                         C(16, 32, 256, 1, 4, 3, True), C(16, 64, 128, 1, 4, 3, True), C(16, 64, 128, 1, 8, 4, True),
                         C(16, 32, 128, 1, 4, 6, True), C(16, 64, 128, 1, 4, 4, False, True),
-                        C(16, 32, 256, 1, 4, 4, False, True)],
+                        C(16, 32, 256, 1, 4, 4, False, True), C(16, 64, 128, 1, 4, 5, True),
+                        C(16, 64, 128, 1, 4, 6, True)],
             "down": [C(16, 64, 64, 1, 4, 4), C(16, 256, 64, 1, 4, 4), C(16, 128, 64, 1, 4, 4, True),
                      C(16, 64, 64, 1, 4, 4, True), C(16, 256, 64, 1, 4, 4, True)],
         }[gemm]

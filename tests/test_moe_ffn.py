@@ -150,7 +150,7 @@ def test_layout_choice():
     tuned = next(key[1:3] for key in moe_configs.TABLE if key[3] == "direct")  # (H, I) with direct tiles
     assert moe_configs.layout_for(moe_configs.DIRECT_MAX_TOKENS, *tuned) == "direct"
     assert moe_configs.layout_for(moe_configs.DIRECT_MAX_TOKENS + 1, *tuned) == "sorted"
-    assert moe_configs.layout_for(1, 5120, 1536) == "sorted"  # 236B: no direct tiles (the sorted layout won)
+    assert moe_configs.layout_for(1, 5120, 768) == "sorted"  # the TP2 shard: no direct tiles
     with pytest.raises(ValueError, match="layout"):
         moe_ffn_triton(*_bad_moe().values(), layout="aligned")
 
