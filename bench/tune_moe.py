@@ -330,7 +330,8 @@ def _timeline(report, cache) -> None:
             torch.cuda.synchronize()
             rows = timeline[timeline[:, 0] > 0].cpu()
             t = (rows[:, :3] - rows[:, 0].min()).double() / 1e3  # µs
-            whole, hp, dc, sm = t[:head], t[head:head + pieces], t[head + pieces:head + 2 * pieces], t[head + 2 * pieces:]
+            whole, hp = t[:head], t[head:head + pieces]
+            dc, sm = t[head + pieces:head + 2 * pieces], t[head + 2 * pieces:]
             row = {"label": label, "whole_units": head, "h_pieces": pieces, "down_chunks": pieces,
                    "sum_items": len(sm), "sms": len(set(rows[:, 3].tolist())),
                    "h_mean": whole[:, 1].sub(whole[:, 0]).mean().item(),

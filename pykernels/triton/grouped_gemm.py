@@ -16,10 +16,12 @@ synchronises with the host.
   its token are done. Items are handed out in order, so the items waited for are held by running programs
   that wait for nothing: it cannot deadlock, whatever the launch size. A slice item streams its share of
   the expert's three matrices (Lite at 64-column I tiles: 6 x 22 = 132 items of 768 KiB, one per SM of
-  the H200), and no item waits for another's h: the only wait is the short sum at the end. The (route,
-  I tile) units left after the last full round over the SMs run in pieces of 16 columns, so that the SMs
-  finish together (236B: 144 units on 132 SMs). The float32 parts cost N x cdiv(I, BLOCK_N) x H x 4 bytes
-  of writes and reads (1 % of the weights on Lite).
+  the H200), and a whole unit waits for no other item's h: the only wait is the short sum at the end.
+  The (route, I tile) units left after the last full round over the SMs are split, so that the SMs finish
+  together (236B: 144 units on 132 SMs, 12 split): each into h pieces of as few as 8 columns (matrix-vector
+  steps, to a small h buffer), then into down chunks of H rows that wait for their unit's h. The float32
+  parts cost N x cdiv(I, BLOCK_N) x H x 4 bytes of writes and reads (1 % of the weights on Lite). The
+  counters are left zero by each launch (no memset node per call).
 
 "sorted" (the unpadded layout of moe_permute.permute) -- 3 launches up to ``moe_permute.CHUNK`` routes
 (21 tokens at top-6), 4 beyond::
