@@ -285,22 +285,24 @@ def _sweep_case(report, scores, label, E, H, I, T, w13, w2, bucket, start, budge
 
 
 def _direct_programs(case, cfg_gu, cfg_dn, sets, w13, w2) -> None:
-    """The direct kernel with its best configs at 1, 2 and 3 programs per SM (µs; the module's value is restored)."""
+    """The direct kernel with its best configs at 1, 2 and 3 programs per SM, then at the table's programs per
+    SM with DIRECT_PDL on and off (µs; the module's values are restored)."""
     from pykernels.triton import grouped_gemm
 
-    keep = grouped_gemm.DIRECT_PROGRAMS_PER_SM
-    case["programs_per_sm"] = {}
+    keep = grouped_gemm.DIRECT_PROGRAMS_PER_SM, grouped_gemm.DIRECT_PDL
+    case["programs_per_sm"], case["pdl"] = {}, {}
+    runs = [("programs_per_sm", n, n, keep[1]) for n in (1, 2, 3)] + [("pdl", p, keep[0], p) for p in (False, True)]
     try:
-        for n in (1, 2, 3):
-            grouped_gemm.DIRECT_PROGRAMS_PER_SM = n
+        for field, key, programs, pdl in runs:
+            grouped_gemm.DIRECT_PROGRAMS_PER_SM, grouped_gemm.DIRECT_PDL = programs, pdl
             try:
                 t, err = _try("down", cfg_dn, sets, w13, w2, True, cfg_gu)
-                case["programs_per_sm"][n] = {"us": round(t, 3), "rel_err": err, "ok": err <= MAX_REL_ERR}
+                case[field][key] = {"us": round(t, 3), "rel_err": err, "ok": err <= MAX_REL_ERR}
             except Exception as e:  # noqa: BLE001 - e.g. two programs' shared memory exceeds an SM's
-                case["programs_per_sm"][n] = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
-            print(f"direct {case['label']}: {n} programs per SM: {case['programs_per_sm'][n]}", flush=True)
+                case[field][key] = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+            print(f"direct {case['label']}: {field} {key}: {case[field][key]}", flush=True)
     finally:
-        grouped_gemm.DIRECT_PROGRAMS_PER_SM = keep
+        grouped_gemm.DIRECT_PROGRAMS_PER_SM, grouped_gemm.DIRECT_PDL = keep
 
 
 def _timeline(report, cache) -> None:
@@ -545,7 +547,8 @@ def compile_report(out_path: str, prefill_only: bool = False) -> int:
                           GU_BLOCK_K=gu.block_k, GU_TMA=gu.tma, GU_SINGLE_DOT=gu.single_dot and not gu.tma,
                           DN_BLOCK_H=dn.block_n, DN_TMA=dn.tma, DN_EVEN=True, SUM_BLOCK_J=32, SUM_BLOCK_C=64,
                           SPLIT=split, PIECE_K=grouped_gemm._PIECE_STEP_BYTES // (2 * gu.block_n // split * 2),
-                          PIECE_STAGES=grouped_gemm._PIECE_STAGES, DOT_PRECISION="tf32", TIMELINE=False)
+                          PIECE_STAGES=grouped_gemm._PIECE_STAGES, DOT_PRECISION="tf32", TIMELINE=False,
+                          PDL=grouped_gemm.DIRECT_PDL)
             shown = {"gate_up": gu._asdict(), "down": dn._asdict()}
             cfg = gu  # num_warps, num_stages
         else:

@@ -74,6 +74,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from pykernels.triton import moe_configs
@@ -604,6 +605,7 @@ def _direct_kernel(
     SUM_BLOCK_C: tl.constexpr,  # H-columns per sum item
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32 rounding); 16-bit inputs ignore it
     TIMELINE: tl.constexpr,  # record the items' timeline (diagnosis only)
+    PDL: tl.constexpr,  # launched as a programmatic dependent launch (see DIRECT_PDL)
 ):
     """The direct layout in one launch (see the module docstring). A unit is (route p, I tile J of GU_BLOCK_N
     columns), numbered u = J * N + p; its share of the down GEMM is part row u. The work items, in order:
@@ -631,6 +633,11 @@ def _direct_kernel(
     next_ptr = sync_ptr + num_tokens
     h_done_ptr = sync_ptr + num_tokens + 1
     ready = num_tokens * 0 - 1  # the token whose slices this program has seen done (int32)
+    if PDL:
+        # The next launch may start now (its programs wait below, in their turn); this one touches no
+        # memory before the previous kernel is complete and its writes visible.
+        gdc_launch_dependents()
+        gdc_wait()
     item = tl.atomic_add(next_ptr, 1, sem="acq_rel", scope="gpu")  # (acq_rel: orders the clearing below)
     while item < items:
         if TIMELINE:
@@ -797,6 +804,10 @@ def _down(h, w2, cfg: GemmConfig, rows: str, row_map, out, *, pair=None, weights
 # Triton's interpreter runs the programs one after another: there the first does every item.
 DIRECT_PROGRAMS_PER_SM = 1
 INTERPRETER_PROGRAMS = 2
+# Launch the direct kernel as a programmatic dependent launch (Hopper): its programs may start during the
+# previous kernel's tail (they wait, griddepcontrol.wait, before touching memory), and they let the next
+# kernel do the same. Off until measured (bench/tune_moe.py times both).
+DIRECT_PDL = False
 # Most float32 elements a sum item loads at once (I tiles x H-columns, per route and piece), and the most sum
 # items per token (at most one per SM: one round). The sum's tile shape sets its order of additions, so it
 # depends on the shape alone, not on the launch: the same bits whatever DIRECT_PROGRAMS_PER_SM and the GPU.
@@ -867,6 +878,7 @@ def _direct(x, w13, w2, weights, ids, y, top_k: int, cfg_gu: GemmConfig, cfg_dn:
         raise ValueError(f"timeline: expected int64 [>= {items}, 4], got {timeline.dtype} {list(timeline.shape)}")
     gu_tma, w13_desc = _weight_desc(w13, cfg_gu)
     dn_tma, w2_desc = _weight_desc(w2, cfg_dn._replace(block_k=cfg_gu.block_n))  # [block_h, I tile] blocks
+    pdl = DIRECT_PDL and x.device.type == "cuda"
     _direct_kernel[(min(items, programs),)](
         x, w13, w13_desc, w2, w2_desc, part, hbuf, y, ids, weights, sync, sync if timeline is None else timeline,
         num_tokens, hidden, inter, num_experts, head,
@@ -877,7 +889,7 @@ def _direct(x, w13, w2, weights, ids, y, top_k: int, cfg_gu: GemmConfig, cfg_dn:
         DN_EVEN=inter % cfg_gu.block_n == 0 and hidden % cfg_dn.block_n == 0, SPLIT=split,
         PIECE_K=piece_k, PIECE_STAGES=_PIECE_STAGES,
         SUM_BLOCK_J=block_j, SUM_BLOCK_C=block_c, DOT_PRECISION=_precision(x.dtype), TIMELINE=timeline is not None,
-        num_warps=cfg_gu.num_warps, num_stages=cfg_gu.num_stages,
+        PDL=pdl, num_warps=cfg_gu.num_warps, num_stages=cfg_gu.num_stages, **({"launch_pdl": True} if pdl else {}),
     )
 
 
