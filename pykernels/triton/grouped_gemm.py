@@ -681,7 +681,8 @@ def _direct_kernel(
                         _zero_part(part_ptr, u, h_lo, h_hi, hidden, 1024)
                     else:
                         n = tl.arange(0, GU_BLOCK_N)
-                        h_unit = tl.load(hbuf_ptr + v * GU_BLOCK_N + n[None, :] + 0 * tl.arange(0, GU_BLOCK_M)[:, None])
+                        m = tl.arange(0, GU_BLOCK_M)[:, None]
+                        h_unit = tl.load(hbuf_ptr + v * GU_BLOCK_N + n[None, :] + 0 * m)  # [BM, BN], rows alike
                         _route_parts(h_unit, w2_ptr, w2_desc, part_ptr, u, expert, u // num_pairs, h_lo, h_hi, hidden,
                                      inter, stride_w2e, stride_w2n, GU_BLOCK_M, GU_BLOCK_N, DN_BLOCK_H, DN_TMA, DN_EVEN,
                                      DOT_PRECISION)
@@ -808,7 +809,7 @@ INTERPRETER_PROGRAMS = 2
 # previous kernel's tail (they wait, griddepcontrol.wait, before touching memory), and they let the next
 # kernel do the same. Off until measured (bench/tune_moe.py times both).
 DIRECT_PDL = False
-# Most float32 elements a sum item loads at once (I tiles x H-columns, per route and piece), and the most sum
+# Most float32 elements a sum item loads at once (I tiles x H-columns, per route), and the most sum
 # items per token (at most one per SM: one round). The sum's tile shape sets its order of additions, so it
 # depends on the shape alone, not on the launch: the same bits whatever DIRECT_PROGRAMS_PER_SM and the GPU.
 _SUM_TILE = 4096
@@ -830,8 +831,8 @@ def direct_split(units: int, sms: int, block_n: int) -> tuple[int, int]:
     """(units run whole, pieces of each later unit) of the direct kernel: whole units in full rounds over the
     SMs, the units left over split in as many pieces (a power of two, >= _PIECE_MIN_N columns each) as the
     SMs hold in one round, so that the SMs finish together (236B at 64 columns: 144 units on 132 SMs, 12
-    split in 8). Which units are split (so the order of the sum's additions) follows the SM count, not the
-    launch size: the same bits on one GPU at any launch."""
+    split in 8). Which units are split (so how their parts are computed) follows the SM count, not the launch
+    size: the same bits on one GPU at any launch."""
     left = units % sms if units > sms else 0
     split = min(block_n // _PIECE_MIN_N, sms // left) if left else 1
     split = 1 << (split.bit_length() - 1) if split >= 2 else 1
