@@ -514,8 +514,8 @@ def compile_report(out_path: str, prefill_only: bool = False) -> int:
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     aligned = {"x_ptr", "w13_ptr", "h_ptr", "map_ptr", "pair_ptr", "w2_ptr", "out_ptr", "y_ptr", "ids_ptr",
-               "weights_ptr", "sync_ptr", "part_ptr", "hbuf_ptr", "hidden", "inter", "stride_xm", "stride_we", "stride_wn",
-               "stride_hm", "stride_om", "stride_ym", "up_shift", "stride_w13e", "stride_w13n", "stride_w2e",
+               "weights_ptr", "sync_ptr", "part_ptr", "hbuf_ptr", "hidden", "inter", "stride_xm", "stride_we",
+               "stride_wn", "stride_hm", "stride_om", "stride_ym", "up_shift", "stride_w13e", "stride_w13n", "stride_w2e",
                "stride_w2n"}
     ints = ("num_rows", "num_pairs", "num_tokens", "hidden", "inter", "num_experts", "head_units", "top_k", "stride_xm",
             "stride_wn", "stride_hm", "stride_om", "stride_ym", "up_shift", "num_m_tiles", "stride_w13n", "stride_w2n")
@@ -546,7 +546,7 @@ def compile_report(out_path: str, prefill_only: bool = False) -> int:
             consts = dict(TOP_K=TOP_K, GU_EVEN_K=True, GU_BLOCK_M=gu.block_m, GU_BLOCK_N=gu.block_n,
                           GU_BLOCK_K=gu.block_k, GU_TMA=gu.tma, GU_SINGLE_DOT=gu.single_dot and not gu.tma,
                           DN_BLOCK_H=dn.block_n, DN_TMA=dn.tma, DN_EVEN=True, SUM_BLOCK_J=32, SUM_BLOCK_C=64,
-                          SPLIT=split, PIECE_K=grouped_gemm._PIECE_STEP_BYTES // (2 * gu.block_n // split * 2),
+                          SPLIT=split, PIECE_K=grouped_gemm.piece_k(gu.block_n, split, 2),
                           PIECE_STAGES=grouped_gemm._PIECE_STAGES, DOT_PRECISION="tf32", TIMELINE=False,
                           PDL=grouped_gemm.DIRECT_PDL)
             shown = {"gate_up": gu._asdict(), "down": dn._asdict()}

@@ -839,6 +839,11 @@ def direct_split(units: int, sms: int, block_n: int) -> tuple[int, int]:
     return (units - left, split) if split > 1 else (units, 1)
 
 
+def piece_k(block_n: int, split: int, elem_bytes: int) -> int:
+    """H-columns of w13 per step of an h piece (block_n / split I-columns): _PIECE_STEP_BYTES of gate and up rows."""
+    return max(16, _PIECE_STEP_BYTES // (2 * (block_n // split) * elem_bytes))
+
+
 def _sync_buffer(device: torch.device, size: int) -> torch.Tensor:
     """int32 [>= size] zeros for _direct_kernel's counters, which each launch leaves zero on its way out: one
     buffer per device and stream, as launches on one stream never overlap (a launch on another stream, or a
@@ -874,7 +879,6 @@ def _direct(x, w13, w2, weights, ids, y, top_k: int, cfg_gu: GemmConfig, cfg_dn:
     block_j = triton.next_power_of_2(i_tiles)
     block_c = max(16, min(_SUM_TILE // block_j, triton.next_power_of_2(triton.cdiv(hidden, _SUM_ITEMS))))
     items = head + (units - head) * 2 * split + num_tokens * triton.cdiv(hidden, block_c)
-    piece_k = max(16, _PIECE_STEP_BYTES // (2 * cfg_gu.block_n // split * x.element_size()))
     if timeline is not None and (timeline.dtype != torch.int64 or timeline.shape[0] < items):
         raise ValueError(f"timeline: expected int64 [>= {items}, 4], got {timeline.dtype} {list(timeline.shape)}")
     gu_tma, w13_desc = _weight_desc(w13, cfg_gu)
@@ -888,7 +892,7 @@ def _direct(x, w13, w2, weights, ids, y, top_k: int, cfg_gu: GemmConfig, cfg_dn:
         GU_BLOCK_K=cfg_gu.block_k, GU_TMA=gu_tma, GU_SINGLE_DOT=cfg_gu.single_dot and not gu_tma,
         DN_BLOCK_H=cfg_dn.block_n, DN_TMA=dn_tma,
         DN_EVEN=inter % cfg_gu.block_n == 0 and hidden % cfg_dn.block_n == 0, SPLIT=split,
-        PIECE_K=piece_k, PIECE_STAGES=_PIECE_STAGES,
+        PIECE_K=piece_k(cfg_gu.block_n, split, x.element_size()), PIECE_STAGES=_PIECE_STAGES,
         SUM_BLOCK_J=block_j, SUM_BLOCK_C=block_c, DOT_PRECISION=_precision(x.dtype), TIMELINE=timeline is not None,
         PDL=pdl, num_warps=cfg_gu.num_warps, num_stages=cfg_gu.num_stages, **({"launch_pdl": True} if pdl else {}),
     )
