@@ -10,7 +10,7 @@ case, so a run stopped by the budget keeps what it measured):
 1. The direct layout (moe_ffn at T = 1 in one launch: slice items per (route, I tile) running both GEMMs,
    then sum items), keys ``(gemm, H, I, "direct")``, at the shapes below with T = 1: the gate_up candidates
    with the default down tile, then the down candidates with the best gate_up one, each timed as the whole
-   kernel; then the best pair at 1, 2 and 3 programs per SM (``grouped_gemm.DIRECT_PROGRAMS_PER_SM``).
+   kernel; then the best pair at 1, 2 and 3 programs per SM (``moe_direct.DIRECT_PROGRAMS_PER_SM``).
 2. Row layouts of the whole moe_ffn (direct, sorted, padded) at T = 1, 2, 4, 8, 64, 128 on the Lite and
    236B shapes with the table's configs, as % of the measured copy bandwidth over the weights of the
    experts hit: the crossing of direct and sorted is ``moe_configs.DIRECT_MAX_TOKENS``; padded against
@@ -287,14 +287,14 @@ def _sweep_case(report, scores, label, E, H, I, T, w13, w2, bucket, start, budge
 def _direct_programs(case, cfg_gu, cfg_dn, sets, w13, w2) -> None:
     """The direct kernel with its best configs at 1, 2 and 3 programs per SM, then at the table's programs per
     SM with DIRECT_PDL on and off (µs; the module's values are restored)."""
-    from pykernels.triton import grouped_gemm
+    from pykernels.triton import moe_direct
 
-    keep = grouped_gemm.DIRECT_PROGRAMS_PER_SM, grouped_gemm.DIRECT_PDL
+    keep = moe_direct.DIRECT_PROGRAMS_PER_SM, moe_direct.DIRECT_PDL
     case["programs_per_sm"], case["pdl"] = {}, {}
     runs = [("programs_per_sm", n, n, keep[1]) for n in (1, 2, 3)] + [("pdl", p, keep[0], p) for p in (False, True)]
     try:
         for field, key, programs, pdl in runs:
-            grouped_gemm.DIRECT_PROGRAMS_PER_SM, grouped_gemm.DIRECT_PDL = programs, pdl
+            moe_direct.DIRECT_PROGRAMS_PER_SM, moe_direct.DIRECT_PDL = programs, pdl
             try:
                 t, err = _try("down", cfg_dn, sets, w13, w2, True, cfg_gu)
                 case[field][key] = {"us": round(t, 3), "rel_err": err, "ok": err <= MAX_REL_ERR}
@@ -302,7 +302,7 @@ def _direct_programs(case, cfg_gu, cfg_dn, sets, w13, w2) -> None:
                 case[field][key] = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
             print(f"direct {case['label']}: {field} {key}: {case[field][key]}", flush=True)
     finally:
-        grouped_gemm.DIRECT_PROGRAMS_PER_SM, grouped_gemm.DIRECT_PDL = keep
+        moe_direct.DIRECT_PROGRAMS_PER_SM, moe_direct.DIRECT_PDL = keep
 
 
 def _timeline(report, cache) -> None:
@@ -313,22 +313,22 @@ def _timeline(report, cache) -> None:
     (start, waited, end) and the span; with every item's raw (start, phase, end, SM) of the last run."""
     import triton
 
-    from pykernels.triton import grouped_gemm, moe_configs
+    from pykernels.triton import moe_configs, moe_direct
 
     report["timeline"] = []
     for label, E, H, I in DIRECT_SHAPES[:2]:
         w13, w2 = _weights(cache, E, H, I)
         cfg_gu, cfg_dn = (moe_configs.pick(g, H, I, TOP_K, E, 2, direct=True) for g in ("gate_up", "down"))
         units = TOP_K * triton.cdiv(I, cfg_gu.block_n)
-        head, split = grouped_gemm.direct_split(units, torch.cuda.get_device_properties(0).multi_processor_count,
+        head, split = moe_direct.direct_split(units, torch.cuda.get_device_properties(0).multi_processor_count,
                                                 cfg_gu.block_n)
         pieces = (units - head) * split
         for st in _case_sets(E, H, I, 1, w13, w2, DECODE_SETS, direct=True):
             y = torch.empty(1, H, dtype=torch.bfloat16, device="cuda")
             timeline = torch.zeros(4096, 4, dtype=torch.int64, device="cuda")
             for _ in range(3):  # the last run is recorded; the weights were read by the other sets' runs
-                grouped_gemm._direct(st["x"], w13, w2, st["weights"], st["ids"].view(-1), y, TOP_K, cfg_gu, cfg_dn,
-                                     timeline)
+                moe_direct.moe_ffn_direct(st["x"], w13, w2, st["weights"], st["ids"].view(-1), y, TOP_K, cfg_gu,
+                                          cfg_dn, timeline)
             torch.cuda.synchronize()
             rows = timeline[timeline[:, 0] > 0].cpu()
             t = (rows[:, :3] - rows[:, 0].min()).double() / 1e3  # µs
@@ -509,7 +509,7 @@ def compile_report(out_path: str, prefill_only: bool = False) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from pykernels.triton import grouped_gemm
+    from pykernels.triton import grouped_gemm, moe_direct
     from pykernels.triton.moe_configs import DEFAULTS, GemmConfig
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -532,7 +532,7 @@ def compile_report(out_path: str, prefill_only: bool = False) -> int:
         variants += [("direct", "direct", None, (c, default_dn)) for c in candidates("gate_up", "direct")]
         variants += [("direct", "direct", None, (default_gu, c)) for c in candidates("down", "direct")]
     kernels = {"gate_up": grouped_gemm._gate_up_kernel, "down": grouped_gemm._down_kernel,
-               "direct": grouped_gemm._direct_kernel}
+               "direct": moe_direct._direct_kernel}
     rows, bad = [], 0
     for name, which, layout, cfg in sorted(set(variants), key=str):
         kernel = kernels[which]
@@ -541,14 +541,14 @@ def compile_report(out_path: str, prefill_only: bool = False) -> int:
             return f"tensordesc<bf16[{c.block_n}, {c.block_k}]>" if c.tma else "*bf16"
         if which == "direct":
             gu, dn = cfg
-            split = grouped_gemm.direct_split(144, 132, gu.block_n)[1]  # 236B at T = 1 on the H200
+            split = moe_direct.direct_split(144, 132, gu.block_n)[1]  # 236B at T = 1 on the H200
             descs = {"w13_desc": desc(gu), "w2_desc": desc(dn._replace(block_k=gu.block_n))}
             consts = dict(TOP_K=TOP_K, GU_EVEN_K=True, GU_BLOCK_M=gu.block_m, GU_BLOCK_N=gu.block_n,
                           GU_BLOCK_K=gu.block_k, GU_TMA=gu.tma, GU_SINGLE_DOT=gu.single_dot and not gu.tma,
                           DN_BLOCK_H=dn.block_n, DN_TMA=dn.tma, DN_EVEN=True, SUM_BLOCK_J=32, SUM_BLOCK_C=64,
-                          SPLIT=split, PIECE_K=grouped_gemm.piece_k(gu.block_n, split, 2),
-                          PIECE_STAGES=grouped_gemm._PIECE_STAGES, DOT_PRECISION="tf32", TIMELINE=False,
-                          PDL=grouped_gemm.DIRECT_PDL)
+                          SPLIT=split, PIECE_K=moe_direct.piece_k(gu.block_n, split, 2),
+                          PIECE_STAGES=moe_direct._PIECE_STAGES, DOT_PRECISION="tf32", TIMELINE=False,
+                          PDL=moe_direct.DIRECT_PDL)
             shown = {"gate_up": gu._asdict(), "down": dn._asdict()}
             cfg = gu  # num_warps, num_stages
         else:

@@ -26,8 +26,9 @@ nothing, rows past ``offsets[E-1]`` produce zeros, and decreasing offsets give u
 
 Backends: "torch" is the reference below (float32 math, no host synchronisation, E dense expert
 applications: the oracle, not a fast path); "triton" is the grouped-GEMM pipeline of
-``pykernels/triton/grouped_gemm.py`` (moe_ffn: the expert-sorted row layout; the direct layout, one
-launch and no permutation, up to ``moe_configs.DIRECT_MAX_TOKENS`` tokens; see there). Eager calls launch
+``pykernels/triton/grouped_gemm.py`` (moe_ffn: the expert-sorted row layout; the direct layout of
+``pykernels/triton/moe_direct.py``, one launch and no permutation, up to ``moe_configs.DIRECT_MAX_TOKENS``
+tokens; see there). Eager calls launch
 it directly; the ``torch.library`` op is the entry point under torch.compile and dispatch modes
 (``pykernels._backend.direct_call_ok``).
 ``backend=None`` picks Triton for CUDA tensors (the reference does E times the routed work, so it cannot

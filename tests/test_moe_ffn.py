@@ -181,16 +181,16 @@ def test_triton_direct_split_units(device, dtype, variant, monkeypatch):
     columns; 3 x top-3 x 2 = 18 on 8 (2 left: 4 pieces of 16) and on 16 (8 pieces of 8). I = 100: pieces
     partly and wholly past I; I = 96: the pieces end at I. The last route's id is bad (a split unit's);
     several H steps of w2 (pieces: one step of more rows than H); against the reference."""
-    from pykernels.triton import grouped_gemm
+    from pykernels.triton import grouped_gemm, moe_direct
 
     cfg_gu = moe_configs.GemmConfig(16, 64, 32, 1, 4, 2, variant == "tma", variant == "single dot")
     cfg_dn = moe_configs.GemmConfig(16, 32, 32, 1, 4, 2, variant == "tma")
     for sms, T, I, k, split in ((4, 3, 128, 2, 1), (4, 7, 100, 3, 2), (8, 3, 100, 3, 4), (16, 3, 100, 3, 8),
                                 (16, 3, 96, 3, 8)):
-        monkeypatch.setattr(grouped_gemm, "INTERPRETER_PROGRAMS", sms)
-        monkeypatch.setattr(grouped_gemm, "_sm_count", lambda _, sms=sms: sms)
+        monkeypatch.setattr(moe_direct, "INTERPRETER_PROGRAMS", sms)
+        monkeypatch.setattr(moe_direct, "_sm_count", lambda _, sms=sms: sms)
         units = T * k * 2
-        assert grouped_gemm.direct_split(units, sms, 64) == (units - (units % sms if split > 1 else 0), split)
+        assert moe_direct.direct_split(units, sms, 64) == (units - (units % sms if split > 1 else 0), split)
         x, w13, w2, tw, ids = _case_inputs((T, 5, 72, I, k, "random"), dtype, device)
         ids[T - 1, k - 1] = 9
         y = grouped_gemm.moe_ffn_triton(x, w13, w2, tw, ids, gate_up_config=cfg_gu, down_config=cfg_dn,
@@ -200,7 +200,7 @@ def test_triton_direct_split_units(device, dtype, variant, monkeypatch):
 
 def test_direct_split_plans():
     """Whole rounds over the SMs, the rest in as many pieces (a power of two, >= 8 columns) as fit one round."""
-    from pykernels.triton.grouped_gemm import direct_split
+    from pykernels.triton.moe_direct import direct_split
 
     assert direct_split(132, 132, 64) == (132, 1)  # Lite, T = 1: one round
     assert direct_split(144, 132, 64) == (132, 8)  # 236B, T = 1: 12 left, 96 pieces of 8 columns
@@ -213,15 +213,15 @@ def test_direct_split_plans():
 def test_direct_counters_left_zero(monkeypatch):
     """The direct kernel's counters (no memset per launch) are zero after each launch, whatever the launch size;
     a bigger T grows the buffer."""
-    from pykernels.triton import grouped_gemm
+    from pykernels.triton import grouped_gemm, moe_direct
 
     x, w13, w2, tw, ids = _case_inputs((5, 6, 40, 48, 2, "random"), torch.float16, "cpu")
     for programs in (1, 3, 16):
-        monkeypatch.setattr(grouped_gemm, "INTERPRETER_PROGRAMS", programs)
+        monkeypatch.setattr(moe_direct, "INTERPRETER_PROGRAMS", programs)
         for n in (2, 5):
             y = grouped_gemm.moe_ffn_triton(x[:n], w13, w2, tw[:n], ids[:n], layout="direct")
             assert _rel(y, moe_ffn_reference(x[:n].float(), w13.float(), w2.float(), tw[:n], ids[:n])) <= 1e-2
-            assert not grouped_gemm._sync_buffer(x.device, n + 2).any()
+            assert not moe_direct._sync_buffer(x.device, n + 2).any()
 
 
 @pytest.mark.parametrize("device,dtype", _fast_devices())
@@ -488,13 +488,13 @@ def test_gpu_deterministic(T):
 def test_gpu_direct_any_launch_size(monkeypatch):
     """The direct kernel's programs take work items from a counter: 1, 2 or 7 programs per SM (more than fit
     at once) finish, with the same bits (each item computes the same way whichever program takes it)."""
-    from pykernels.triton import grouped_gemm
+    from pykernels.triton import grouped_gemm, moe_direct
 
     for T, E, H, I in ((1, 64, 2048, 1408), (3, 160, 5120, 1536)):
         x, w13, w2, tw, ids = _gpu_inputs(T, E, H, I, 6)
         outs = []
         for per_sm in (1, 2, 7):
-            monkeypatch.setattr(grouped_gemm, "DIRECT_PROGRAMS_PER_SM", per_sm)
+            monkeypatch.setattr(moe_direct, "DIRECT_PROGRAMS_PER_SM", per_sm)
             _poison_allocator()
             outs.append(grouped_gemm.moe_ffn_triton(x, w13, w2, tw, ids, layout="direct"))
         assert all(torch.equal(o, outs[0]) for o in outs[1:])
@@ -508,9 +508,9 @@ def test_gpu_direct_in_cuda_graph(monkeypatch, pdl):
     between eager calls on the same stream: the counters each launch clears need no memset. Replays on new
     inputs match the reference, and an eager call after them gives the same bits; with the programmatic
     dependent launch (DIRECT_PDL) on and off."""
-    from pykernels.triton import grouped_gemm
+    from pykernels.triton import grouped_gemm, moe_direct
 
-    monkeypatch.setattr(grouped_gemm, "DIRECT_PDL", pdl)
+    monkeypatch.setattr(moe_direct, "DIRECT_PDL", pdl)
     for E, H, I in ((64, 2048, 1408), (160, 5120, 1536)):
         x, w13, w2, tw, ids = _gpu_inputs(1, E, H, I, 6)
 
@@ -537,7 +537,7 @@ def test_gpu_direct_in_cuda_graph(monkeypatch, pdl):
 def test_gpu_direct_timeline():
     """The direct kernel's diagnosis timeline (bench/tune_moe.py --timeline) stamps every item in order
     (start <= first phase <= end) and leaves the output's bits unchanged."""
-    from pykernels.triton import grouped_gemm
+    from pykernels.triton import grouped_gemm, moe_direct
 
     T, E, H, I = 2, 64, 2048, 1408
     x, w13, w2, tw, ids = _gpu_inputs(T, E, H, I, 6)
@@ -545,7 +545,7 @@ def test_gpu_direct_timeline():
     plain = grouped_gemm.moe_ffn_triton(x, w13, w2, tw, ids, layout="direct")
     y = torch.empty_like(plain)
     timeline = torch.zeros(4096, 4, dtype=torch.int64, device="cuda")
-    grouped_gemm._direct(x, w13, w2, tw.reshape(-1), ids.reshape(-1), y, 6, cfg_gu, cfg_dn, timeline)
+    moe_direct.moe_ffn_direct(x, w13, w2, tw.reshape(-1), ids.reshape(-1), y, 6, cfg_gu, cfg_dn, timeline)
     assert torch.equal(y, plain)
     rows = timeline[timeline[:, 0] > 0]
     items = T * 6 * -(-I // cfg_gu.block_n)  # the slice items; the sum items follow
