@@ -17,7 +17,11 @@ H5120 top-6 on 2×H200). What the peer includes (``extra.peer_includes`` says it
             to bf16.
 The dispatch peer is also timed with the split sizes already on the host (argsort, gather, the rows'
 all_to_all_single alone: no count exchange, no host read) as ``extra.peer_known_splits``; the
-difference to ``peer`` is what learning the split sizes costs.
+difference to ``peer`` is what learning the split sizes costs. On a GPU the peers without a host read (the
+known-splits dispatch, the combine) are timed once more with the CPU ahead: a sleep kernel holds the
+stream after the ranks align, so every call is queued before the start event fires, and the time is the
+GPU's alone, without the Python and launch cost of each call (``extra.peer_known_splits_cpu_ahead``,
+``extra.peer_cpu_ahead``).
 
 Bytes (profiles.cost_model.ep_dispatch / ep_combine): the (token, expert) pair rows whose expert lives
 on another rank, times H times 2, i.e. what an all-to-all of per-pair rows moves across the link. Both
@@ -74,6 +78,9 @@ PEER_INCLUDES = {
 }
 TIMED_AS = ("per rank: barrier, then a 1-element all_reduce on the stream (ranks start together), {clock} "
             "around `inner` calls; each repetition's slowest rank; median over repetitions")
+# GPU cycles the stream sleeps before a CPU-ahead sample's start event (about 10 ms): longer than the CPU
+# takes to queue `inner` peer calls.
+CPU_AHEAD_CYCLES = 20_000_000
 SPAWN_LIMIT_S = 480.0          # a hung group is killed and reported, not waited for forever
 
 
@@ -143,6 +150,9 @@ def _record_all(ctx, results: list[dict]) -> None:
         if r["op"] == "ep.dispatch":
             extra["peer_known_splits"] = peer_entry((f"{r['peer_name']}, split sizes known",
                                                      r["peer_known_splits_us"], r["peer_error"]))
+        ahead = "peer_known_splits_cpu_ahead" if r["op"] == "ep.dispatch" else "peer_cpu_ahead"
+        if r.get("peer_ahead_us") is not None:
+            extra[ahead] = peer_entry((f"{r['peer_name']}, GPU time (CPU ahead)", r["peer_ahead_us"], None))
         ctx.record(op=r["op"], backend=r["backend"], shape=shape, dtype="bf16", time_us=r["time_us"],
                    bytes=cost.bytes, flops=cost.flops, peer=peer, extra=extra)
 
@@ -258,9 +268,10 @@ def _align(dev: torch.device, flag: torch.Tensor) -> None:
 
 
 def _time(fn, dev: torch.device, world: int, reps: int, inner: int, graph: bool,
-          name: str) -> tuple[float, list[float]]:
+          name: str, cpu_ahead: bool = False) -> tuple[float, list[float]]:
     """µs per call of ``fn(i)`` (i alternating over the input sets): the median over repetitions of
-    the slowest rank's time, and every rank's own median (see the module doc)."""
+    the slowest rank's time, and every rank's own median (see the module doc). ``cpu_ahead`` (GPU): the
+    stream sleeps CPU_AHEAD_CYCLES before each sample's start event, so the calls are queued by then."""
     from pykernels.profiling import nvtx_range
 
     for i in range(WARMUP):
@@ -286,6 +297,8 @@ def _time(fn, dev: torch.device, world: int, reps: int, inner: int, graph: bool,
         for _ in range(reps):
             _align(dev, flag)
             if dev.type == "cuda":
+                if cpu_ahead:
+                    torch.cuda._sleep(CPU_AHEAD_CYCLES)
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 run_sample()
@@ -341,6 +354,14 @@ def _measure_config(cfg: Config, rank: int, world: int, dev: torch.device, pg: s
         splits = [state[1:] for _, state in peer_state]                   # (send, recv) host lists per set
         peer["d_known"] = _time(lambda i: peer_dispatch_known_splits(sets[i][0], sets[i][1], *splits[i]), dev, world,
                                 reps, inner, False, record_name("ep.dispatch", f"peer {peer_name} known splits", shape))
+        if dev.type == "cuda":
+            peer["d_ahead"] = _time(lambda i: peer_dispatch_known_splits(sets[i][0], sets[i][1], *splits[i]), dev,
+                                    world, reps, inner, False,
+                                    record_name("ep.dispatch", f"peer {peer_name} known splits, CPU ahead", shape),
+                                    cpu_ahead=True)
+            peer["c_ahead"] = _time(lambda i: peer_combine(peer_state[i][0], peer_state[i][1], sets[i][2], cfg.T), dev,
+                                    world, reps, inner, False,
+                                    record_name("ep.combine", f"peer {peer_name}, CPU ahead", shape), cpu_ahead=True)
         peer_state.clear()                                                  # free the received rows
     except Exception as e:  # noqa: BLE001 - reported missing in the records, the backends still run
         peer["error"] = f"{type(e).__name__}: {e}"[:300]
@@ -386,9 +407,10 @@ def _measure_buffer(buf, sets, cfg: Config, base: dict, shape: dict, low_latency
     no_peer = (None, None)
     return [dict(common, op="ep.dispatch", time_us=t_d, rank_medians_us=ranks_d,
                  peer_us=peer.get("d", no_peer)[0], peer_rank_medians_us=peer.get("d", no_peer)[1],
-                 peer_known_splits_us=peer.get("d_known", no_peer)[0]),
+                 peer_known_splits_us=peer.get("d_known", no_peer)[0], peer_ahead_us=peer.get("d_ahead", no_peer)[0]),
             dict(common, op="ep.combine", time_us=t_c, rank_medians_us=ranks_c,
-                 peer_us=peer.get("c", no_peer)[0], peer_rank_medians_us=peer.get("c", no_peer)[1])]
+                 peer_us=peer.get("c", no_peer)[0], peer_rank_medians_us=peer.get("c", no_peer)[1],
+                 peer_ahead_us=peer.get("c_ahead", no_peer)[0])]
 
 
 def _mean(value: int, dev: torch.device) -> int:
