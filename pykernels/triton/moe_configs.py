@@ -79,9 +79,10 @@ TABLE: dict[tuple[str, int, int, str], GemmConfig] = {
     # nvidia-h200/moe.json (52e1dd8) moe_ffn takes 33.5 µs, the sorted layout 41.7.
     ("gate_up", 2048, 1408, "direct"): GemmConfig(16, 64, 128, 1, 4, 4, True),
     ("down", 2048, 1408, "direct"): GemmConfig(16, 128, 64, 1, 4, 4),
-    # 236B: 144 (route, I tile) units, 132 whole and 12 split (h pieces, down chunks). H200, triton 3.6 (aa39de1,
-    # 2026-11-29): 81.4 µs at 6 stages, 82.6 at 4; the sorted layout 91.9. `python -m bench.tune_moe --decode-only
-    # --only 236b` re-times the candidates (bench/results/nvidia-h200/tune/moe_direct_236b.json).
+    # 236B: 144 (route, I tile) units, 132 whole and 12 split (h pieces, down chunks). H200, triton 3.6,
+    # `python -m bench.tune_moe --decode-only --only 236b` (e763637, 2026-11-29; bench/results/nvidia-h200/tune/
+    # moe_direct_236b.json): 80.7 µs at 6 stages, 81.9 at 4; in moe.json (same commit) moe_ffn takes 80.4 µs,
+    # the sorted layout 91.5.
     ("gate_up", 5120, 1536, "direct"): GemmConfig(16, 64, 128, 1, 4, 6, True),
     ("down", 5120, 1536, "direct"): GemmConfig(16, 128, 64, 1, 4, 4),
     # H200, triton 3.6, `python -m bench.tune_moe` (2026-11-28; 107 s budget, best of each bucket's candidates)
