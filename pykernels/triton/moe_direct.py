@@ -394,7 +394,8 @@ def _sync_buffer(device: torch.device, size: int) -> torch.Tensor:
     """int32 [>= size] zeros for _direct_kernel's counters, which each launch leaves zero on its way out: one
     buffer per device and stream, as launches on one stream never overlap (a launch on another stream, or a
     CUDA graph captured on one, gets its own). The first use on a stream zeroes it (under graph capture: a
-    memset node in the graph)."""
+    memset node in the graph). NOTES: graphs captured on one stream share its buffer, so two of them must
+    not replay at the same time on different streams."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device.index if device.index is not None else -1, stream)
     buf = _SYNC.get(key)
