@@ -399,13 +399,13 @@ def _sync_buffer(device: torch.device, size: int) -> torch.Tensor:
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device.index if device.index is not None else -1, stream)
     buf = _SYNC.get(key)
-    if buf is None or buf.numel() < size or buf.device != device:
+    if buf is None or buf.numel() < size:
         buf = _SYNC[key] = torch.zeros(max(size, 64), dtype=torch.int32, device=device)
     return buf
 
 
 def moe_ffn_direct(x, w13, w2, weights, ids, y, top_k: int, cfg_gu: GemmConfig, cfg_dn: GemmConfig,
-            timeline: torch.Tensor | None = None) -> None:
+                   timeline: torch.Tensor | None = None) -> None:
     """y [T, H] = moe_ffn in the direct layout, one launch of _direct_kernel. ``cfg_gu``: the slice items'
     gate_up tile (its block_n is the I tile of an item), num_warps and num_stages; ``cfg_dn``: block_n H-rows
     of w2 per step of an item's down GEMM, tma (its other fields are unused). ``timeline``: int64 [>= items,
