@@ -35,6 +35,8 @@ Records (shape {T, E, H, I, top_k}; moe_gate {T, E, H}):
                "triton-direct" at T <= 8 (where the direct layout's limit is decided).
   grouped_ffn  rows already sorted by expert (T x top_k rows); peer: the two _grouped_mm GEMMs with
                silu * up between them; extra.loop_us as above. Cost: profiles.cost_model.grouped_ffn.
+  backend "cuda" (moe_ffn and grouped_ffn at prefill, on a Hopper GPU): the sm_90 warp-specialized GEMMs
+               of pykernels/moe_gemm_sm90.py, forced, against the same peer measured for "triton".
 Prefill records also carry the gate_up GEMM alone (ours vs _grouped_mm) in extra, for diagnosis.
 
 Input sets: one copy of the weights; ``ctx.sets_for`` sets of (x, logits, routing) rotate so that a
@@ -48,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 import pykernels as pk
-from pykernels import _backend
+from pykernels import _backend, moe_gemm_sm90
 from profiles import cost_model
 
 SUITE = "moe"
@@ -319,6 +321,7 @@ def run(ctx) -> None:
             continue
         w13, w2 = _make_weights(E, H, I, dtype, device)
         w13_t, w2_t = w13.transpose(1, 2), w2.transpose(1, 2)  # [E, H, 2I], [E, I, H]: _grouped_mm's B
+        sm90 = dtype == torch.bfloat16 and moe_gemm_sm90.supports(H, I) and moe_gemm_sm90.available(device)
         for T in ffn_t:
             shape = {"T": T, "E": E, "H": H, "I": I, "top_k": TOP_K}
             if not ctx.want(shape):
@@ -354,6 +357,11 @@ def run(ctx) -> None:
             cost = cost_model.moe_ffn(T, TOP_K, hit, H, I, elem_bytes=elem)
             ctx.record(op="moe_ffn", backend=backend, shape=shape, dtype=DTYPE_NAMES[dtype], time_us=t_ours,
                        bytes=cost.bytes, flops=cost.flops, peer=peer, extra=rec_extra)
+            if sm90 and T in PREFILL_T:
+                t = ctx.time(lambda i: pk.moe_ffn(sets[i]["x"], w13, w2, sets[i]["weights"], sets[i]["ids"],
+                                                  backend="cuda"), n_sets=n_sets, graph=graph)
+                ctx.record(op="moe_ffn", backend="cuda", shape=shape, dtype=DTYPE_NAMES[dtype], time_us=t,
+                           bytes=cost.bytes, flops=cost.flops, peer=peer, extra=extra)
             if layout is not None:
                 _other_layouts(ctx, sets, w13, w2, n_sets, graph, layout, shape, cost, peer, extra, DTYPE_NAMES[dtype])
 
@@ -373,6 +381,11 @@ def run(ctx) -> None:
             cost = cost_model.grouped_ffn(rows, hit, H, I, elem_bytes=elem)
             ctx.record(op="grouped_ffn", backend=backend, shape=shape, dtype=DTYPE_NAMES[dtype], time_us=t_ours,
                        bytes=cost.bytes, flops=cost.flops, peer=peer, extra=rec_extra)
+            if sm90 and T in PREFILL_T:
+                t = ctx.time(lambda i: pk.grouped_ffn(sets[i]["x_sorted"], w13, w2, sets[i]["offsets"],
+                                                      backend="cuda"), n_sets=n_sets, graph=graph)
+                ctx.record(op="grouped_ffn", backend="cuda", shape=shape, dtype=DTYPE_NAMES[dtype], time_us=t,
+                           bytes=cost.bytes, flops=cost.flops, peer=peer, extra=extra)
             del sets
             if ctx.on_gpu:
                 torch.cuda.empty_cache()

@@ -6,6 +6,7 @@
 
 #include "device/device.h"
 #include "ep/ep.h"
+#include "moe/grouped_gemm.h"
 #include "rope/rope.h"
 
 namespace py = pybind11;
@@ -41,6 +42,12 @@ PYBIND11_MODULE(_C, m) {
         "Rotary embedding of q/k rows with the fused paged-cache write (csrc/rope/rope.h); the GIL is released.",
         py::call_guard<py::gil_scoped_release>());
   m.def("empty_kernel", &pk::empty_kernel, py::arg("stream"), "Launch an empty kernel <<<1, 32>>> (launch-overhead reference).",
+        py::call_guard<py::gil_scoped_release>());
+
+  m.def("grouped_gemm_sm90", &pk::grouped_gemm_sm90, py::arg("a"), py::arg("rows"), py::arg("k"), py::arg("w"),
+        py::arg("experts"), py::arg("w_rows"), py::arg("out"), py::arg("n_out"), py::arg("offsets"), py::arg("pair"),
+        py::arg("weights"), py::arg("gate_up"), py::arg("stream"),
+        "Warp-specialized grouped GEMM of the MoE prefill (csrc/moe/grouped_gemm.h); the GIL is released.",
         py::call_guard<py::gil_scoped_release>());
 
   // pk.ep NVLink backend (pykernels/ep/nvlink.py); the launches release the GIL.

@@ -31,6 +31,10 @@ applications: the oracle, not a fast path); "triton" is the grouped-GEMM pipelin
 tokens; see there). Eager calls launch
 it directly; the ``torch.library`` op is the entry point under torch.compile and dispatch modes
 (``pykernels._backend.direct_call_ok``).
+"cuda" runs the GEMMs of ``pykernels/moe_gemm_sm90.py`` (persistent, warp-specialized wgmma kernels for
+Hopper; bfloat16, H and I multiples of 8) with the same permutation and top-k sum; it is forced only: it
+measured level with Triton's GEMMs and slower as a whole moe_ffn (its TMA loads need the gathered token
+rows in memory), ``bench/results/<gpu>/moe.json`` has both.
 ``backend=None`` picks Triton for CUDA tensors (the reference does E times the routed work, so it cannot
 win at any shape) and the reference on the CPU. The per-shape choices are the row layout and the tile
 configuration: ``pykernels/triton/moe_configs.py`` keys the tiles by (GEMM, H, I, rows per expert), sets
@@ -47,8 +51,8 @@ from pykernels._checks import check_positive_int, check_same_device, check_same_
 
 __all__ = ["moe_ffn", "grouped_ffn", "moe_ffn_reference", "grouped_ffn_reference"]
 
-SUPPORTED_BACKENDS = ("torch", "triton")
-# Fastest first on CUDA tensors (see the module docstring).
+SUPPORTED_BACKENDS = ("torch", "triton", "cuda")
+# Fastest first on CUDA tensors (see the module docstring; "cuda" is taken only when forced).
 CUDA_PREFERENCE = ("triton", "torch")
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -59,6 +63,17 @@ _ID_DTYPES = (torch.int32, torch.int64)
 def _check_values(t: torch.Tensor) -> bool:
     """``value_checks_enabled``, and never while torch.compile traces (values are not known then, even on the CPU)."""
     return value_checks_enabled(t) and not torch.compiler.is_compiling()
+
+
+def _check_sm90(op: str, x: torch.Tensor, hidden: int, inter: int) -> None:
+    """backend="cuda" runs the sm_90 GEMMs: bfloat16, H and I multiples of 8, a Hopper GPU."""
+    from pykernels import moe_gemm_sm90
+
+    if x.dtype != torch.bfloat16 or not moe_gemm_sm90.supports(hidden, inter) or not moe_gemm_sm90.available(x.device):
+        raise ValueError(
+            f"backend: 'cuda' for {op} needs bfloat16, H and I multiples of 8 and a Hopper GPU; got "
+            f"{str(x.dtype).removeprefix('torch.')}, H = {hidden}, I = {inter} on {x.device}"
+        )
 
 
 def _check_weights(x_name: str, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> tuple[int, int, int]:
@@ -98,7 +113,7 @@ def moe_ffn(
         w2: `[E, H, I]`, x's dtype and device; stride 1 in the last dimension.
         topk_weights: `[T, top_k]`, float32 (or bfloat16/float16), the routing weights.
         topk_ids: `[T, top_k]`, int32 (or int64), expert ids in [0, E). Repeated ids add up.
-        backend: None, "torch" or "triton" (see the module docstring).
+        backend: None, "torch", "triton" or "cuda" (see the module docstring).
 
     Raises TypeError (wrong type or dtype) or ValueError (shape, device, layout, ids) naming the argument.
     """
@@ -118,6 +133,12 @@ def moe_ffn(
                 f"topk_ids: expected expert ids in [0, {num_experts}) (E = w13 dimension 0), got {int(topk_ids[t, k])} at [{t}, {k}]"
             )
     chosen = _backend.resolve("moe_ffn", backend, x.device, SUPPORTED_BACKENDS, CUDA_PREFERENCE)
+    if chosen == "cuda":
+        _check_sm90("moe_ffn", x, hidden, inter)
+        if _backend.direct_call_ok(x, w13, w2, topk_weights):
+            from pykernels.moe_gemm_sm90 import moe_ffn_sm90
+
+            return moe_ffn_sm90(x, w13, w2, topk_weights, topk_ids)
     if chosen == "triton" and _backend.direct_call_ok(x, w13, w2, topk_weights):
         from pykernels.triton.grouped_gemm import moe_ffn_triton
 
@@ -140,7 +161,7 @@ def grouped_ffn(
         w13: `[E, 2I, H]`, x_sorted's dtype and device, gate rows then up rows; stride 1 in the last dimension.
         w2: `[E, H, I]`, x_sorted's dtype and device; stride 1 in the last dimension.
         offsets: int32 `[E]`, cumulative row ends: non-decreasing, offsets[0] >= 0, offsets[E-1] == R.
-        backend: None, "torch" or "triton" (see the module docstring).
+        backend: None, "torch", "triton" or "cuda" (see the module docstring).
 
     Raises TypeError (wrong type or dtype) or ValueError (shape, device, layout, offsets) naming the argument.
     """
@@ -162,6 +183,12 @@ def grouped_ffn(
         if int(ends[-1]) != rows:
             raise ValueError(f"offsets: expected offsets[{num_experts - 1}] = R = {rows} (x_sorted dimension 0), got {int(ends[-1])}")
     chosen = _backend.resolve("grouped_ffn", backend, x_sorted.device, SUPPORTED_BACKENDS, CUDA_PREFERENCE)
+    if chosen == "cuda":
+        _check_sm90("grouped_ffn", x_sorted, hidden, inter)
+        if _backend.direct_call_ok(x_sorted, w13, w2):
+            from pykernels.moe_gemm_sm90 import grouped_ffn_sm90
+
+            return grouped_ffn_sm90(x_sorted, w13, w2, offsets)
     if chosen == "triton" and _backend.direct_call_ok(x_sorted, w13, w2):
         from pykernels.triton.grouped_gemm import grouped_ffn_triton
 
@@ -225,6 +252,10 @@ def _moe_ffn_op(
         from pykernels.triton.grouped_gemm import moe_ffn_triton
 
         return moe_ffn_triton(x, w13, w2, topk_weights, topk_ids)
+    if backend == "cuda":
+        from pykernels.moe_gemm_sm90 import moe_ffn_sm90
+
+        return moe_ffn_sm90(x, w13, w2, topk_weights, topk_ids)
     return moe_ffn_reference(x, w13, w2, topk_weights, topk_ids)
 
 
@@ -239,6 +270,10 @@ def _grouped_ffn_op(x_sorted: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         from pykernels.triton.grouped_gemm import grouped_ffn_triton
 
         return grouped_ffn_triton(x_sorted, w13, w2, offsets)
+    if backend == "cuda":
+        from pykernels.moe_gemm_sm90 import grouped_ffn_sm90
+
+        return grouped_ffn_sm90(x_sorted, w13, w2, offsets)
     return grouped_ffn_reference(x_sorted, w13, w2, offsets)
 
 

@@ -516,9 +516,16 @@ def moe_ffn_triton(
         offsets, sorted_pair = permute(topk_ids, num_experts)
         h = _gate_up(x, w13, cfg_gu, "gather", offsets, pair=sorted_pair, num_rows=num_pairs, top_k=top_k)  # [N, I]
         _down(h, w2, cfg_dn, "gather", offsets, buf, pair=sorted_pair, weights=weights)
+    sum_topk(buf, ids, y, num_experts, top_k)
+    return y
+
+
+def sum_topk(buf: torch.Tensor, ids: torch.Tensor, y: torch.Tensor, num_experts: int, top_k: int) -> None:
+    """y [T, H] = the sum over k of buf [T * top_k, H] (route order; float32, a fixed order), skipping the
+    routes whose id in ``ids`` [T * top_k] is outside [0, E) (their rows were never written)."""
+    num_tokens, hidden = y.shape
     grid = (num_tokens, triton.cdiv(hidden, _SUM_BLOCK_H))
     _sum_topk_kernel[grid](buf, ids, y, hidden, num_experts, TOP_K=top_k, BLOCK_H=_SUM_BLOCK_H, num_warps=4)
-    return y
 
 
 def grouped_ffn_triton(
