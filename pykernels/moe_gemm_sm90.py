@@ -1,10 +1,13 @@
 """The MoE prefill's grouped GEMMs in CUDA for Hopper (``csrc/moe/grouped_gemm_sm90.cu``): persistent,
-warp specialized (a TMA producer warp group, two wgmma consumer warp groups), 128 x 256 tiles; and the
-``backend="cuda"`` of ``moe_ffn`` / ``grouped_ffn`` built on them (``moe_ffn_sm90``, ``grouped_ffn_sm90``).
+warp specialized (a producer warp group loading by TMA, two wgmma consumer warp groups), 128 x 256 tiles;
+and the ``backend="cuda"`` of ``moe_ffn`` / ``grouped_ffn`` built on them (``moe_ffn_sm90``,
+``grouped_ffn_sm90``).
 
 Rows are expert-sorted: expert e owns rows ``[offsets[e-1], offsets[e])`` (``offsets``: int32 [E]
-cumulative ends, as ``moe_permute.permute`` returns them). bf16 only; the reduction dimension (H for
-gate_up, I for down) a multiple of 8 and the output width even. Rows no expert owns are not written.
+cumulative ends, as ``moe_permute.permute`` returns them). gate_up reads them in place, or gathers them from
+the token rows through the sorted routes (moe_ffn: no permuted copy of x); down writes them in place, or
+scatters them back to route order with the routing weights. bf16 only; H and I multiples of 8. Rows no
+expert owns are not written.
 """
 from __future__ import annotations
 
@@ -37,16 +40,24 @@ def _check(a_name: str, a: torch.Tensor, w_name: str, w: torch.Tensor, offsets: 
         raise RuntimeError(f"{a_name}: the sm_90 grouped GEMM needs the CUDA extension and a Hopper GPU, got {a.device}")
 
 
-def gate_up(x_sorted: torch.Tensor, w13: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """h [R, I] = silu(x_sorted @ gate_e.T) * (x_sorted @ up_e.T) per expert's rows; x_sorted [R, H], w13 [E, 2I, H]."""
-    _check("x_sorted", x_sorted, "w13", w13, offsets)
-    rows, hidden = x_sorted.shape
+def gate_up(a: torch.Tensor, w13: torch.Tensor, offsets: torch.Tensor, pair: torch.Tensor | None = None,
+            top_k: int = 1) -> torch.Tensor:
+    """h [R, I] = silu(A @ gate_e.T) * (A @ up_e.T) on each expert's rows, w13 [E, 2I, H]. A is ``a`` [R, H]
+    (expert-sorted rows), or with ``pair`` (int32 [R], the route of each sorted row) the token rows
+    ``a[pair[r] // top_k]`` of ``a`` [T, H], gathered by the kernel."""
+    _check("a", a, "w13", w13, offsets)
+    rows = a.shape[0] if pair is None else pair.shape[0]
+    if pair is not None:
+        check_tensor("pair", pair, dtype=(torch.int32,), ndim=1)
+        if top_k < 1:
+            raise ValueError(f"top_k: expected >= 1, got {top_k}")
     inter = w13.shape[1] // 2
-    h = torch.empty((rows, inter), dtype=x_sorted.dtype, device=x_sorted.device)
-    if rows:
-        _ext.require().grouped_gemm_sm90(x_sorted.data_ptr(), rows, hidden, w13.data_ptr(), w13.shape[0],
-                                         w13.shape[1], h.data_ptr(), inter, offsets.data_ptr(), 0, 0, True,
-                                         _ext.stream_of(x_sorted))
+    h = torch.empty((rows, inter), dtype=a.dtype, device=a.device)
+    if rows and a.shape[0]:
+        _ext.require().grouped_gemm_sm90(a.data_ptr(), a.shape[0], a.shape[1], w13.data_ptr(), w13.shape[0],
+                                         w13.shape[1], h.data_ptr(), inter, offsets.data_ptr(), rows,
+                                         0 if pair is None else pair.contiguous().data_ptr(), top_k, 0, True,
+                                         _ext.stream_of(a))
     return h
 
 
@@ -69,9 +80,10 @@ def down(h: torch.Tensor, w2: torch.Tensor, offsets: torch.Tensor, out: torch.Te
         raise ValueError(f"out: expected >= {rows} rows, got {out.shape[0]}")
     if rows:
         _ext.require().grouped_gemm_sm90(h.data_ptr(), rows, h.shape[1], w2.data_ptr(), w2.shape[0], hidden,
-                                         out.data_ptr(), hidden, offsets.data_ptr(),
-                                         0 if pair is None else pair.data_ptr(),
-                                         0 if weights is None else weights.data_ptr(), False, _ext.stream_of(h))
+                                         out.data_ptr(), hidden, offsets.data_ptr(), rows,
+                                         0 if pair is None else pair.contiguous().data_ptr(), 1,
+                                         0 if weights is None else weights.contiguous().data_ptr(), False,
+                                         _ext.stream_of(h))
     return out
 
 
@@ -85,9 +97,9 @@ def grouped_ffn_sm90(x_sorted: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
 
 def moe_ffn_sm90(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                  topk_ids: torch.Tensor) -> torch.Tensor:
-    """``pykernels.moe_ffn`` with the sm_90 GEMMs: the expert-sorted order (moe_permute), the token rows
-    gathered in it (TMA reads rows in place, so x_sorted [N, H] is materialized), gate_up, the down GEMM
-    scattered back to route order with the routing weights, and the top-k sum of grouped_gemm."""
+    """``pykernels.moe_ffn`` with the sm_90 GEMMs: the expert-sorted order (moe_permute), gate_up on the token
+    rows gathered in that order by the kernel, the down GEMM scattered back to route order with the routing
+    weights, and the top-k sum of grouped_gemm."""
     from pykernels.triton.grouped_gemm import sum_topk
     from pykernels.triton.moe_permute import permute
 
@@ -96,11 +108,9 @@ def moe_ffn_sm90(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weig
     y = torch.empty_like(x)  # [T, H]
     if num_tokens == 0:
         return y
-    offsets, sorted_pair = permute(topk_ids, num_experts)  # [E], [N]
-    # Positions past offsets[E-1] (routes with a bad id) are unwritten: clamped here, never read after.
-    x_sorted = x.index_select(0, (sorted_pair // top_k).clamp_(0, num_tokens - 1))  # [N, H]
+    offsets, sorted_pair = permute(topk_ids, num_experts)  # [E], [N] (positions past offsets[E-1] unused)
+    h = gate_up(x.contiguous(), w13, offsets, pair=sorted_pair, top_k=top_k)  # [N, I] expert-sorted
     buf = torch.empty((sorted_pair.numel(), x.shape[1]), dtype=x.dtype, device=x.device)  # [N, H] route order
-    down(gate_up(x_sorted, w13, offsets), w2, offsets, buf, pair=sorted_pair,
-         weights=topk_weights.reshape(-1).float())
+    down(h, w2, offsets, buf, pair=sorted_pair, weights=topk_weights.reshape(-1).float())
     sum_topk(buf, topk_ids.contiguous().view(-1), y, num_experts, top_k)
     return y

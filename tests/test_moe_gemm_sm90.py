@@ -72,6 +72,29 @@ def test_gate_up_and_down_match_float32(counts, H, I):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("counts, H, I", CASES[:3], ids=[f"case{i}" for i in range(3)])
+def test_gate_up_gathers_token_rows(counts, H, I):
+    """gate_up with pair: A row r = x[pair[r] // top_k]; positions past offsets[E-1] hold junk, never read."""
+    if not moe_gemm_sm90.available(torch.device("cuda")):
+        pytest.skip("needs the extension and a Hopper GPU")
+    dev = torch.device("cuda")
+    E, top_k = len(counts), 3
+    offsets = _offsets(counts, dev)
+    owned_rows = sum(counts)
+    tokens = (owned_rows + 7 + top_k - 1) // top_k + 1  # routes enough for the junk positions too
+    x = torch.randn(tokens, H, device=dev).bfloat16()
+    pair = torch.randperm(tokens * top_k, device=dev)[:owned_rows + 7].int()  # routes, distinct
+    pair[owned_rows:] = torch.tensor([2**31 - 1, -5, 10**9, -(2**31), 7, 0, 123456], device=dev, dtype=torch.int32)
+    w13, _ = _weights(E, H, I, dev)
+    h = moe_gemm_sm90.gate_up(x, w13, offsets, pair=pair, top_k=top_k)
+    assert h.shape == (owned_rows + 7, I)
+    e = _expert_of_row(offsets, owned_rows).clamp(max=E - 1)
+    rows = x[pair[:owned_rows].long() // top_k].float()  # [R, H]
+    gate_up = torch.einsum("rh,rnh->rn", rows, w13[e].float())
+    torch.testing.assert_close(h[:owned_rows].float(), F.silu(gate_up[:, :I]) * gate_up[:, I:], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
 def test_bit_identical_runs():
     if not moe_gemm_sm90.available(torch.device("cuda")):
         pytest.skip("needs the extension and a Hopper GPU")
@@ -90,7 +113,7 @@ def test_argument_errors_name_the_argument():
     x = torch.zeros(4, 64, dtype=torch.bfloat16)
     w13 = torch.zeros(2, 16, 64, dtype=torch.bfloat16)
     offsets = torch.tensor([2, 4], dtype=torch.int32)
-    with pytest.raises(TypeError, match="x_sorted"):
+    with pytest.raises(TypeError, match="a: "):
         moe_gemm_sm90.gate_up(x.float(), w13, offsets)
     with pytest.raises(ValueError, match="w13"):
         moe_gemm_sm90.gate_up(x, w13[:, :, :32].contiguous(), offsets)

@@ -4,7 +4,9 @@
 // blockIdx.x + gridDim.x, ... of 128 expert-sorted rows x 256 weight rows (gate_up: 128 gate rows and the
 // 128 up rows of the same columns; down: 256 output columns). Its three warp groups:
 //   producer   one thread issues the TMA loads of every k step (A [128 x 64], B [256 x 64], 48 KB) into a
-//              ring of kStages shared-memory stages, each guarded by a "full" and an "empty" mbarrier;
+//              ring of kStages shared-memory stages, each guarded by a "full" and an "empty" mbarrier; when
+//              gate_up gathers its rows (A row r = token pair[r] / top_k of a), the warp group's 128 threads
+//              copy them instead, a row each (cp.async, 16 bytes at a time, in the swizzle TMA would use);
 //   consumers  two warp groups, 64 rows of the tile each: wgmma m64n256k16 from shared memory (128-byte
 //              swizzle, K-major A and B), one group of MMAs in flight, the stage released when its MMAs
 //              are done; then the epilogue from registers (silu * up, or the routing weight and the
@@ -53,6 +55,15 @@ struct Tile {
   int expert, row_begin, row_end, n;
 };
 
+struct Params {
+  const __nv_bfloat16* a;    // gate_up with pair: the token rows [a_rows, k] the A rows are gathered from
+  __nv_bfloat16* out;
+  const int* offsets;        // [experts] cumulative row ends
+  const int* pair;           // [rows] route of each sorted row, or null (see kRouted)
+  const float* weights;      // down with pair: the routing weight of each route
+  int rows, a_rows, k, experts, w_rows, n_out, top_k;
+};
+
 __device__ __forceinline__ std::uint32_t smem(const void* p) {
   return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -90,6 +101,20 @@ __device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, std:
       "l"(reinterpret_cast<std::uint64_t>(map)), "r"(inner), "r"(outer), "r"(smem(bar))
       : "memory");
 }
+
+// dst[0:16] = src[0:16], or zeros when !full (nothing read); asynchronous (cp.async, the generic proxy).
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool full) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem(dst)), "l"(src), "r"(full ? 16 : 0)
+               : "memory");
+}
+
+// One arrival on bar once this thread's earlier cp.async copies have landed (counted in the barrier's init).
+__device__ __forceinline__ void cp_async_arrive(std::uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem(bar)) : "memory");
+}
+
+// Shared memory written through the generic proxy (cp.async) becomes visible to wgmma's async proxy.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
 // wgmma descriptor of a K-major bf16 operand in 128-byte swizzle: rows of 128 bytes, 8-row atoms 1024
 // bytes apart (stride byte offset), the leading byte offset unused; advancing 16 k-values adds 32 bytes.
@@ -221,12 +246,14 @@ __device__ __forceinline__ void map_rows(Shared& s, const int* offsets, int expe
   __syncthreads();
 }
 
-template <bool kGateUp, bool kScatter>
+// kRouted: rows go through pair: gate_up gathers its A rows (a[pair[r] / top_k]), down scatters its out rows
+// (out[pair[r]] = weights[pair[r]] * row).
+template <bool kGateUp, bool kRouted>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
-                        __nv_bfloat16* __restrict__ out, const int* __restrict__ offsets,
-                        const int* __restrict__ pair, const float* __restrict__ weights, int rows, int k, int experts,
-                        int w_rows, int n_out) {
+                        const Params p) {
+  constexpr bool kGather = kGateUp && kRouted;
+  const int k = p.k, experts = p.experts, n_out = p.n_out;
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap();  // built for another architecture (wgmma and setmaxnreg are sm_90a); the host refuses such GPUs
 #else
@@ -235,12 +262,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int warp_group = threadIdx.x / 128;
   if (threadIdx.x == 0) {
     for (int i = 0; i < kStages; ++i) {
-      mbar_init(&s.full[i], 1);
+      mbar_init(&s.full[i], kGather ? 1 + 128 : 1);  // (+ one cp.async arrival per producer thread)
       mbar_init(&s.empty[i], 8);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
-  map_rows(s, offsets, experts, rows);  // (its barriers also publish the mbarrier init)
+  map_rows(s, p.offsets, experts, p.rows);  // (its barriers also publish the mbarrier init)
   const int m_tiles = s.tile_end[experts - 1];
   const int n_tiles = kGateUp ? (n_out + kBlockN / 2 - 1) / (kBlockN / 2) : (n_out + kBlockN - 1) / kBlockN;
   const int tiles = m_tiles * n_tiles;
@@ -248,19 +275,41 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (warp_group == 0) {
     registers_down<kProducerRegs>();
-    if (threadIdx.x != 0) return;
+    const int row_in_tile = threadIdx.x;  // gather: the A row this thread copies
+    if (!kGather && row_in_tile != 0) return;
     int stage = 0, phase = 0;
     for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
       const Tile tile = tile_at(s, t, m_tiles, n_tiles, experts);
       // gate_up: the gate rows of the tile's 128 columns, then their up rows; down: 256 output columns.
-      const int b_first = tile.expert * w_rows + tile.n * (kGateUp ? kBlockN / 2 : kBlockN);
+      const int b_first = tile.expert * p.w_rows + tile.n * (kGateUp ? kBlockN / 2 : kBlockN);
       const int b_second = b_first + (kGateUp ? n_out : kBlockN / 2);
+      const __nv_bfloat16* a_row = p.a;
+      bool a_live = false;
+      if constexpr (kGather) {  // rows past the expert's end: zeros, nothing read
+        const int r = tile.row_begin + row_in_tile;
+        a_live = r < tile.row_end;
+        const int token = a_live ? min(max(p.pair[r] / p.top_k, 0), p.a_rows - 1) : 0;  // (clamped: memory safety)
+        a_row = p.a + static_cast<std::int64_t>(token) * k;
+      }
       for (int step = 0; step < k_steps; ++step) {
         mbar_wait(&s.empty[stage], phase ^ 1);
-        mbar_expect_bytes(&s.full[stage], kStageBytes);
-        tma_load(s.a[stage], &map_a, &s.full[stage], step * kBlockK, tile.row_begin);
-        tma_load(s.b[stage], &map_b, &s.full[stage], step * kBlockK, b_first);
-        tma_load(s.b[stage] + kBHalfBytes, &map_b, &s.full[stage], step * kBlockK, b_second);
+        if (row_in_tile == 0) {
+          mbar_expect_bytes(&s.full[stage], kGather ? 2 * kBHalfBytes : kStageBytes);
+          if constexpr (!kGather) tma_load(s.a[stage], &map_a, &s.full[stage], step * kBlockK, tile.row_begin);
+          tma_load(s.b[stage], &map_b, &s.full[stage], step * kBlockK, b_first);
+          tma_load(s.b[stage] + kBHalfBytes, &map_b, &s.full[stage], step * kBlockK, b_second);
+        }
+        if constexpr (kGather) {
+          // Row r of the stage at r * 128 bytes, its 16-byte chunk c at chunk c ^ (r % 8): TMA's 128-byte swizzle.
+          std::uint8_t* dst = s.a[stage] + row_in_tile * 128;
+#pragma unroll
+          for (int c = 0; c < 8; ++c) {
+            const int col = step * kBlockK + 8 * c;
+            const bool full = a_live && col < k;
+            cp_async_16(dst + 16 * (c ^ (row_in_tile % 8)), full ? a_row + col : p.a, full);
+          }
+          cp_async_arrive(&s.full[stage]);
+        }
         if (++stage == kStages) stage = 0, phase ^= 1;
       }
     }
@@ -279,6 +328,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     int previous = -1;
     for (int step = 0; step < k_steps; ++step) {
       mbar_wait(&s.full[stage], phase);
+      if constexpr (kGather) fence_proxy_async();
       wgmma_fence();
       const std::uint8_t* a_tile = s.a[stage] + half * 64 * 128;
 #pragma unroll
@@ -306,11 +356,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       const bool live = row < tile.row_end;  // (every lane reaches the shuffles)
       std::int64_t dest = row;
       float scale = 1.0f;
-      if constexpr (kScatter) {
-        dest = live ? pair[row] : 0;
-        scale = live ? weights[dest] : 0.0f;
+      if constexpr (kRouted && !kGateUp) {
+        dest = live ? p.pair[row] : 0;
+        scale = live ? p.weights[dest] : 0.0f;
       }
-      __nv_bfloat16* out_row = out + dest * n_out;
+      __nv_bfloat16* out_row = p.out + dest * n_out;
 #pragma unroll
       for (int g = 0; g < kBlocks / 4; ++g) {
         std::uint32_t v[4];
@@ -357,53 +407,53 @@ CUtensorMap tensor_map(const void* base, std::int64_t inner, std::int64_t outer,
   return map;
 }
 
-template <bool kGateUp, bool kScatter>
-void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, __nv_bfloat16* out, const int* offsets,
-            const int* pair, const float* weights, int rows, int k, int experts, int w_rows, int n_out,
-            cudaStream_t stream) {
+template <bool kGateUp, bool kRouted>
+void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& params, cudaStream_t stream) {
   const int bytes = static_cast<int>(sizeof(Shared)) + 1024;  // + the 1024-byte alignment of the base
-  auto kernel = grouped_gemm_kernel<kGateUp, kScatter>;
+  auto kernel = grouped_gemm_kernel<kGateUp, kRouted>;
   PK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   int device = 0, sms = 0;
   PK_CUDA_CHECK(cudaGetDevice(&device));
   PK_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  kernel<<<sms, kThreads, bytes, stream>>>(map_a, map_b, out, offsets, pair, weights, rows, k, experts, w_rows, n_out);
+  kernel<<<sms, kThreads, bytes, stream>>>(map_a, map_b, params);
   PK_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-void grouped_gemm_sm90(std::uintptr_t a, std::int64_t rows, std::int64_t k, std::uintptr_t w, std::int64_t experts,
+void grouped_gemm_sm90(std::uintptr_t a, std::int64_t a_rows, std::int64_t k, std::uintptr_t w, std::int64_t experts,
                        std::int64_t w_rows, std::uintptr_t out, std::int64_t n_out, std::uintptr_t offsets,
-                       std::uintptr_t pair, std::uintptr_t weights, bool gate_up, std::uintptr_t stream) {
+                       std::int64_t rows, std::uintptr_t pair, std::int64_t top_k, std::uintptr_t weights,
+                       bool gate_up, std::uintptr_t stream) {
   require_device();
   int device = 0, major = 0;
   PK_CUDA_CHECK(cudaGetDevice(&device));
   PK_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   PK_CHECK(major == 9, "grouped_gemm_sm90: needs a Hopper GPU (compute capability 9.x), this one is ", major, ".x");
   PK_CHECK(rows >= 1 && rows < (1ll << 31), "rows: expected 1 <= rows < 2^31, got ", rows);
-  PK_CHECK(k >= 8 && k % 8 == 0, "k: expected a positive multiple of 8 (16-byte rows for TMA), got ", k);
+  PK_CHECK(a_rows >= 1 && a_rows < (1ll << 31), "a_rows: expected 1 <= a_rows < 2^31, got ", a_rows);
+  PK_CHECK((gate_up && pair != 0) || a_rows == rows, "a_rows: expected rows (", rows, ") unless gate_up gathers, got ",
+           a_rows);
+  PK_CHECK(k >= 8 && k % 8 == 0 && k < (1ll << 31), "k: expected a positive multiple of 8 (16-byte rows), got ", k);
   PK_CHECK(experts >= 1 && experts <= kMaxExperts, "experts: expected 1 ... ", kMaxExperts, ", got ", experts);
   PK_CHECK(n_out >= 8 && n_out % 8 == 0, "n_out: expected a positive multiple of 8 (16-byte stores), got ", n_out);
   PK_CHECK(w_rows == (gate_up ? 2 * n_out : n_out), "w_rows: expected ", gate_up ? 2 * n_out : n_out, ", got ", w_rows);
   PK_CHECK(experts * w_rows < (1ll << 31), "w: too many rows for 32-bit TMA coordinates");
-  PK_CHECK(!gate_up || pair == 0, "pair: the gate_up GEMM does not scatter");
-  PK_CHECK((pair == 0) == (weights == 0), "pair, weights: give both (scattered down GEMM) or neither");
+  PK_CHECK(pair == 0 || top_k >= 1, "top_k: expected >= 1 with pair, got ", top_k);
+  PK_CHECK(gate_up ? weights == 0 : (pair == 0) == (weights == 0),
+           "weights: give them with pair for the down GEMM only, got ", weights == 0 ? "none" : "an address");
   PK_CHECK(a % 16 == 0 && w % 16 == 0 && out % 16 == 0, "a, w, out: expected 16-byte aligned addresses");
-  const CUtensorMap map_a = tensor_map(as_ptr<void>(a), k, rows, kBlockM);
+  const CUtensorMap map_a = tensor_map(as_ptr<void>(a), k, a_rows, kBlockM);  // (unused when gate_up gathers)
   const CUtensorMap map_b = tensor_map(as_ptr<void>(w), k, experts * w_rows, kBlockN / 2);
-  auto* o = as_ptr<__nv_bfloat16>(out);
-  const auto* off = as_ptr<const int>(offsets);
-  const auto* p = as_ptr<const int>(pair);
-  const auto* wt = as_ptr<const float>(weights);
-  const int r = static_cast<int>(rows), kk = static_cast<int>(k), e = static_cast<int>(experts);
-  const int wr = static_cast<int>(w_rows), n = static_cast<int>(n_out);
+  const Params params{as_ptr<const __nv_bfloat16>(a), as_ptr<__nv_bfloat16>(out), as_ptr<const int>(offsets),
+                      as_ptr<const int>(pair), as_ptr<const float>(weights), static_cast<int>(rows),
+                      static_cast<int>(a_rows), static_cast<int>(k), static_cast<int>(experts),
+                      static_cast<int>(w_rows), static_cast<int>(n_out), static_cast<int>(top_k)};
+  const cudaStream_t s = as_stream(stream);
   if (gate_up) {
-    launch<true, false>(map_a, map_b, o, off, p, wt, r, kk, e, wr, n, as_stream(stream));
-  } else if (pair != 0) {
-    launch<false, true>(map_a, map_b, o, off, p, wt, r, kk, e, wr, n, as_stream(stream));
+    pair ? launch<true, true>(map_a, map_b, params, s) : launch<true, false>(map_a, map_b, params, s);
   } else {
-    launch<false, false>(map_a, map_b, o, off, p, wt, r, kk, e, wr, n, as_stream(stream));
+    pair ? launch<false, true>(map_a, map_b, params, s) : launch<false, false>(map_a, map_b, params, s);
   }
 }
 
