@@ -6,7 +6,8 @@
 //   producer   one thread issues the TMA loads of every k step (A [128 x 64], B [256 x 64], 48 KB) into a
 //              ring of kStages shared-memory stages, each guarded by a "full" and an "empty" mbarrier; when
 //              gate_up gathers its rows (A row r = token pair[r] / top_k of a), the warp group's 128 threads
-//              copy them instead, a row each (cp.async, 16 bytes at a time, in the swizzle TMA would use);
+//              copy them instead (cp.async, 16 bytes each, a warp 8 half rows at a time, in the swizzle TMA
+//              would use);
 //   consumers  two warp groups, 64 rows of the tile each: wgmma m64n256k16 from shared memory (128-byte
 //              swizzle, K-major A and B), one group of MMAs in flight, the stage released when its MMAs
 //              are done; then the epilogue from registers (silu * up, or the routing weight and the
@@ -38,8 +39,10 @@ constexpr int kMaxExperts = 512;
 constexpr int kABytes = kBlockM * kBlockK * 2;   // 16 KB
 constexpr int kBHalfBytes = kBlockN / 2 * kBlockK * 2;  // 16 KB: one TMA box of 128 weight rows
 constexpr int kStageBytes = kABytes + 2 * kBHalfBytes;
-constexpr int kProducerRegs = 40;                // setmaxnreg: 128 x 40 + 256 x 232 <= 64K registers
-constexpr int kConsumerRegs = 232;
+// setmaxnreg: 128 producer + 256 consumer threads share the launch's 384 x 168 registers (128 x 40 +
+// 256 x 232); a gathering producer needs more (128 x 72 + 256 x 216: no spills either side).
+constexpr int kProducerRegs = 40, kConsumerRegs = 232;
+constexpr int kGatherProducerRegs = 72, kGatherConsumerRegs = 216;
 
 struct Shared {
   alignas(1024) std::uint8_t a[kStages][kABytes];
@@ -274,26 +277,30 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int k_steps = (k + kBlockK - 1) / kBlockK;
 
   if (warp_group == 0) {
-    registers_down<kProducerRegs>();
-    const int row_in_tile = threadIdx.x;  // gather: the A row this thread copies
-    if (!kGather && row_in_tile != 0) return;
+    registers_down<kGather ? kGatherProducerRegs : kProducerRegs>();
+    // gather: this thread copies 16-byte chunks q and q + 4 of the tile's rows first_row + 32 j, j < 4
+    const int q = threadIdx.x % 4, first_row = threadIdx.x / 4;
+    if (!kGather && threadIdx.x != 0) return;
     int stage = 0, phase = 0;
     for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
       const Tile tile = tile_at(s, t, m_tiles, n_tiles, experts);
       // gate_up: the gate rows of the tile's 128 columns, then their up rows; down: 256 output columns.
       const int b_first = tile.expert * p.w_rows + tile.n * (kGateUp ? kBlockN / 2 : kBlockN);
       const int b_second = b_first + (kGateUp ? n_out : kBlockN / 2);
-      const __nv_bfloat16* a_row = p.a;
-      bool a_live = false;
-      if constexpr (kGather) {  // rows past the expert's end: zeros, nothing read
-        const int r = tile.row_begin + row_in_tile;
-        a_live = r < tile.row_end;
-        const int token = a_live ? min(max(p.pair[r] / p.top_k, 0), p.a_rows - 1) : 0;  // (clamped: memory safety)
-        a_row = p.a + static_cast<std::int64_t>(token) * k;
+      int token[4];
+      unsigned live = 0;  // bit j: row first_row + 32 j holds one of the expert's rows (else zeros, nothing read)
+      if constexpr (kGather) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int r = tile.row_begin + first_row + 32 * j;
+          const bool here = r < tile.row_end;
+          token[j] = here ? min(max(p.pair[r] / p.top_k, 0), p.a_rows - 1) : 0;  // (clamped: memory safety)
+          live |= static_cast<unsigned>(here) << j;
+        }
       }
       for (int step = 0; step < k_steps; ++step) {
         mbar_wait(&s.empty[stage], phase ^ 1);
-        if (row_in_tile == 0) {
+        if (threadIdx.x == 0) {
           mbar_expect_bytes(&s.full[stage], kGather ? 2 * kBHalfBytes : kStageBytes);
           if constexpr (!kGather) tma_load(s.a[stage], &map_a, &s.full[stage], step * kBlockK, tile.row_begin);
           tma_load(s.b[stage], &map_b, &s.full[stage], step * kBlockK, b_first);
@@ -301,12 +308,16 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         if constexpr (kGather) {
           // Row r of the stage at r * 128 bytes, its 16-byte chunk c at chunk c ^ (r % 8): TMA's 128-byte swizzle.
-          std::uint8_t* dst = s.a[stage] + row_in_tile * 128;
 #pragma unroll
-          for (int c = 0; c < 8; ++c) {
+          for (int half = 0; half < 2; ++half) {  // a warp: chunks 4 half .. 4 half + 3 (64 bytes) of 8 rows
+            const int c = q + 4 * half;
             const int col = step * kBlockK + 8 * c;
-            const bool full = a_live && col < k;
-            cp_async_16(dst + 16 * (c ^ (row_in_tile % 8)), full ? a_row + col : p.a, full);
+            std::uint8_t* dst = s.a[stage] + first_row * 128 + 16 * (c ^ (first_row % 8));
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              const bool full = (live >> j & 1) && col < k;
+              cp_async_16(dst + 32 * 128 * j, full ? p.a + static_cast<std::int64_t>(token[j]) * k + col : p.a, full);
+            }
           }
           cp_async_arrive(&s.full[stage]);
         }
@@ -316,7 +327,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     return;
   }
 
-  registers_up<kConsumerRegs>();
+  registers_up<kGather ? kGatherConsumerRegs : kConsumerRegs>();
   const int half = warp_group - 1;             // rows [64 half, 64 half + 64) of the tile
   const int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
   float acc[128];
