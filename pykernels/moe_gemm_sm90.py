@@ -5,8 +5,8 @@ and the ``backend="cuda"`` of ``moe_ffn`` / ``grouped_ffn`` built on them (``moe
 
 Rows are expert-sorted: expert e owns rows ``[offsets[e-1], offsets[e])`` (``offsets``: int32 [E]
 cumulative ends, as ``moe_permute.permute`` returns them). gate_up reads them in place, or gathers them from
-the token rows through the sorted routes (moe_ffn: no permuted copy of x); down writes them in place, or
-scatters them back to route order with the routing weights. bf16 only; H and I multiples of 8. Rows no
+the token rows through the sorted routes; down writes them in place, or scatters them back to route order
+with the routing weights. bf16 only; H and I multiples of 8. Rows no
 expert owns are not written.
 """
 from __future__ import annotations
@@ -98,8 +98,8 @@ def grouped_ffn_sm90(x_sorted: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
 def moe_ffn_sm90(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                  topk_ids: torch.Tensor) -> torch.Tensor:
     """``pykernels.moe_ffn`` with the sm_90 GEMMs: the expert-sorted order (moe_permute), gate_up on the token
-    rows gathered in that order by the kernel, the down GEMM scattered back to route order with the routing
-    weights, and the top-k sum of grouped_gemm."""
+    rows in that order, the down GEMM scattered back to route order with the routing weights, and the top-k
+    sum of grouped_gemm."""
     from pykernels.triton.grouped_gemm import sum_topk
     from pykernels.triton.moe_permute import permute
 
@@ -108,8 +108,11 @@ def moe_ffn_sm90(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weig
     y = torch.empty_like(x)  # [T, H]
     if num_tokens == 0:
         return y
-    offsets, sorted_pair = permute(topk_ids, num_experts)  # [E], [N] (positions past offsets[E-1] unused)
-    h = gate_up(x.contiguous(), w13, offsets, pair=sorted_pair, top_k=top_k)  # [N, I] expert-sorted
+    offsets, sorted_pair = permute(topk_ids, num_experts)  # [E], [N]
+    # NOTES: the rows are copied into expert order here until the kernel's own gather (gate_up with pair)
+    # has passed its first GPU test; positions past offsets[E-1] are unwritten: clamped, never read after.
+    x_sorted = x.index_select(0, (sorted_pair // top_k).clamp_(0, num_tokens - 1))  # [N, H]
+    h = gate_up(x_sorted, w13, offsets)  # [N, I] expert-sorted
     buf = torch.empty((sorted_pair.numel(), x.shape[1]), dtype=x.dtype, device=x.device)  # [N, H] route order
     down(h, w2, offsets, buf, pair=sorted_pair, weights=topk_weights.reshape(-1).float())
     sum_topk(buf, topk_ids.contiguous().view(-1), y, num_experts, top_k)
