@@ -33,7 +33,9 @@ def test_records_with_peer():
     assert ours["model.prefill"]["shape"] == {"preset": "tiny", "batch": 2, "context": 6, "layers": 2}
     assert ours["model.decode"]["shape"] == {"preset": "tiny", "batch": 2, "context": 20, "layers": 2}
     for op, r in ours.items():
-        assert r["extra"]["tokens_per_s"] > 0 and 0 < r["extra"]["frac_bound"] < 1
+        # (a fraction, not a timing bar: a tiny model's bytes sit in the CPU's caches and can beat the copy
+        # ceiling, so only its sign is checked)
+        assert r["extra"]["tokens_per_s"] > 0 and r["extra"]["frac_bound"] > 0
         assert r["peer"]["name"] == bench_e2e.PEER_NAME and r["peer"]["time_us"] == peers[op]["time_us"]
         if not torch.cuda.is_available():
             assert r["nvml"] == {"available": False, "reason": "CPU run"}
