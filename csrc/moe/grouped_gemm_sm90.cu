@@ -47,7 +47,7 @@ constexpr int kGatherProducerRegs = 72, kGatherConsumerRegs = 216;
 struct Shared {
   alignas(1024) std::uint8_t a[kStages][kABytes];
   alignas(1024) std::uint8_t b[kStages][2 * kBHalfBytes];
-  std::uint64_t full[kStages];   // the producer's TMA bytes landed
+  std::uint64_t full[kStages];   // the stage is loaded (TMA bytes; when gathering, 128 cp.async arrivals too)
   std::uint64_t empty[kStages];  // the consumers' MMAs of the stage are done (one arrival per consumer warp)
   int row_begin[kMaxExperts];    // clamped [begin, end) rows of each expert
   int row_end[kMaxExperts];
