@@ -41,10 +41,11 @@ def _check(a_name: str, a: torch.Tensor, w_name: str, w: torch.Tensor, offsets: 
 
 
 def gate_up(a: torch.Tensor, w13: torch.Tensor, offsets: torch.Tensor, pair: torch.Tensor | None = None,
-            top_k: int = 1) -> torch.Tensor:
+            top_k: int = 1, split_tails: bool = False) -> torch.Tensor:
     """h [R, I] = silu(A @ gate_e.T) * (A @ up_e.T) on each expert's rows, w13 [E, 2I, H]. A is ``a`` [R, H]
     (expert-sorted rows), or with ``pair`` (int32 [R], the route of each sorted row) the token rows
-    ``a[pair[r] // top_k]`` of ``a`` [T, H], gathered by the kernel."""
+    ``a[pair[r] // top_k]`` of ``a`` [T, H], gathered by the kernel. ``split_tails``: an expert's last tile
+    of <= 64 rows at about half cost (not yet run on a GPU: off by default)."""
     _check("a", a, "w13", w13, offsets)
     rows = a.shape[0] if pair is None else pair.shape[0]
     if pair is not None:
@@ -57,14 +58,15 @@ def gate_up(a: torch.Tensor, w13: torch.Tensor, offsets: torch.Tensor, pair: tor
         _ext.require().grouped_gemm_sm90(a.data_ptr(), a.shape[0], a.shape[1], w13.data_ptr(), w13.shape[0],
                                          w13.shape[1], h.data_ptr(), inter, offsets.data_ptr(), rows,
                                          0 if pair is None else pair.contiguous().data_ptr(), top_k, 0, True,
-                                         _ext.stream_of(a))
+                                         split_tails, _ext.stream_of(a))
     return h
 
 
 def down(h: torch.Tensor, w2: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor,
-         pair: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+         pair: torch.Tensor | None = None, weights: torch.Tensor | None = None, split_tails: bool = False) -> torch.Tensor:
     """out[r] = h[r] @ w2_e.T per expert's rows; with ``pair`` [R] int32 and ``weights`` [N] float32:
-    out[pair[r]] = weights[pair[r]] * (h[r] @ w2_e.T) (the route order of moe_ffn). h [R, I], w2 [E, H, I]."""
+    out[pair[r]] = weights[pair[r]] * (h[r] @ w2_e.T) (the route order of moe_ffn). h [R, I], w2 [E, H, I].
+    ``split_tails``: as for gate_up."""
     _check("h", h, "w2", w2, offsets)
     rows = h.shape[0]
     hidden = w2.shape[1]
@@ -83,7 +85,7 @@ def down(h: torch.Tensor, w2: torch.Tensor, offsets: torch.Tensor, out: torch.Te
                                          out.data_ptr(), hidden, offsets.data_ptr(), rows,
                                          0 if pair is None else pair.contiguous().data_ptr(), 1,
                                          0 if weights is None else weights.contiguous().data_ptr(), False,
-                                         _ext.stream_of(h))
+                                         split_tails, _ext.stream_of(h))
     return out
 
 

@@ -28,7 +28,7 @@ def _weights(E, H, I, device, seed=0):
 
 
 CASES = [  # (experts' row counts, H, I): tails of every size, empty experts, an expert over many tiles
-    ([130, 0, 1, 255, 128, 64, 129], 256, 384),
+    ([130, 0, 1, 255, 128, 64, 129, 65], 256, 384),
     ([0, 0, 700, 3, 0], 2048, 1408),
     ([37] * 16 + [0] * 8, 5120, 192),
     ([1], 64, 8),
@@ -36,8 +36,9 @@ CASES = [  # (experts' row counts, H, I): tails of every size, empty experts, an
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("split_tails", [False, True], ids=["tiles", "split-tails"])
 @pytest.mark.parametrize("counts, H, I", CASES, ids=[f"case{i}" for i in range(len(CASES))])
-def test_gate_up_and_down_match_float32(counts, H, I):
+def test_gate_up_and_down_match_float32(counts, H, I, split_tails):
     if not moe_gemm_sm90.available(torch.device("cuda")):
         pytest.skip("needs the extension and a Hopper GPU")
     dev = torch.device("cuda")
@@ -50,13 +51,13 @@ def test_gate_up_and_down_match_float32(counts, H, I):
     owned = expert < E
     e = expert.clamp(max=E - 1)
 
-    h = moe_gemm_sm90.gate_up(x, w13, offsets)
+    h = moe_gemm_sm90.gate_up(x, w13, offsets, split_tails=split_tails)
     gate_up = torch.einsum("rh,rnh->rn", x.float(), w13[e].float())  # [R, 2I]
     h_ref = F.silu(gate_up[:, :I]) * gate_up[:, I:]
     torch.testing.assert_close(h[owned].float(), h_ref[owned], rtol=2e-2, atol=2e-2)
 
     out = torch.full((rows, H), 7.0, device=dev, dtype=torch.bfloat16)
-    moe_gemm_sm90.down(h, w2, offsets, out)
+    moe_gemm_sm90.down(h, w2, offsets, out, split_tails=split_tails)
     out_ref = torch.einsum("ri,rhi->rh", h.float(), w2[e].float())
     torch.testing.assert_close(out[owned].float(), out_ref[owned], rtol=2e-2, atol=2e-2)
     assert (out[~owned] == 7.0).all(), "rows no expert owns were written"
@@ -65,15 +66,16 @@ def test_gate_up_and_down_match_float32(counts, H, I):
     pair = torch.randperm(rows, device=dev).int()
     weights = torch.rand(rows, device=dev)
     scattered = torch.zeros(rows, H, device=dev, dtype=torch.bfloat16)
-    moe_gemm_sm90.down(h, w2, offsets, scattered, pair=pair, weights=weights)
+    moe_gemm_sm90.down(h, w2, offsets, scattered, pair=pair, weights=weights, split_tails=split_tails)
     want = torch.zeros(rows, H, device=dev)
     want[pair[owned].long()] = out_ref[owned] * weights[pair[owned].long(), None]
     torch.testing.assert_close(scattered.float(), want, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("split_tails", [False, True], ids=["tiles", "split-tails"])
 @pytest.mark.parametrize("counts, H, I", CASES[:3], ids=[f"case{i}" for i in range(3)])
-def test_gate_up_gathers_token_rows(counts, H, I):
+def test_gate_up_gathers_token_rows(counts, H, I, split_tails):
     """gate_up with pair: A row r = x[pair[r] // top_k]; positions past offsets[E-1] hold junk, never read."""
     if not moe_gemm_sm90.available(torch.device("cuda")):
         pytest.skip("needs the extension and a Hopper GPU")
@@ -86,7 +88,7 @@ def test_gate_up_gathers_token_rows(counts, H, I):
     pair = torch.randperm(tokens * top_k, device=dev)[:owned_rows + 7].int()  # routes, distinct
     pair[owned_rows:] = torch.tensor([2**31 - 1, -5, 10**9, -(2**31), 7, 0, 123456], device=dev, dtype=torch.int32)
     w13, _ = _weights(E, H, I, dev)
-    h = moe_gemm_sm90.gate_up(x, w13, offsets, pair=pair, top_k=top_k)
+    h = moe_gemm_sm90.gate_up(x, w13, offsets, pair=pair, top_k=top_k, split_tails=split_tails)
     assert h.shape == (owned_rows + 7, I)
     e = _expert_of_row(offsets, owned_rows).clamp(max=E - 1)
     rows = x[pair[:owned_rows].long() // top_k].float()  # [R, H]

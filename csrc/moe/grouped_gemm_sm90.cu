@@ -13,7 +13,11 @@
 //              are done; then the epilogue from registers (silu * up, or the routing weight and the
 //              scatter) while the producer already loads the next tile.
 // The tiles of an expert are its rows in 128-row steps; a tile's rows past the expert's end belong to the
-// next expert (or are TMA's zero fill past the last row): computed, never stored. The tile order groups
+// next expert (or are TMA's zero fill past the last row): computed, never stored. With split tails, an
+// expert's last tile of <= 64 rows waits for a second loop over such tails, after every CTA's full tiles:
+// there both consumer warp groups share its 64 rows, each computing half of the 256 weight rows (gate_up:
+// 64 gate and the same 64 up columns), so a tail costs about half a tile. (A branch around the MMAs to idle
+// the second warp group instead makes ptxas serialize every wgmma, C7518: measured 20 % slower.) The tile order groups
 // kGroupM row tiles over the column tiles, so the weight tiles of one expert are reused from the L2.
 // Every CTA derives the (expert, rows) of the row tiles from the offsets into shared memory first.
 #include <cuda.h>
@@ -51,7 +55,8 @@ struct Shared {
   std::uint64_t empty[kStages];  // the consumers' MMAs of the stage are done (one arrival per consumer warp)
   int row_begin[kMaxExperts];    // clamped [begin, end) rows of each expert
   int row_end[kMaxExperts];
-  int tile_end[kMaxExperts];     // cumulative row tiles up to and including each expert
+  int full_end[kMaxExperts];     // cumulative 128-row tiles up to and including each expert
+  int tail_end[kMaxExperts];     // cumulative split tails (0 or 1 per expert)
 };
 
 struct Tile {
@@ -134,9 +139,10 @@ __device__ __forceinline__ void wgmma_wait() {
 }
 
 // Keeps the compiler from moving accumulator reads or writes across the asynchronous MMAs.
-__device__ __forceinline__ void fence_accumulators(float (&d)[128]) {
+template <int kRegs>
+__device__ __forceinline__ void fence_accumulators(float (&d)[kRegs]) {
 #pragma unroll
-  for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < kRegs; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
 // d [64 x 256] (+)= A [64 x 16] . B [256 x 16]^T, both from shared memory; accumulate = 0 overwrites d.
@@ -173,7 +179,54 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], std::uint64_t 
         "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
         "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
         "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate));}
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+// d [64 x 64] (+)= A [64 x 16] . B [64 x 16]^T, both from shared memory; accumulate = 0 overwrites d.
+__device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], std::uint64_t desc_a, std::uint64_t desc_b,
+                                                 int accumulate) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, %32, %33, p, 1, 1, 0, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+// d [64 x 128] (+)= A [64 x 16] . B [128 x 16]^T, both from shared memory; accumulate = 0 overwrites d.
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], std::uint64_t desc_a, std::uint64_t desc_b,
+                                                 int accumulate) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, %64, %65, p, 1, 1, 0, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x)); }
 
 __device__ __forceinline__ std::uint32_t pack_bf16x2(float lo, float hi) {
   const __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
@@ -197,29 +250,34 @@ __device__ __forceinline__ uint4 quad_transpose(std::uint32_t (&v)[4], int q) {
 
 template <int kRegs>
 __device__ __forceinline__ void registers_down() {
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kRegs));
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kRegs) : "memory");
 }
 template <int kRegs>
 __device__ __forceinline__ void registers_up() {
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kRegs));
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kRegs) : "memory");
 }
 
-// The (expert, rows, column tile) of tile t; row tiles in groups of kGroupM over the column tiles.
-__device__ __forceinline__ Tile tile_at(const Shared& s, int t, int m_tiles, int n_tiles, int experts) {
+// The (expert, rows, column tile) of full tile t, or of split tail t; row tiles in groups of kGroupM over
+// the column tiles.
+__device__ __forceinline__ Tile tile_at(const Shared& s, int t, int m_tiles, int n_tiles, int experts, bool tail) {
   const int per_group = kGroupM * n_tiles;
   const int first_m = t / per_group * kGroupM;
   const int group = min(m_tiles - first_m, kGroupM);
   const int m = first_m + t % per_group % group;
+  const int* ends = tail ? s.tail_end : s.full_end;
   int lo = 0, hi = experts - 1;  // the first expert whose tiles end past m
   while (lo < hi) {
     const int mid = (lo + hi) / 2;
-    if (s.tile_end[mid] > m) hi = mid; else lo = mid + 1;
+    if (ends[mid] > m) hi = mid; else lo = mid + 1;
   }
-  const int first_tile = lo > 0 ? s.tile_end[lo - 1] : 0;
-  return {lo, s.row_begin[lo] + (m - first_tile) * kBlockM, s.row_end[lo], t % per_group / group};
+  const int begin = s.row_begin[lo], end = s.row_end[lo];
+  const int row = tail ? end - (end - begin) % kBlockM : begin + (m - (lo > 0 ? ends[lo - 1] : 0)) * kBlockM;
+  return {lo, row, end, t % per_group / group};
 }
 
-// Rows and tile counts of the experts into shared memory (every thread; ends with a barrier).
+// The experts' rows, and their full tiles and split tails (cumulative), into shared memory (every thread;
+// ends with a barrier).
+template <bool kSplitTails>
 __device__ __forceinline__ void map_rows(Shared& s, const int* offsets, int experts, int rows) {
   for (int e = threadIdx.x; e < experts; e += blockDim.x) {
     const int end = min(offsets[e], rows);  // memory safety under unchecked offsets
@@ -232,30 +290,91 @@ __device__ __forceinline__ void map_rows(Shared& s, const int* offsets, int expe
     const int lane = threadIdx.x;
     const int chunk = (experts + 31) / 32;
     const int first = min(lane * chunk, experts), last = min(first + chunk, experts);
-    int sum = 0;
-    for (int e = first; e < last; ++e) sum += (s.row_end[e] - s.row_begin[e] + kBlockM - 1) / kBlockM;
-    int before = sum;
+    auto tiles = [&](int e, bool tail) {  // an expert's full tiles, or its split tail
+      const int count = s.row_end[e] - s.row_begin[e], rest = count % kBlockM;
+      const bool split = kSplitTails && rest > 0 && rest <= kBlockM / 2;
+      return tail ? int{split} : count / kBlockM + (rest > 0 && !split);
+    };
 #pragma unroll
-    for (int d = 1; d < 32; d *= 2) {
-      const int v = __shfl_up_sync(0xffffffffu, before, d);
-      if (lane >= d) before += v;
-    }
-    before -= sum;
-    for (int e = first; e < last; ++e) {
-      before += (s.row_end[e] - s.row_begin[e] + kBlockM - 1) / kBlockM;
-      s.tile_end[e] = before;
+    for (int tail = 0; tail < 2; ++tail) {
+      int sum = 0;
+      for (int e = first; e < last; ++e) sum += tiles(e, tail);
+      int before = sum;
+#pragma unroll
+      for (int d = 1; d < 32; d *= 2) {
+        const int v = __shfl_up_sync(0xffffffffu, before, d);
+        if (lane >= d) before += v;
+      }
+      before -= sum;
+      int* ends = tail ? s.tail_end : s.full_end;
+      for (int e = first; e < last; ++e) ends[e] = before += tiles(e, tail);
     }
   }
   __syncthreads();
 }
 
+// The k loop of one tile on the consumer side: per stage, wait until it is loaded, issue mma(stage, accumulate)
+// (the warp group's MMAs reading it; accumulate = 0 on the first step), and release the previous stage once
+// its MMAs are done (one arrival per warp). Returns with every MMA complete.
+template <bool kGather, typename Mma>
+__device__ __forceinline__ void consume_tile(Shared& s, int k_steps, int& stage, int& phase, int lane, Mma mma) {
+  int previous = -1;
+  for (int step = 0; step < k_steps; ++step) {
+    mbar_wait(&s.full[stage], phase);
+    if constexpr (kGather) fence_proxy_async();
+    wgmma_fence();
+    mma(stage, step > 0);
+    wgmma_commit();
+    wgmma_wait<1>();
+    if (previous >= 0 && lane == 0) mbar_arrive(&s.empty[previous]);
+    previous = stage;
+    if (++stage == kStages) stage = 0, phase ^= 1;
+  }
+  wgmma_wait<0>();
+  if (previous >= 0 && lane == 0) mbar_arrive(&s.empty[previous]);
+}
+
+// Stores this lane's rows row0 and row0 + 8 (up to row_end) of kBlocks 8-column blocks from column col0:
+// value(j, i) is the float of block j at fragment index i = 2h + c, i.e. row row0 + 8h, column 8j + 2 (lane % 4)
+// + c (the accumulator layout of m64nNk16). The scattered down GEMM scales a row by its route's weight and
+// writes it at pair[row]. The 4 lanes of a quad share a row; they trade pairs so that each stores 8 columns
+// (16 bytes) at once.
+template <bool kScatter, int kBlocks, typename Value>
+__device__ __forceinline__ void store_rows(const Params& p, int row0, int row_end, int col0, int lane, Value value) {
+  const int quad_lane = lane % 4;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = row0 + 8 * h;
+    const bool live = row < row_end;  // (every lane reaches the shuffles)
+    std::int64_t dest = row;
+    float scale = 1.0f;
+    if constexpr (kScatter) {
+      dest = live ? p.pair[row] : 0;
+      scale = live ? p.weights[dest] : 0.0f;
+    }
+    __nv_bfloat16* out_row = p.out + dest * p.n_out;
+#pragma unroll
+    for (int g = 0; g < kBlocks / 4; ++g) {
+      std::uint32_t v[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        v[i] = pack_bf16x2(value(4 * g + i, 2 * h) * scale, value(4 * g + i, 2 * h + 1) * scale);
+      }
+      const uint4 block = quad_transpose(v, quad_lane);
+      const int col = col0 + 8 * (4 * g + quad_lane);
+      if (live && col < p.n_out) *reinterpret_cast<uint4*>(out_row + col) = block;
+    }
+  }
+}
+
 // kRouted: rows go through pair: gate_up gathers its A rows (a[pair[r] / top_k]), down scatters its out rows
-// (out[pair[r]] = weights[pair[r]] * row).
-template <bool kGateUp, bool kRouted>
+// (out[pair[r]] = weights[pair[r]] * row). kSplitTails: the second loop over tails of <= 64 rows (see the top).
+template <bool kGateUp, bool kRouted, bool kSplitTails>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                         const Params p) {
   constexpr bool kGather = kGateUp && kRouted;
+  constexpr int kTileN = kGateUp ? kBlockN / 2 : kBlockN;  // output columns of a tile
   const int k = p.k, experts = p.experts, n_out = p.n_out;
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap();  // built for another architecture (wgmma and setmaxnreg are sm_90a); the host refuses such GPUs
@@ -270,22 +389,26 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
-  map_rows(s, p.offsets, experts, p.rows);  // (its barriers also publish the mbarrier init)
-  const int m_tiles = s.tile_end[experts - 1];
-  const int n_tiles = kGateUp ? (n_out + kBlockN / 2 - 1) / (kBlockN / 2) : (n_out + kBlockN - 1) / kBlockN;
-  const int tiles = m_tiles * n_tiles;
+  map_rows<kSplitTails>(s, p.offsets, experts, p.rows);  // (its barriers also publish the mbarrier init)
+  const int n_tiles = (n_out + kTileN - 1) / kTileN;
   const int k_steps = (k + kBlockK - 1) / kBlockK;
+  // (read after setmaxnreg, so that nothing read here stays live across it)
+  const auto counts = [&] { return int2{s.full_end[experts - 1], s.tail_end[experts - 1]}; };
 
   if (warp_group == 0) {
     registers_down<kGather ? kGatherProducerRegs : kProducerRegs>();
+    const auto [full_m, tail_m] = counts();
+    const int full_tiles = full_m * n_tiles, tiles = full_tiles + tail_m * n_tiles;
     // gather: this thread copies 16-byte chunks q and q + 4 of the tile's rows first_row + 32 j, j < 4
     const int q = threadIdx.x % 4, first_row = threadIdx.x / 4;
     if (!kGather && threadIdx.x != 0) return;
     int stage = 0, phase = 0;
-    for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
-      const Tile tile = tile_at(s, t, m_tiles, n_tiles, experts);
+    for (int t = blockIdx.x; t < tiles; t += gridDim.x) {  // full tiles, then split tails: the consumers' order
+      const bool tail = t >= full_tiles;
+      const Tile tile = tail ? tile_at(s, t - full_tiles, tail_m, n_tiles, experts, true)
+                             : tile_at(s, t, full_m, n_tiles, experts, false);
       // gate_up: the gate rows of the tile's 128 columns, then their up rows; down: 256 output columns.
-      const int b_first = tile.expert * p.w_rows + tile.n * (kGateUp ? kBlockN / 2 : kBlockN);
+      const int b_first = tile.expert * p.w_rows + tile.n * kTileN;
       const int b_second = b_first + (kGateUp ? n_out : kBlockN / 2);
       int token[4];
       unsigned live = 0;  // bit j: row first_row + 32 j holds one of the expert's rows (else zeros, nothing read)
@@ -328,69 +451,57 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   registers_up<kGather ? kGatherConsumerRegs : kConsumerRegs>();
-  const int half = warp_group - 1;             // rows [64 half, 64 half + 64) of the tile
+  const auto [full_m, tail_m] = counts();
+  const int full_tiles = full_m * n_tiles, tiles = full_tiles + tail_m * n_tiles;
+  const int half = warp_group - 1;
   const int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
-  float acc[128];
   int stage = 0, phase = 0;
-  for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
-    const Tile tile = tile_at(s, t, m_tiles, n_tiles, experts);
-    // (Every consumer runs every MMA: a branch around them, to skip the idle half of a tail tile, makes
-    // ptxas serialize all wgmma (C7518), measured 20 % slower.)
-    int previous = -1;
-    for (int step = 0; step < k_steps; ++step) {
-      mbar_wait(&s.full[stage], phase);
-      if constexpr (kGather) fence_proxy_async();
-      wgmma_fence();
-      const std::uint8_t* a_tile = s.a[stage] + half * 64 * 128;
+  int t = blockIdx.x;
+  float acc[128];
+  for (; t < full_tiles; t += gridDim.x) {  // rows [64 half, 64 half + 64) of the tile, all 256 weight rows
+    const Tile tile = tile_at(s, t, full_m, n_tiles, experts, false);
+    consume_tile<kGather>(s, k_steps, stage, phase, lane, [&](int st, int accumulate) {
 #pragma unroll
       for (int kk = 0; kk < kBlockK / 16; ++kk) {
-        wgmma_m64n256k16(acc, operand_desc(a_tile + kk * 32), operand_desc(s.b[stage] + kk * 32), step > 0 || kk > 0);
+        wgmma_m64n256k16(acc, operand_desc(s.a[st] + half * 64 * 128 + kk * 32), operand_desc(s.b[st] + kk * 32),
+                         accumulate || kk > 0);
       }
-      wgmma_commit();
-      wgmma_wait<1>();  // the previous step's MMAs are done: release its stage
-      if (previous >= 0 && lane == 0) mbar_arrive(&s.empty[previous]);
-      previous = stage;
-      if (++stage == kStages) stage = 0, phase ^= 1;
-    }
-    wgmma_wait<0>();
+    });
     fence_accumulators(acc);
-    if (previous >= 0 && lane == 0) mbar_arrive(&s.empty[previous]);
-
-    // Accumulator layout of m64nNk16: d[4j + 2h + c] is row 16 warp + lane / 4 + 8h, column 8j + 2 (lane % 4) + c.
-    // The 4 lanes of a quad share a row; they trade pairs so that each stores 8 columns (16 bytes) at once.
-    const int quad_lane = lane % 4;
-    const int row0 = tile.row_begin + 64 * half + 16 * warp + lane / 4;
-    constexpr int kBlocks = kGateUp ? 16 : 32;  // 8-column blocks out per row
+    // gate_up: silu(gate) * up, the up columns 128 further (block j + 16)
+    store_rows<kRouted && !kGateUp, kTileN / 8>(
+        p, tile.row_begin + 64 * half + 16 * warp + lane / 4, tile.row_end, tile.n * kTileN, lane, [&](int j, int i) {
+          return kGateUp ? silu(acc[4 * j + i]) * acc[4 * (j + 16) + i] : acc[4 * j + i];
+        });
+  }
+  if constexpr (kSplitTails) {
+    // rows [0, 64) of the tail, weight rows: gate_up 64 gate [64 half, +64) and their up rows; down [128 half, +128)
+    float gate[32], up[32], out[64];
+    for (; t < tiles; t += gridDim.x) {
+      const Tile tile = tile_at(s, t - full_tiles, tail_m, n_tiles, experts, true);
+      consume_tile<kGather>(s, k_steps, stage, phase, lane, [&](int st, int accumulate) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = row0 + 8 * h;
-      const bool live = row < tile.row_end;  // (every lane reaches the shuffles)
-      std::int64_t dest = row;
-      float scale = 1.0f;
-      if constexpr (kRouted && !kGateUp) {
-        dest = live ? p.pair[row] : 0;
-        scale = live ? p.weights[dest] : 0.0f;
-      }
-      __nv_bfloat16* out_row = p.out + dest * n_out;
-#pragma unroll
-      for (int g = 0; g < kBlocks / 4; ++g) {
-        std::uint32_t v[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int j = 4 * g + i;
-          float c0 = acc[4 * j + 2 * h], c1 = acc[4 * j + 2 * h + 1];
-          if constexpr (kGateUp) {  // silu(gate) * up; the up columns are 128 further, in block j + 16
-            c0 = c0 / (1.0f + __expf(-c0)) * acc[4 * (j + 16) + 2 * h];
-            c1 = c1 / (1.0f + __expf(-c1)) * acc[4 * (j + 16) + 2 * h + 1];
+        for (int kk = 0; kk < kBlockK / 16; ++kk) {
+          const std::uint64_t a = operand_desc(s.a[st] + kk * 32);
+          if constexpr (kGateUp) {
+            wgmma_m64n64k16(gate, a, operand_desc(s.b[st] + 64 * half * 128 + kk * 32), accumulate || kk > 0);
+            wgmma_m64n64k16(up, a, operand_desc(s.b[st] + kBHalfBytes + 64 * half * 128 + kk * 32),
+                            accumulate || kk > 0);
           } else {
-            c0 *= scale;
-            c1 *= scale;
+            wgmma_m64n128k16(out, a, operand_desc(s.b[st] + half * kBHalfBytes + kk * 32), accumulate || kk > 0);
           }
-          v[i] = pack_bf16x2(c0, c1);
         }
-        const uint4 block = quad_transpose(v, quad_lane);
-        const int col = tile.n * (kGateUp ? kBlockN / 2 : kBlockN) + 8 * (4 * g + quad_lane);
-        if (live && col < n_out) *reinterpret_cast<uint4*>(out_row + col) = block;
+      });
+      const int row0 = tile.row_begin + 16 * warp + lane / 4;
+      if constexpr (kGateUp) {
+        fence_accumulators(gate);
+        fence_accumulators(up);
+        store_rows<false, 8>(p, row0, tile.row_end, tile.n * kTileN + 64 * half, lane,
+                             [&](int j, int i) { return silu(gate[4 * j + i]) * up[4 * j + i]; });
+      } else {
+        fence_accumulators(out);
+        store_rows<kRouted, 16>(p, row0, tile.row_end, tile.n * kTileN + 128 * half, lane,
+                                [&](int j, int i) { return out[4 * j + i]; });
       }
     }
   }
@@ -418,10 +529,10 @@ CUtensorMap tensor_map(const void* base, std::int64_t inner, std::int64_t outer,
   return map;
 }
 
-template <bool kGateUp, bool kRouted>
+template <bool kGateUp, bool kRouted, bool kSplitTails>
 void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& params, cudaStream_t stream) {
   const int bytes = static_cast<int>(sizeof(Shared)) + 1024;  // + the 1024-byte alignment of the base
-  auto kernel = grouped_gemm_kernel<kGateUp, kRouted>;
+  auto kernel = grouped_gemm_kernel<kGateUp, kRouted, kSplitTails>;
   PK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   int device = 0, sms = 0;
   PK_CUDA_CHECK(cudaGetDevice(&device));
@@ -430,12 +541,19 @@ void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& pa
   PK_LAUNCH_CHECK();
 }
 
+template <bool kGateUp, bool kRouted>
+void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& params, bool split_tails,
+            cudaStream_t stream) {
+  split_tails ? launch<kGateUp, kRouted, true>(map_a, map_b, params, stream)
+              : launch<kGateUp, kRouted, false>(map_a, map_b, params, stream);
+}
+
 }  // namespace
 
 void grouped_gemm_sm90(std::uintptr_t a, std::int64_t a_rows, std::int64_t k, std::uintptr_t w, std::int64_t experts,
                        std::int64_t w_rows, std::uintptr_t out, std::int64_t n_out, std::uintptr_t offsets,
                        std::int64_t rows, std::uintptr_t pair, std::int64_t top_k, std::uintptr_t weights,
-                       bool gate_up, std::uintptr_t stream) {
+                       bool gate_up, bool split_tails, std::uintptr_t stream) {
   require_device();
   int device = 0, major = 0;
   PK_CUDA_CHECK(cudaGetDevice(&device));
@@ -462,9 +580,11 @@ void grouped_gemm_sm90(std::uintptr_t a, std::int64_t a_rows, std::int64_t k, st
                       static_cast<int>(w_rows), static_cast<int>(n_out), static_cast<int>(top_k)};
   const cudaStream_t s = as_stream(stream);
   if (gate_up) {
-    pair ? launch<true, true>(map_a, map_b, params, s) : launch<true, false>(map_a, map_b, params, s);
+    pair ? launch<true, true>(map_a, map_b, params, split_tails, s)
+         : launch<true, false>(map_a, map_b, params, split_tails, s);
   } else {
-    pair ? launch<false, true>(map_a, map_b, params, s) : launch<false, false>(map_a, map_b, params, s);
+    pair ? launch<false, true>(map_a, map_b, params, split_tails, s)
+         : launch<false, false>(map_a, map_b, params, split_tails, s);
   }
 }
 
