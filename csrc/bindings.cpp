@@ -44,10 +44,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("empty_kernel", &pk::empty_kernel, py::arg("stream"), "Launch an empty kernel <<<1, 32>>> (launch-overhead reference).",
         py::call_guard<py::gil_scoped_release>());
 
-  m.def("grouped_gemm_sm90", &pk::grouped_gemm_sm90, py::arg("a"), py::arg("a_rows"), py::arg("k"), py::arg("w"),
-        py::arg("experts"), py::arg("w_rows"), py::arg("out"), py::arg("n_out"), py::arg("offsets"), py::arg("rows"),
-        py::arg("pair"), py::arg("top_k"), py::arg("weights"), py::arg("gate_up"), py::arg("split_tails"),
-        py::arg("stream"),
+  m.def("grouped_gemm_sm90", &pk::grouped_gemm_sm90, py::arg("a"), py::arg("k"), py::arg("w"), py::arg("experts"),
+        py::arg("w_rows"), py::arg("out"), py::arg("n_out"), py::arg("offsets"), py::arg("rows"), py::arg("pair"),
+        py::arg("weights"), py::arg("gate_up"), py::arg("stream"),
         "Warp-specialized grouped GEMM of the MoE prefill (csrc/moe/grouped_gemm.h); the GIL is released.",
         py::call_guard<py::gil_scoped_release>());
 

@@ -4,10 +4,9 @@ and the ``backend="cuda"`` of ``moe_ffn`` / ``grouped_ffn`` built on them (``moe
 ``grouped_ffn_sm90``).
 
 Rows are expert-sorted: expert e owns rows ``[offsets[e-1], offsets[e])`` (``offsets``: int32 [E]
-cumulative ends, as ``moe_permute.permute`` returns them). gate_up reads them in place, or gathers them from
-the token rows through the sorted routes; down writes them in place, or scatters them back to route order
-with the routing weights. bf16 only; H and I multiples of 8. Rows no
-expert owns are not written.
+cumulative ends, as ``moe_permute.permute`` returns them). gate_up reads them in place; down writes them in
+place, or scatters them back to route order with the routing weights. bf16 only; H and I multiples of 8.
+Rows no expert owns are not written.
 """
 from __future__ import annotations
 
@@ -40,33 +39,22 @@ def _check(a_name: str, a: torch.Tensor, w_name: str, w: torch.Tensor, offsets: 
         raise RuntimeError(f"{a_name}: the sm_90 grouped GEMM needs the CUDA extension and a Hopper GPU, got {a.device}")
 
 
-def gate_up(a: torch.Tensor, w13: torch.Tensor, offsets: torch.Tensor, pair: torch.Tensor | None = None,
-            top_k: int = 1, split_tails: bool = False) -> torch.Tensor:
-    """h [R, I] = silu(A @ gate_e.T) * (A @ up_e.T) on each expert's rows, w13 [E, 2I, H]. A is ``a`` [R, H]
-    (expert-sorted rows), or with ``pair`` (int32 [R], the route of each sorted row) the token rows
-    ``a[pair[r] // top_k]`` of ``a`` [T, H], gathered by the kernel. ``split_tails``: an expert's last tile
-    of <= 64 rows at about half cost (not yet run on a GPU: off by default)."""
+def gate_up(a: torch.Tensor, w13: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """h [R, I] = silu(a @ gate_e.T) * (a @ up_e.T) on each expert's rows of ``a`` [R, H], w13 [E, 2I, H]."""
     _check("a", a, "w13", w13, offsets)
-    rows = a.shape[0] if pair is None else pair.shape[0]
-    if pair is not None:
-        check_tensor("pair", pair, dtype=(torch.int32,), ndim=1)
-        if top_k < 1:
-            raise ValueError(f"top_k: expected >= 1, got {top_k}")
     inter = w13.shape[1] // 2
-    h = torch.empty((rows, inter), dtype=a.dtype, device=a.device)
-    if rows and a.shape[0]:
-        _ext.require().grouped_gemm_sm90(a.data_ptr(), a.shape[0], a.shape[1], w13.data_ptr(), w13.shape[0],
-                                         w13.shape[1], h.data_ptr(), inter, offsets.data_ptr(), rows,
-                                         0 if pair is None else pair.contiguous().data_ptr(), top_k, 0, True,
-                                         split_tails, _ext.stream_of(a))
+    h = torch.empty((a.shape[0], inter), dtype=a.dtype, device=a.device)
+    if a.shape[0]:
+        _ext.require().grouped_gemm_sm90(a.data_ptr(), a.shape[1], w13.data_ptr(), w13.shape[0], w13.shape[1],
+                                         h.data_ptr(), inter, offsets.data_ptr(), a.shape[0], 0, 0, True,
+                                         _ext.stream_of(a))
     return h
 
 
 def down(h: torch.Tensor, w2: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor,
-         pair: torch.Tensor | None = None, weights: torch.Tensor | None = None, split_tails: bool = False) -> torch.Tensor:
+         pair: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
     """out[r] = h[r] @ w2_e.T per expert's rows; with ``pair`` [R] int32 and ``weights`` [N] float32:
-    out[pair[r]] = weights[pair[r]] * (h[r] @ w2_e.T) (the route order of moe_ffn). h [R, I], w2 [E, H, I].
-    ``split_tails``: as for gate_up."""
+    out[pair[r]] = weights[pair[r]] * (h[r] @ w2_e.T) (the route order of moe_ffn). h [R, I], w2 [E, H, I]."""
     _check("h", h, "w2", w2, offsets)
     rows = h.shape[0]
     hidden = w2.shape[1]
@@ -81,11 +69,11 @@ def down(h: torch.Tensor, w2: torch.Tensor, offsets: torch.Tensor, out: torch.Te
     elif out.shape[0] < rows:
         raise ValueError(f"out: expected >= {rows} rows, got {out.shape[0]}")
     if rows:
-        _ext.require().grouped_gemm_sm90(h.data_ptr(), rows, h.shape[1], w2.data_ptr(), w2.shape[0], hidden,
+        _ext.require().grouped_gemm_sm90(h.data_ptr(), h.shape[1], w2.data_ptr(), w2.shape[0], hidden,
                                          out.data_ptr(), hidden, offsets.data_ptr(), rows,
-                                         0 if pair is None else pair.contiguous().data_ptr(), 1,
+                                         0 if pair is None else pair.contiguous().data_ptr(),
                                          0 if weights is None else weights.contiguous().data_ptr(), False,
-                                         split_tails, _ext.stream_of(h))
+                                         _ext.stream_of(h))
     return out
 
 
@@ -99,9 +87,10 @@ def grouped_ffn_sm90(x_sorted: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
 
 def moe_ffn_sm90(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                  topk_ids: torch.Tensor) -> torch.Tensor:
-    """``pykernels.moe_ffn`` with the sm_90 GEMMs: the expert-sorted order (moe_permute), gate_up on the token
-    rows in that order, the down GEMM scattered back to route order with the routing weights, and the top-k
-    sum of grouped_gemm."""
+    """``pykernels.moe_ffn`` with the sm_90 GEMMs: the expert-sorted order (moe_permute), the token rows copied
+    into it (TMA reads whole row tiles; a gathering gate_up, cp.async by the producer warp group, measured
+    slower than this copy plus the in-place GEMM: tune/moe_sm90.json @74dcb8e), gate_up, the down GEMM
+    scattered back to route order with the routing weights, and the top-k sum of grouped_gemm."""
     from pykernels.triton.grouped_gemm import sum_topk
     from pykernels.triton.moe_permute import permute
 
@@ -111,8 +100,7 @@ def moe_ffn_sm90(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weig
     if num_tokens == 0:
         return y
     offsets, sorted_pair = permute(topk_ids, num_experts)  # [E], [N]
-    # NOTES: the rows are copied into expert order here until the kernel's own gather (gate_up with pair)
-    # has passed its first GPU test; positions past offsets[E-1] are unwritten: clamped, never read after.
+    # (positions past offsets[E-1] are unwritten: clamped, never read after)
     x_sorted = x.index_select(0, (sorted_pair // top_k).clamp_(0, num_tokens - 1))  # [N, H]
     h = gate_up(x_sorted, w13, offsets)  # [N, I] expert-sorted
     buf = torch.empty((sorted_pair.numel(), x.shape[1]), dtype=x.dtype, device=x.device)  # [N, H] route order

@@ -1,25 +1,24 @@
 // Grouped GEMM of the MoE prefill on Hopper (see grouped_gemm.h for the contract).
 //
-// Persistent and warp specialized. Each CTA (one per SM) walks the output tiles t = blockIdx.x,
-// blockIdx.x + gridDim.x, ... of 128 expert-sorted rows x 256 weight rows (gate_up: 128 gate rows and the
-// 128 up rows of the same columns; down: 256 output columns). Its three warp groups:
-//   producer   one thread issues the TMA loads of every k step (A [128 x 64], B [256 x 64], 48 KB) into a
-//              ring of kStages shared-memory stages, each guarded by a "full" and an "empty" mbarrier; when
-//              gate_up gathers its rows (A row r = token pair[r] / top_k of a), the warp group's 128 threads
-//              copy them instead (cp.async, 16 bytes each, a warp 8 half rows at a time, in the swizzle TMA
-//              would use);
-//   consumers  two warp groups, 64 rows of the tile each: wgmma m64n256k16 from shared memory (128-byte
-//              swizzle, K-major A and B), one group of MMAs in flight, the stage released when its MMAs
-//              are done; then the epilogue from registers (silu * up, or the routing weight and the
-//              scatter) while the producer already loads the next tile.
-// The tiles of an expert are its rows in 128-row steps; a tile's rows past the expert's end belong to the
-// next expert (or are TMA's zero fill past the last row): computed, never stored. With split tails, an
-// expert's last tile of <= 64 rows waits for a second loop over such tails, after every CTA's full tiles:
-// there both consumer warp groups share its 64 rows, each computing half of the 256 weight rows (gate_up:
-// 64 gate and the same 64 up columns), so a tail costs about half a tile. (A branch around the MMAs to idle
-// the second warp group instead makes ptxas serialize every wgmma, C7518: measured 20 % slower.) The tile order groups
-// kGroupM row tiles over the column tiles, so the weight tiles of one expert are reused from the L2.
-// Every CTA derives the (expert, rows) of the row tiles from the offsets into shared memory first.
+// Persistent and warp specialized. Each CTA (one per SM) walks the tiles t = blockIdx.x, blockIdx.x +
+// gridDim.x, ... Its three warp groups:
+//   producer   one thread issues the TMA loads of every k step into a ring of kStages shared-memory stages
+//              (A [128 x 64] and B [256 x 64], 48 KB), each guarded by a "full" and an "empty" mbarrier;
+//   consumers  two warp groups: wgmma m64n256k16 from shared memory (128-byte swizzle, K-major A and B), one
+//              group of MMAs in flight, a stage released when its MMAs are done; then the epilogue from
+//              registers (silu * up, or the routing weight and the scatter) while the producer already
+//              loads the next tile.
+// An expert's rows are cut into 128-row tiles, except a last piece of <= 64 rows: a tail. A 128-row tile
+// spans 256 weight rows (gate_up: 128 gate rows and the up rows of the same columns; down: 256 output
+// columns), each consumer warp group computing 64 of its rows. A tail spans two such column tiles in two
+// consecutive stages (the second holds only B): both warp groups multiply the same 64 rows, each by the
+// weights of one column tile. So a tail costs about what a full tile costs for twice the columns (an expert
+// of 307 rows, as on 236B prefill, takes 2.5 tile times, not 3), and every MMA has the same shape, with no
+// branch around it (a branch makes ptxas serialize the wgmma, C7518: measured 20 % slower). A tile's rows past
+// the expert's end belong to the next expert (or are TMA's zero fill past the last row): computed, never
+// stored. The tiles run expert by expert, and within an expert column tile by column tile over its row
+// tiles, so an expert's weights come from DRAM about once and its rows stay in the L2. Every CTA derives the
+// experts' rows and tile counts from the offsets into shared memory first.
 #include <cuda.h>
 #include <cudaTypedefs.h>
 #include <cuda_bf16.h>
@@ -34,42 +33,40 @@ namespace pk {
 namespace {
 
 constexpr int kBlockM = 128;                     // rows of a tile: two consumer warp groups of 64
+constexpr int kTailM = 64;                       // rows of a tail
 constexpr int kBlockN = 256;                     // weight rows of a tile (gate_up: 128 + 128)
 constexpr int kBlockK = 64;                      // 128 bytes of bf16: one swizzle row
 constexpr int kStages = 4;
-constexpr int kGroupM = 8;                       // row tiles that sweep the column tiles together
 constexpr int kThreads = 384;                    // producer + two consumer warp groups
 constexpr int kMaxExperts = 512;
-constexpr int kABytes = kBlockM * kBlockK * 2;   // 16 KB
+constexpr int kAHalfBytes = kTailM * kBlockK * 2;       // 8 KB: one TMA box of 64 rows
 constexpr int kBHalfBytes = kBlockN / 2 * kBlockK * 2;  // 16 KB: one TMA box of 128 weight rows
-constexpr int kStageBytes = kABytes + 2 * kBHalfBytes;
-// setmaxnreg: 128 producer + 256 consumer threads share the launch's 384 x 168 registers (128 x 40 +
-// 256 x 232); a gathering producer needs more (128 x 72 + 256 x 216: no spills either side).
+// setmaxnreg: 128 producer + 256 consumer threads share the launch's 384 x 168 registers.
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;
-constexpr int kGatherProducerRegs = 72, kGatherConsumerRegs = 216;
 
 struct Shared {
-  alignas(1024) std::uint8_t a[kStages][kABytes];
+  alignas(1024) std::uint8_t a[kStages][2 * kAHalfBytes];
   alignas(1024) std::uint8_t b[kStages][2 * kBHalfBytes];
-  std::uint64_t full[kStages];   // the stage is loaded (TMA bytes; when gathering, 128 cp.async arrivals too)
+  std::uint64_t full[kStages];   // the stage is loaded (TMA bytes)
   std::uint64_t empty[kStages];  // the consumers' MMAs of the stage are done (one arrival per consumer warp)
   int row_begin[kMaxExperts];    // clamped [begin, end) rows of each expert
   int row_end[kMaxExperts];
-  int full_end[kMaxExperts];     // cumulative 128-row tiles up to and including each expert
-  int tail_end[kMaxExperts];     // cumulative split tails (0 or 1 per expert)
+  int tile_end[kMaxExperts];     // cumulative tiles (full tiles and tails) up to and including each expert
 };
 
+// Rows [row_begin, min(row_begin + 128, row_end)) of expert `expert` (a tail: up to row_end, <= 64 rows)
+// times column tile n (a tail: n and n + 1).
 struct Tile {
   int expert, row_begin, row_end, n;
+  bool tail;
 };
 
 struct Params {
-  const __nv_bfloat16* a;    // gate_up with pair: the token rows [a_rows, k] the A rows are gathered from
   __nv_bfloat16* out;
   const int* offsets;        // [experts] cumulative row ends
-  const int* pair;           // [rows] route of each sorted row, or null (see kRouted)
+  const int* pair;           // down: [rows] route of each sorted row, or null (see kScatter)
   const float* weights;      // down with pair: the routing weight of each route
-  int rows, a_rows, k, experts, w_rows, n_out, top_k;
+  int rows, k, experts, w_rows, n_out;
 };
 
 __device__ __forceinline__ std::uint32_t smem(const void* p) {
@@ -109,20 +106,6 @@ __device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, std:
       "l"(reinterpret_cast<std::uint64_t>(map)), "r"(inner), "r"(outer), "r"(smem(bar))
       : "memory");
 }
-
-// dst[0:16] = src[0:16], or zeros when !full (nothing read); asynchronous (cp.async, the generic proxy).
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool full) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem(dst)), "l"(src), "r"(full ? 16 : 0)
-               : "memory");
-}
-
-// One arrival on bar once this thread's earlier cp.async copies have landed (counted in the barrier's init).
-__device__ __forceinline__ void cp_async_arrive(std::uint64_t* bar) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem(bar)) : "memory");
-}
-
-// Shared memory written through the generic proxy (cp.async) becomes visible to wgmma's async proxy.
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
 // wgmma descriptor of a K-major bf16 operand in 128-byte swizzle: rows of 128 bytes, 8-row atoms 1024
 // bytes apart (stride byte offset), the leading byte offset unused; advancing 16 k-values adds 32 bytes.
@@ -182,50 +165,6 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], std::uint64_t 
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
-// d [64 x 64] (+)= A [64 x 16] . B [64 x 16]^T, both from shared memory; accumulate = 0 overwrites d.
-__device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], std::uint64_t desc_a, std::uint64_t desc_b,
-                                                 int accumulate) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-      "}, %32, %33, p, 1, 1, 0, 0;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
-}
-
-// d [64 x 128] (+)= A [64 x 16] . B [128 x 16]^T, both from shared memory; accumulate = 0 overwrites d.
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], std::uint64_t desc_a, std::uint64_t desc_b,
-                                                 int accumulate) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-      "}, %64, %65, p, 1, 1, 0, 0;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
-}
-
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x)); }
 
 __device__ __forceinline__ std::uint32_t pack_bf16x2(float lo, float hi) {
@@ -257,28 +196,20 @@ __device__ __forceinline__ void registers_up() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kRegs) : "memory");
 }
 
-// The (expert, rows, column tile) of full tile t, or of split tail t; row tiles in groups of kGroupM over
-// the column tiles.
-__device__ __forceinline__ Tile tile_at(const Shared& s, int t, int m_tiles, int n_tiles, int experts, bool tail) {
-  const int per_group = kGroupM * n_tiles;
-  const int first_m = t / per_group * kGroupM;
-  const int group = min(m_tiles - first_m, kGroupM);
-  const int m = first_m + t % per_group % group;
-  const int* ends = tail ? s.tail_end : s.full_end;
-  int lo = 0, hi = experts - 1;  // the first expert whose tiles end past m
-  while (lo < hi) {
-    const int mid = (lo + hi) / 2;
-    if (ends[mid] > m) hi = mid; else lo = mid + 1;
-  }
-  const int begin = s.row_begin[lo], end = s.row_end[lo];
-  const int row = tail ? end - (end - begin) % kBlockM : begin + (m - (lo > 0 ? ends[lo - 1] : 0)) * kBlockM;
-  return {lo, row, end, t % per_group / group};
+// An expert of `count` rows: its row tiles of up to 128 rows, and whether a last piece of <= 64 rows is a tail.
+struct RowTiles {
+  int full;
+  bool tail;
+};
+__device__ __forceinline__ RowTiles row_tiles(int count) {
+  const int rest = count % kBlockM;
+  const bool tail = rest > 0 && rest <= kTailM;
+  return {count / kBlockM + (rest > 0 && !tail), tail};
 }
 
-// The experts' rows, and their full tiles and split tails (cumulative), into shared memory (every thread;
-// ends with a barrier).
-template <bool kSplitTails>
-__device__ __forceinline__ void map_rows(Shared& s, const int* offsets, int experts, int rows) {
+// The experts' rows and cumulative tile counts into shared memory (every thread; ends with a barrier).
+// An expert's tiles: its full row tiles at each of the n_tiles column tiles, a tail at every other one.
+__device__ __forceinline__ void map_rows(Shared& s, const int* offsets, int experts, int rows, int n_tiles) {
   for (int e = threadIdx.x; e < experts; e += blockDim.x) {
     const int end = min(offsets[e], rows);  // memory safety under unchecked offsets
     const int begin = e > 0 ? max(min(offsets[e - 1], rows), 0) : 0;
@@ -290,48 +221,81 @@ __device__ __forceinline__ void map_rows(Shared& s, const int* offsets, int expe
     const int lane = threadIdx.x;
     const int chunk = (experts + 31) / 32;
     const int first = min(lane * chunk, experts), last = min(first + chunk, experts);
-    auto tiles = [&](int e, bool tail) {  // an expert's full tiles, or its split tail
-      const int count = s.row_end[e] - s.row_begin[e], rest = count % kBlockM;
-      const bool split = kSplitTails && rest > 0 && rest <= kBlockM / 2;
-      return tail ? int{split} : count / kBlockM + (rest > 0 && !split);
+    auto tiles = [&](int e) {
+      const RowTiles r = row_tiles(s.row_end[e] - s.row_begin[e]);
+      return r.full * n_tiles + (r.tail ? (n_tiles + 1) / 2 : 0);
     };
+    int sum = 0;
+    for (int e = first; e < last; ++e) sum += tiles(e);
+    int before = sum;
 #pragma unroll
-    for (int tail = 0; tail < 2; ++tail) {
-      int sum = 0;
-      for (int e = first; e < last; ++e) sum += tiles(e, tail);
-      int before = sum;
-#pragma unroll
-      for (int d = 1; d < 32; d *= 2) {
-        const int v = __shfl_up_sync(0xffffffffu, before, d);
-        if (lane >= d) before += v;
-      }
-      before -= sum;
-      int* ends = tail ? s.tail_end : s.full_end;
-      for (int e = first; e < last; ++e) ends[e] = before += tiles(e, tail);
+    for (int d = 1; d < 32; d *= 2) {
+      const int v = __shfl_up_sync(0xffffffffu, before, d);
+      if (lane >= d) before += v;
     }
+    before -= sum;
+    for (int e = first; e < last; ++e) s.tile_end[e] = before += tiles(e);
   }
   __syncthreads();
 }
 
-// The k loop of one tile on the consumer side: per stage, wait until it is loaded, issue mma(stage, accumulate)
-// (the warp group's MMAs reading it; accumulate = 0 on the first step), and release the previous stage once
-// its MMAs are done (one arrival per warp). Returns with every MMA complete.
-template <bool kGather, typename Mma>
-__device__ __forceinline__ void consume_tile(Shared& s, int k_steps, int& stage, int& phase, int lane, Mma mma) {
-  int previous = -1;
-  for (int step = 0; step < k_steps; ++step) {
-    mbar_wait(&s.full[stage], phase);
-    if constexpr (kGather) fence_proxy_async();
-    wgmma_fence();
-    mma(stage, step > 0);
-    wgmma_commit();
-    wgmma_wait<1>();
-    if (previous >= 0 && lane == 0) mbar_arrive(&s.empty[previous]);
-    previous = stage;
+// Tile t: the expert whose tiles end past t; within it, column tiles in pairs (2p, 2p + 1), each pair
+// ordered as the full row tiles at column 2p, the tail (columns 2p and 2p + 1), the full row tiles at 2p + 1.
+__device__ __forceinline__ Tile tile_at(const Shared& s, int t, int experts) {
+  int lo = 0, hi = experts - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (s.tile_end[mid] > t) hi = mid; else lo = mid + 1;
+  }
+  const int begin = s.row_begin[lo], end = s.row_end[lo];
+  const RowTiles r = row_tiles(end - begin);
+  const int u = t - (lo > 0 ? s.tile_end[lo - 1] : 0);
+  const int per_pair = 2 * r.full + r.tail;
+  const int p = u / per_pair, i = u % per_pair;
+  if (i < r.full) return {lo, begin + i * kBlockM, end, 2 * p, false};
+  if (i == r.full && r.tail) return {lo, begin + r.full * kBlockM, end, 2 * p, true};
+  return {lo, begin + (i - r.full - r.tail) * kBlockM, end, 2 * p + 1, false};
+}
+
+// A position in the ring of stages: the stage and the parity of its current phase.
+struct Ring {
+  int stage = 0, phase = 0;
+  __device__ __forceinline__ void advance() {
     if (++stage == kStages) stage = 0, phase ^= 1;
   }
+};
+
+// The k loop of one tile on the consumer side: per k step, wait until its stage is loaded (a tail: its two
+// stages), issue mma(a_stage, b_stage, accumulate) (the warp group's MMAs: A from the first stage, B from
+// b_stage; accumulate = 0 on the first step) and release the previous step's stages once its MMAs are done
+// (one arrival per warp on each). Returns with every MMA complete.
+template <typename Mma>
+__device__ __forceinline__ void consume_tile(Shared& s, int k_steps, bool tail, int half, Ring& ring, int lane, Mma mma) {
+  const auto release = [&](int first) {
+    if (lane != 0) return;
+    mbar_arrive(&s.empty[first]);
+    if (tail) mbar_arrive(&s.empty[(first + 1) % kStages]);
+  };
+  int previous = -1;
+  for (int step = 0; step < k_steps; ++step) {
+    const int first = ring.stage;
+    mbar_wait(&s.full[first], ring.phase);
+    ring.advance();
+    int second = first;
+    if (tail) {
+      second = ring.stage;
+      mbar_wait(&s.full[second], ring.phase);
+      ring.advance();
+    }
+    wgmma_fence();
+    mma(first, half > 0 ? second : first, step > 0);
+    wgmma_commit();
+    wgmma_wait<1>();
+    if (previous >= 0) release(previous);
+    previous = first;
+  }
   wgmma_wait<0>();
-  if (previous >= 0 && lane == 0) mbar_arrive(&s.empty[previous]);
+  if (previous >= 0) release(previous);
 }
 
 // Stores this lane's rows row0 and row0 + 8 (up to row_end) of kBlocks 8-column blocks from column col0:
@@ -367,15 +331,13 @@ __device__ __forceinline__ void store_rows(const Params& p, int row0, int row_en
   }
 }
 
-// kRouted: rows go through pair: gate_up gathers its A rows (a[pair[r] / top_k]), down scatters its out rows
-// (out[pair[r]] = weights[pair[r]] * row). kSplitTails: the second loop over tails of <= 64 rows (see the top).
-template <bool kGateUp, bool kRouted, bool kSplitTails>
+// kScatter (down with pair): out[pair[r]] = weights[pair[r]] * row r.
+template <bool kGateUp, bool kScatter>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                         const Params p) {
-  constexpr bool kGather = kGateUp && kRouted;
-  constexpr int kTileN = kGateUp ? kBlockN / 2 : kBlockN;  // output columns of a tile
-  const int k = p.k, experts = p.experts, n_out = p.n_out;
+  constexpr int kTileN = kGateUp ? kBlockN / 2 : kBlockN;  // output columns of a column tile
+  const int experts = p.experts;
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap();  // built for another architecture (wgmma and setmaxnreg are sm_90a); the host refuses such GPUs
 #else
@@ -384,126 +346,76 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int warp_group = threadIdx.x / 128;
   if (threadIdx.x == 0) {
     for (int i = 0; i < kStages; ++i) {
-      mbar_init(&s.full[i], kGather ? 1 + 128 : 1);  // (+ one cp.async arrival per producer thread)
+      mbar_init(&s.full[i], 1);
       mbar_init(&s.empty[i], 8);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
-  map_rows<kSplitTails>(s, p.offsets, experts, p.rows);  // (its barriers also publish the mbarrier init)
-  const int n_tiles = (n_out + kTileN - 1) / kTileN;
-  const int k_steps = (k + kBlockK - 1) / kBlockK;
+  const int n_tiles = (p.n_out + kTileN - 1) / kTileN;
+  map_rows(s, p.offsets, experts, p.rows, n_tiles);  // (its barriers also publish the mbarrier init)
+  const int k_steps = (p.k + kBlockK - 1) / kBlockK;
   // (read after setmaxnreg, so that nothing read here stays live across it)
-  const auto counts = [&] { return int2{s.full_end[experts - 1], s.tail_end[experts - 1]}; };
+  const auto tile_count = [&] { return s.tile_end[experts - 1]; };
 
   if (warp_group == 0) {
-    registers_down<kGather ? kGatherProducerRegs : kProducerRegs>();
-    const auto [full_m, tail_m] = counts();
-    const int full_tiles = full_m * n_tiles, tiles = full_tiles + tail_m * n_tiles;
-    // gather: this thread copies 16-byte chunks q and q + 4 of the tile's rows first_row + 32 j, j < 4
-    const int q = threadIdx.x % 4, first_row = threadIdx.x / 4;
-    if (!kGather && threadIdx.x != 0) return;
-    int stage = 0, phase = 0;
-    for (int t = blockIdx.x; t < tiles; t += gridDim.x) {  // full tiles, then split tails: the consumers' order
-      const bool tail = t >= full_tiles;
-      const Tile tile = tail ? tile_at(s, t - full_tiles, tail_m, n_tiles, experts, true)
-                             : tile_at(s, t, full_m, n_tiles, experts, false);
-      // gate_up: the gate rows of the tile's 128 columns, then their up rows; down: 256 output columns.
-      const int b_first = tile.expert * p.w_rows + tile.n * kTileN;
-      const int b_second = b_first + (kGateUp ? n_out : kBlockN / 2);
-      int token[4];
-      unsigned live = 0;  // bit j: row first_row + 32 j holds one of the expert's rows (else zeros, nothing read)
-      if constexpr (kGather) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int r = tile.row_begin + first_row + 32 * j;
-          const bool here = r < tile.row_end;
-          token[j] = here ? min(max(p.pair[r] / p.top_k, 0), p.a_rows - 1) : 0;  // (clamped: memory safety)
-          live |= static_cast<unsigned>(here) << j;
-        }
-      }
+    registers_down<kProducerRegs>();
+    if (threadIdx.x != 0) return;
+    const int tiles = tile_count();
+    Ring ring;
+    // B of column tile n at stage `stage`: gate_up its 128 gate rows, then their up rows; down 256 rows.
+    const auto load_b = [&](int stage, int expert, int n, int step) {
+      const int first = expert * p.w_rows + n * kTileN;
+      tma_load(s.b[stage], &map_b, &s.full[stage], step * kBlockK, first);
+      tma_load(s.b[stage] + kBHalfBytes, &map_b, &s.full[stage], step * kBlockK,
+               first + (kGateUp ? p.n_out : kBlockN / 2));
+    };
+    for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+      const Tile tile = tile_at(s, t, experts);
       for (int step = 0; step < k_steps; ++step) {
-        mbar_wait(&s.empty[stage], phase ^ 1);
-        if (threadIdx.x == 0) {
-          mbar_expect_bytes(&s.full[stage], kGather ? 2 * kBHalfBytes : kStageBytes);
-          if constexpr (!kGather) tma_load(s.a[stage], &map_a, &s.full[stage], step * kBlockK, tile.row_begin);
-          tma_load(s.b[stage], &map_b, &s.full[stage], step * kBlockK, b_first);
-          tma_load(s.b[stage] + kBHalfBytes, &map_b, &s.full[stage], step * kBlockK, b_second);
+        mbar_wait(&s.empty[ring.stage], ring.phase ^ 1);
+        mbar_expect_bytes(&s.full[ring.stage], (tile.tail ? 1 : 2) * kAHalfBytes + 2 * kBHalfBytes);
+        tma_load(s.a[ring.stage], &map_a, &s.full[ring.stage], step * kBlockK, tile.row_begin);
+        if (!tile.tail) {
+          tma_load(s.a[ring.stage] + kAHalfBytes, &map_a, &s.full[ring.stage], step * kBlockK,
+                   tile.row_begin + kTailM);
         }
-        if constexpr (kGather) {
-          // Row r of the stage at r * 128 bytes, its 16-byte chunk c at chunk c ^ (r % 8): TMA's 128-byte swizzle.
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {  // a warp: chunks 4 half .. 4 half + 3 (64 bytes) of 8 rows
-            const int c = q + 4 * half;
-            const int col = step * kBlockK + 8 * c;
-            std::uint8_t* dst = s.a[stage] + first_row * 128 + 16 * (c ^ (first_row % 8));
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              const bool full = (live >> j & 1) && col < k;
-              cp_async_16(dst + 32 * 128 * j, full ? p.a + static_cast<std::int64_t>(token[j]) * k + col : p.a, full);
-            }
-          }
-          cp_async_arrive(&s.full[stage]);
+        load_b(ring.stage, tile.expert, tile.n, step);
+        ring.advance();
+        if (tile.tail) {  // the second column tile's B in the next stage
+          mbar_wait(&s.empty[ring.stage], ring.phase ^ 1);
+          mbar_expect_bytes(&s.full[ring.stage], 2 * kBHalfBytes);
+          load_b(ring.stage, tile.expert, tile.n + 1, step);
+          ring.advance();
         }
-        if (++stage == kStages) stage = 0, phase ^= 1;
       }
     }
     return;
   }
 
-  registers_up<kGather ? kGatherConsumerRegs : kConsumerRegs>();
-  const auto [full_m, tail_m] = counts();
-  const int full_tiles = full_m * n_tiles, tiles = full_tiles + tail_m * n_tiles;
+  registers_up<kConsumerRegs>();
+  const int tiles = tile_count();
   const int half = warp_group - 1;
   const int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
-  int stage = 0, phase = 0;
-  int t = blockIdx.x;
+  Ring ring;
   float acc[128];
-  for (; t < full_tiles; t += gridDim.x) {  // rows [64 half, 64 half + 64) of the tile, all 256 weight rows
-    const Tile tile = tile_at(s, t, full_m, n_tiles, experts, false);
-    consume_tile<kGather>(s, k_steps, stage, phase, lane, [&](int st, int accumulate) {
+  for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+    const Tile tile = tile_at(s, t, experts);
+    // a full tile: rows [64 half, 64 half + 64) of it, column tile n; a tail: its rows, column tile n + half
+    const int a_offset = tile.tail ? 0 : half * kAHalfBytes;
+    consume_tile(s, k_steps, tile.tail, half, ring, lane, [&](int a_stage, int b_stage, int accumulate) {
 #pragma unroll
       for (int kk = 0; kk < kBlockK / 16; ++kk) {
-        wgmma_m64n256k16(acc, operand_desc(s.a[st] + half * 64 * 128 + kk * 32), operand_desc(s.b[st] + kk * 32),
+        wgmma_m64n256k16(acc, operand_desc(s.a[a_stage] + a_offset + kk * 32), operand_desc(s.b[b_stage] + kk * 32),
                          accumulate || kk > 0);
       }
     });
     fence_accumulators(acc);
     // gate_up: silu(gate) * up, the up columns 128 further (block j + 16)
-    store_rows<kRouted && !kGateUp, kTileN / 8>(
-        p, tile.row_begin + 64 * half + 16 * warp + lane / 4, tile.row_end, tile.n * kTileN, lane, [&](int j, int i) {
-          return kGateUp ? silu(acc[4 * j + i]) * acc[4 * (j + 16) + i] : acc[4 * j + i];
-        });
-  }
-  if constexpr (kSplitTails) {
-    // rows [0, 64) of the tail, weight rows: gate_up 64 gate [64 half, +64) and their up rows; down [128 half, +128)
-    float gate[32], up[32], out[64];
-    for (; t < tiles; t += gridDim.x) {
-      const Tile tile = tile_at(s, t - full_tiles, tail_m, n_tiles, experts, true);
-      consume_tile<kGather>(s, k_steps, stage, phase, lane, [&](int st, int accumulate) {
-#pragma unroll
-        for (int kk = 0; kk < kBlockK / 16; ++kk) {
-          const std::uint64_t a = operand_desc(s.a[st] + kk * 32);
-          if constexpr (kGateUp) {
-            wgmma_m64n64k16(gate, a, operand_desc(s.b[st] + 64 * half * 128 + kk * 32), accumulate || kk > 0);
-            wgmma_m64n64k16(up, a, operand_desc(s.b[st] + kBHalfBytes + 64 * half * 128 + kk * 32),
-                            accumulate || kk > 0);
-          } else {
-            wgmma_m64n128k16(out, a, operand_desc(s.b[st] + half * kBHalfBytes + kk * 32), accumulate || kk > 0);
-          }
-        }
-      });
-      const int row0 = tile.row_begin + 16 * warp + lane / 4;
-      if constexpr (kGateUp) {
-        fence_accumulators(gate);
-        fence_accumulators(up);
-        store_rows<false, 8>(p, row0, tile.row_end, tile.n * kTileN + 64 * half, lane,
-                             [&](int j, int i) { return silu(gate[4 * j + i]) * up[4 * j + i]; });
-      } else {
-        fence_accumulators(out);
-        store_rows<kRouted, 16>(p, row0, tile.row_end, tile.n * kTileN + 128 * half, lane,
-                                [&](int j, int i) { return out[4 * j + i]; });
-      }
-    }
+    const int row0 = tile.row_begin + (tile.tail ? 0 : kTailM * half) + 16 * warp + lane / 4;
+    store_rows<kScatter, kTileN / 8>(p, row0, tile.row_end, (tile.n + (tile.tail ? half : 0)) * kTileN, lane,
+                                     [&](int j, int i) {
+                                       return kGateUp ? silu(acc[4 * j + i]) * acc[4 * (j + 16) + i] : acc[4 * j + i];
+                                     });
   }
 #endif
 }
@@ -529,10 +441,10 @@ CUtensorMap tensor_map(const void* base, std::int64_t inner, std::int64_t outer,
   return map;
 }
 
-template <bool kGateUp, bool kRouted, bool kSplitTails>
+template <bool kGateUp, bool kScatter>
 void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& params, cudaStream_t stream) {
   const int bytes = static_cast<int>(sizeof(Shared)) + 1024;  // + the 1024-byte alignment of the base
-  auto kernel = grouped_gemm_kernel<kGateUp, kRouted, kSplitTails>;
+  auto kernel = grouped_gemm_kernel<kGateUp, kScatter>;
   PK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   int device = 0, sms = 0;
   PK_CUDA_CHECK(cudaGetDevice(&device));
@@ -541,50 +453,35 @@ void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& pa
   PK_LAUNCH_CHECK();
 }
 
-template <bool kGateUp, bool kRouted>
-void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& params, bool split_tails,
-            cudaStream_t stream) {
-  split_tails ? launch<kGateUp, kRouted, true>(map_a, map_b, params, stream)
-              : launch<kGateUp, kRouted, false>(map_a, map_b, params, stream);
-}
-
 }  // namespace
 
-void grouped_gemm_sm90(std::uintptr_t a, std::int64_t a_rows, std::int64_t k, std::uintptr_t w, std::int64_t experts,
-                       std::int64_t w_rows, std::uintptr_t out, std::int64_t n_out, std::uintptr_t offsets,
-                       std::int64_t rows, std::uintptr_t pair, std::int64_t top_k, std::uintptr_t weights,
-                       bool gate_up, bool split_tails, std::uintptr_t stream) {
+void grouped_gemm_sm90(std::uintptr_t a, std::int64_t k, std::uintptr_t w, std::int64_t experts, std::int64_t w_rows,
+                       std::uintptr_t out, std::int64_t n_out, std::uintptr_t offsets, std::int64_t rows,
+                       std::uintptr_t pair, std::uintptr_t weights, bool gate_up, std::uintptr_t stream) {
   require_device();
   int device = 0, major = 0;
   PK_CUDA_CHECK(cudaGetDevice(&device));
   PK_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   PK_CHECK(major == 9, "grouped_gemm_sm90: needs a Hopper GPU (compute capability 9.x), this one is ", major, ".x");
   PK_CHECK(rows >= 1 && rows < (1ll << 31), "rows: expected 1 <= rows < 2^31, got ", rows);
-  PK_CHECK(a_rows >= 1 && a_rows < (1ll << 31), "a_rows: expected 1 <= a_rows < 2^31, got ", a_rows);
-  PK_CHECK((gate_up && pair != 0) || a_rows == rows, "a_rows: expected rows (", rows, ") unless gate_up gathers, got ",
-           a_rows);
   PK_CHECK(k >= 8 && k % 8 == 0 && k < (1ll << 31), "k: expected a positive multiple of 8 (16-byte rows), got ", k);
   PK_CHECK(experts >= 1 && experts <= kMaxExperts, "experts: expected 1 ... ", kMaxExperts, ", got ", experts);
   PK_CHECK(n_out >= 8 && n_out % 8 == 0, "n_out: expected a positive multiple of 8 (16-byte stores), got ", n_out);
   PK_CHECK(w_rows == (gate_up ? 2 * n_out : n_out), "w_rows: expected ", gate_up ? 2 * n_out : n_out, ", got ", w_rows);
   PK_CHECK(experts * w_rows < (1ll << 31), "w: too many rows for 32-bit TMA coordinates");
-  PK_CHECK(pair == 0 || top_k >= 1, "top_k: expected >= 1 with pair, got ", top_k);
-  PK_CHECK(gate_up ? weights == 0 : (pair == 0) == (weights == 0),
-           "weights: give them with pair for the down GEMM only, got ", weights == 0 ? "none" : "an address");
+  PK_CHECK(!gate_up || pair == 0, "pair: the gate_up GEMM reads its rows in place, got an address");
+  PK_CHECK((pair == 0) == (weights == 0), "weights: give them with pair, got ", weights == 0 ? "none" : "an address");
   PK_CHECK(a % 16 == 0 && w % 16 == 0 && out % 16 == 0, "a, w, out: expected 16-byte aligned addresses");
-  const CUtensorMap map_a = tensor_map(as_ptr<void>(a), k, a_rows, kBlockM);  // (unused when gate_up gathers)
+  const CUtensorMap map_a = tensor_map(as_ptr<void>(a), k, rows, kTailM);
   const CUtensorMap map_b = tensor_map(as_ptr<void>(w), k, experts * w_rows, kBlockN / 2);
-  const Params params{as_ptr<const __nv_bfloat16>(a), as_ptr<__nv_bfloat16>(out), as_ptr<const int>(offsets),
-                      as_ptr<const int>(pair), as_ptr<const float>(weights), static_cast<int>(rows),
-                      static_cast<int>(a_rows), static_cast<int>(k), static_cast<int>(experts),
-                      static_cast<int>(w_rows), static_cast<int>(n_out), static_cast<int>(top_k)};
+  const Params params{as_ptr<__nv_bfloat16>(out), as_ptr<const int>(offsets), as_ptr<const int>(pair),
+                      as_ptr<const float>(weights), static_cast<int>(rows), static_cast<int>(k),
+                      static_cast<int>(experts), static_cast<int>(w_rows), static_cast<int>(n_out)};
   const cudaStream_t s = as_stream(stream);
   if (gate_up) {
-    pair ? launch<true, true>(map_a, map_b, params, split_tails, s)
-         : launch<true, false>(map_a, map_b, params, split_tails, s);
+    launch<true, false>(map_a, map_b, params, s);
   } else {
-    pair ? launch<false, true>(map_a, map_b, params, split_tails, s)
-         : launch<false, false>(map_a, map_b, params, split_tails, s);
+    pair ? launch<false, true>(map_a, map_b, params, s) : launch<false, false>(map_a, map_b, params, s);
   }
 }
 
