@@ -27,8 +27,8 @@ def _weights(E, H, I, device, seed=0):
     return w13, w2
 
 
-CASES = [  # (experts' row counts, H, I): last pieces of every size (<= 64 rows: tails over two column
-    # tiles), empty experts, an expert over many tiles, odd and partial column tiles, a partial k step
+CASES = [  # (experts' row counts, H, I): last tiles of every size, empty experts, an expert over many tiles,
+    # odd and partial column tiles, a partial k step
     ([130, 0, 1, 255, 128, 64, 129, 65], 256, 384),
     ([0, 0, 700, 3, 0], 2048, 1408),
     ([37] * 16 + [0] * 8, 5120, 192),

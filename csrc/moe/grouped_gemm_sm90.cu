@@ -8,17 +8,17 @@
 //              group of MMAs in flight, a stage released when its MMAs are done; then the epilogue from
 //              registers (silu * up, or the routing weight and the scatter) while the producer already
 //              loads the next tile.
-// An expert's rows are cut into 128-row tiles, except a last piece of <= 64 rows: a tail. A 128-row tile
-// spans 256 weight rows (gate_up: 128 gate rows and the up rows of the same columns; down: 256 output
-// columns), each consumer warp group computing 64 of its rows. A tail spans two such column tiles in two
-// consecutive stages (the second holds only B): both warp groups multiply the same 64 rows, each by the
-// weights of one column tile. So a tail costs about what a full tile costs for twice the columns (an expert
-// of 307 rows, as on 236B prefill, takes 2.5 tile times, not 3), and every MMA has the same shape, with no
-// branch around it (a branch makes ptxas serialize the wgmma, C7518: measured 20 % slower). A tile's rows past
-// the expert's end belong to the next expert (or are TMA's zero fill past the last row): computed, never
-// stored. The tiles run expert by expert, and within an expert column tile by column tile over its row
-// tiles, so an expert's weights come from DRAM about once and its rows stay in the L2. Every CTA derives the
-// experts' rows and tile counts from the offsets into shared memory first.
+// The tiles of an expert are its rows in 128-row steps; a tile's rows past the expert's end belong to the
+// next expert (or are TMA's zero fill past the last row): computed, never stored. The tile order groups
+// kGroupM row tiles over the column tiles, so an expert's weights are read from DRAM about once and the
+// group's rows stay in the L2 (236B prefill down, ncu: 3.4 GB read for 2.6 GB of weights and rows; group
+// sizes 1 to 32 measured no better, tune/moe_sm90_group.json). Every CTA derives the experts' rows and row
+// tiles from the offsets into shared memory first.
+// The kernel is L2-bound (ncu, 236B prefill down: L2 throughput 84-92 % of peak, tensor pipe 84 % active),
+// so the rows computed past an expert's end (20 % on 236B prefill: 307 rows per expert computed as 384) are
+// its main loss. A last piece of <= 64 rows spanning two column tiles instead (both consumer warp groups on
+// its 64 rows, one column tile each, tune/moe_sm90_tails.json) was slower: 1745 -> 2419 µs on that GEMM; it
+// needs 1.5x the operand bytes per MMA and halves the ring's depth in k steps.
 #include <cuda.h>
 #include <cudaTypedefs.h>
 #include <cuda_bf16.h>
@@ -33,32 +33,30 @@ namespace pk {
 namespace {
 
 constexpr int kBlockM = 128;                     // rows of a tile: two consumer warp groups of 64
-constexpr int kTailM = 64;                       // rows of a tail
 constexpr int kBlockN = 256;                     // weight rows of a tile (gate_up: 128 + 128)
 constexpr int kBlockK = 64;                      // 128 bytes of bf16: one swizzle row
 constexpr int kStages = 4;
+constexpr int kGroupM = 8;                       // row tiles that sweep the column tiles together
 constexpr int kThreads = 384;                    // producer + two consumer warp groups
 constexpr int kMaxExperts = 512;
-constexpr int kAHalfBytes = kTailM * kBlockK * 2;       // 8 KB: one TMA box of 64 rows
+constexpr int kABytes = kBlockM * kBlockK * 2;          // 16 KB
 constexpr int kBHalfBytes = kBlockN / 2 * kBlockK * 2;  // 16 KB: one TMA box of 128 weight rows
 // setmaxnreg: 128 producer + 256 consumer threads share the launch's 384 x 168 registers.
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;
 
 struct Shared {
-  alignas(1024) std::uint8_t a[kStages][2 * kAHalfBytes];
+  alignas(1024) std::uint8_t a[kStages][kABytes];
   alignas(1024) std::uint8_t b[kStages][2 * kBHalfBytes];
   std::uint64_t full[kStages];   // the stage is loaded (TMA bytes)
   std::uint64_t empty[kStages];  // the consumers' MMAs of the stage are done (one arrival per consumer warp)
   int row_begin[kMaxExperts];    // clamped [begin, end) rows of each expert
   int row_end[kMaxExperts];
-  int tile_end[kMaxExperts];     // cumulative tiles (full tiles and tails) up to and including each expert
+  int row_tile_end[kMaxExperts];  // cumulative row tiles up to and including each expert
 };
 
-// Rows [row_begin, min(row_begin + 128, row_end)) of expert `expert` (a tail: up to row_end, <= 64 rows)
-// times column tile n (a tail: n and n + 1).
+// Rows [row_begin, min(row_begin + 128, row_end)) of expert `expert` times column tile n.
 struct Tile {
   int expert, row_begin, row_end, n;
-  bool tail;
 };
 
 struct Params {
@@ -196,20 +194,8 @@ __device__ __forceinline__ void registers_up() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kRegs) : "memory");
 }
 
-// An expert of `count` rows: its row tiles of up to 128 rows, and whether a last piece of <= 64 rows is a tail.
-struct RowTiles {
-  int full;
-  bool tail;
-};
-__device__ __forceinline__ RowTiles row_tiles(int count) {
-  const int rest = count % kBlockM;
-  const bool tail = rest > 0 && rest <= kTailM;
-  return {count / kBlockM + (rest > 0 && !tail), tail};
-}
-
-// The experts' rows and cumulative tile counts into shared memory (every thread; ends with a barrier).
-// An expert's tiles: its full row tiles at each of the n_tiles column tiles, a tail at every other one.
-__device__ __forceinline__ void map_rows(Shared& s, const int* offsets, int experts, int rows, int n_tiles) {
+// The experts' rows and cumulative row tiles into shared memory (every thread; ends with a barrier).
+__device__ __forceinline__ void map_rows(Shared& s, const int* offsets, int experts, int rows) {
   for (int e = threadIdx.x; e < experts; e += blockDim.x) {
     const int end = min(offsets[e], rows);  // memory safety under unchecked offsets
     const int begin = e > 0 ? max(min(offsets[e - 1], rows), 0) : 0;
@@ -221,10 +207,7 @@ __device__ __forceinline__ void map_rows(Shared& s, const int* offsets, int expe
     const int lane = threadIdx.x;
     const int chunk = (experts + 31) / 32;
     const int first = min(lane * chunk, experts), last = min(first + chunk, experts);
-    auto tiles = [&](int e) {
-      const RowTiles r = row_tiles(s.row_end[e] - s.row_begin[e]);
-      return r.full * n_tiles + (r.tail ? (n_tiles + 1) / 2 : 0);
-    };
+    const auto tiles = [&](int e) { return (s.row_end[e] - s.row_begin[e] + kBlockM - 1) / kBlockM; };
     int sum = 0;
     for (int e = first; e < last; ++e) sum += tiles(e);
     int before = sum;
@@ -234,27 +217,24 @@ __device__ __forceinline__ void map_rows(Shared& s, const int* offsets, int expe
       if (lane >= d) before += v;
     }
     before -= sum;
-    for (int e = first; e < last; ++e) s.tile_end[e] = before += tiles(e);
+    for (int e = first; e < last; ++e) s.row_tile_end[e] = before += tiles(e);
   }
   __syncthreads();
 }
 
-// Tile t: the expert whose tiles end past t; within it, column tiles in pairs (2p, 2p + 1), each pair
-// ordered as the full row tiles at column 2p, the tail (columns 2p and 2p + 1), the full row tiles at 2p + 1.
-__device__ __forceinline__ Tile tile_at(const Shared& s, int t, int experts) {
-  int lo = 0, hi = experts - 1;
+// Tile t of m_tiles x n_tiles: row tiles in groups of kGroupM, each group sweeping the column tiles.
+__device__ __forceinline__ Tile tile_at(const Shared& s, int t, int m_tiles, int n_tiles, int experts) {
+  const int per_group = kGroupM * n_tiles;
+  const int first_m = t / per_group * kGroupM;
+  const int group = min(m_tiles - first_m, kGroupM);
+  const int m = first_m + t % per_group % group;
+  int lo = 0, hi = experts - 1;  // the first expert whose row tiles end past m
   while (lo < hi) {
     const int mid = (lo + hi) / 2;
-    if (s.tile_end[mid] > t) hi = mid; else lo = mid + 1;
+    if (s.row_tile_end[mid] > m) hi = mid; else lo = mid + 1;
   }
-  const int begin = s.row_begin[lo], end = s.row_end[lo];
-  const RowTiles r = row_tiles(end - begin);
-  const int u = t - (lo > 0 ? s.tile_end[lo - 1] : 0);
-  const int per_pair = 2 * r.full + r.tail;
-  const int p = u / per_pair, i = u % per_pair;
-  if (i < r.full) return {lo, begin + i * kBlockM, end, 2 * p, false};
-  if (i == r.full && r.tail) return {lo, begin + r.full * kBlockM, end, 2 * p, true};
-  return {lo, begin + (i - r.full - r.tail) * kBlockM, end, 2 * p + 1, false};
+  const int row = s.row_begin[lo] + (m - (lo > 0 ? s.row_tile_end[lo - 1] : 0)) * kBlockM;
+  return {lo, row, s.row_end[lo], t % per_group / group};
 }
 
 // A position in the ring of stages: the stage and the parity of its current phase.
@@ -265,37 +245,24 @@ struct Ring {
   }
 };
 
-// The k loop of one tile on the consumer side: per k step, wait until its stage is loaded (a tail: its two
-// stages), issue mma(a_stage, b_stage, accumulate) (the warp group's MMAs: A from the first stage, B from
-// b_stage; accumulate = 0 on the first step) and release the previous step's stages once its MMAs are done
-// (one arrival per warp on each). Returns with every MMA complete.
+// The k loop of one tile on the consumer side: per k step, wait until its stage is loaded, issue mma(stage,
+// accumulate) (the warp group's MMAs reading it; accumulate = 0 on the first step), and release the previous
+// stage once its MMAs are done (one arrival per warp). Returns with every MMA complete.
 template <typename Mma>
-__device__ __forceinline__ void consume_tile(Shared& s, int k_steps, bool tail, int half, Ring& ring, int lane, Mma mma) {
-  const auto release = [&](int first) {
-    if (lane != 0) return;
-    mbar_arrive(&s.empty[first]);
-    if (tail) mbar_arrive(&s.empty[(first + 1) % kStages]);
-  };
+__device__ __forceinline__ void consume_tile(Shared& s, int k_steps, Ring& ring, int lane, Mma mma) {
   int previous = -1;
   for (int step = 0; step < k_steps; ++step) {
-    const int first = ring.stage;
-    mbar_wait(&s.full[first], ring.phase);
-    ring.advance();
-    int second = first;
-    if (tail) {
-      second = ring.stage;
-      mbar_wait(&s.full[second], ring.phase);
-      ring.advance();
-    }
+    mbar_wait(&s.full[ring.stage], ring.phase);
     wgmma_fence();
-    mma(first, half > 0 ? second : first, step > 0);
+    mma(ring.stage, step > 0);
     wgmma_commit();
     wgmma_wait<1>();
-    if (previous >= 0) release(previous);
-    previous = first;
+    if (previous >= 0 && lane == 0) mbar_arrive(&s.empty[previous]);
+    previous = ring.stage;
+    ring.advance();
   }
   wgmma_wait<0>();
-  if (previous >= 0) release(previous);
+  if (previous >= 0 && lane == 0) mbar_arrive(&s.empty[previous]);
 }
 
 // Stores this lane's rows row0 and row0 + 8 (up to row_end) of kBlocks 8-column blocks from column col0:
@@ -351,69 +318,54 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
+  map_rows(s, p.offsets, experts, p.rows);  // (its barriers also publish the mbarrier init)
   const int n_tiles = (p.n_out + kTileN - 1) / kTileN;
-  map_rows(s, p.offsets, experts, p.rows, n_tiles);  // (its barriers also publish the mbarrier init)
   const int k_steps = (p.k + kBlockK - 1) / kBlockK;
   // (read after setmaxnreg, so that nothing read here stays live across it)
-  const auto tile_count = [&] { return s.tile_end[experts - 1]; };
+  const auto row_tiles = [&] { return s.row_tile_end[experts - 1]; };
 
   if (warp_group == 0) {
     registers_down<kProducerRegs>();
     if (threadIdx.x != 0) return;
-    const int tiles = tile_count();
+    const int m_tiles = row_tiles(), tiles = m_tiles * n_tiles;
     Ring ring;
-    // B of column tile n at stage `stage`: gate_up its 128 gate rows, then their up rows; down 256 rows.
-    const auto load_b = [&](int stage, int expert, int n, int step) {
-      const int first = expert * p.w_rows + n * kTileN;
-      tma_load(s.b[stage], &map_b, &s.full[stage], step * kBlockK, first);
-      tma_load(s.b[stage] + kBHalfBytes, &map_b, &s.full[stage], step * kBlockK,
-               first + (kGateUp ? p.n_out : kBlockN / 2));
-    };
     for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
-      const Tile tile = tile_at(s, t, experts);
+      const Tile tile = tile_at(s, t, m_tiles, n_tiles, experts);
+      // gate_up: the gate rows of the tile's 128 columns, then their up rows; down: 256 output columns.
+      const int b_first = tile.expert * p.w_rows + tile.n * kTileN;
+      const int b_second = b_first + (kGateUp ? p.n_out : kBlockN / 2);
       for (int step = 0; step < k_steps; ++step) {
+        std::uint64_t* full = &s.full[ring.stage];
         mbar_wait(&s.empty[ring.stage], ring.phase ^ 1);
-        mbar_expect_bytes(&s.full[ring.stage], (tile.tail ? 1 : 2) * kAHalfBytes + 2 * kBHalfBytes);
-        tma_load(s.a[ring.stage], &map_a, &s.full[ring.stage], step * kBlockK, tile.row_begin);
-        if (!tile.tail) {
-          tma_load(s.a[ring.stage] + kAHalfBytes, &map_a, &s.full[ring.stage], step * kBlockK,
-                   tile.row_begin + kTailM);
-        }
-        load_b(ring.stage, tile.expert, tile.n, step);
+        mbar_expect_bytes(full, kABytes + 2 * kBHalfBytes);
+        tma_load(s.a[ring.stage], &map_a, full, step * kBlockK, tile.row_begin);
+        tma_load(s.b[ring.stage], &map_b, full, step * kBlockK, b_first);
+        tma_load(s.b[ring.stage] + kBHalfBytes, &map_b, full, step * kBlockK, b_second);
         ring.advance();
-        if (tile.tail) {  // the second column tile's B in the next stage
-          mbar_wait(&s.empty[ring.stage], ring.phase ^ 1);
-          mbar_expect_bytes(&s.full[ring.stage], 2 * kBHalfBytes);
-          load_b(ring.stage, tile.expert, tile.n + 1, step);
-          ring.advance();
-        }
       }
     }
     return;
   }
 
   registers_up<kConsumerRegs>();
-  const int tiles = tile_count();
+  const int m_tiles = row_tiles(), tiles = m_tiles * n_tiles;
   const int half = warp_group - 1;
   const int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
   Ring ring;
   float acc[128];
-  for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
-    const Tile tile = tile_at(s, t, experts);
-    // a full tile: rows [64 half, 64 half + 64) of it, column tile n; a tail: its rows, column tile n + half
-    const int a_offset = tile.tail ? 0 : half * kAHalfBytes;
-    consume_tile(s, k_steps, tile.tail, half, ring, lane, [&](int a_stage, int b_stage, int accumulate) {
+  for (int t = blockIdx.x; t < tiles; t += gridDim.x) {  // rows [64 half, 64 half + 64) of the tile
+    const Tile tile = tile_at(s, t, m_tiles, n_tiles, experts);
+    consume_tile(s, k_steps, ring, lane, [&](int stage, int accumulate) {
 #pragma unroll
       for (int kk = 0; kk < kBlockK / 16; ++kk) {
-        wgmma_m64n256k16(acc, operand_desc(s.a[a_stage] + a_offset + kk * 32), operand_desc(s.b[b_stage] + kk * 32),
+        wgmma_m64n256k16(acc, operand_desc(s.a[stage] + half * 64 * 128 + kk * 32), operand_desc(s.b[stage] + kk * 32),
                          accumulate || kk > 0);
       }
     });
     fence_accumulators(acc);
     // gate_up: silu(gate) * up, the up columns 128 further (block j + 16)
-    const int row0 = tile.row_begin + (tile.tail ? 0 : kTailM * half) + 16 * warp + lane / 4;
-    store_rows<kScatter, kTileN / 8>(p, row0, tile.row_end, (tile.n + (tile.tail ? half : 0)) * kTileN, lane,
-                                     [&](int j, int i) {
+    store_rows<kScatter, kTileN / 8>(p, tile.row_begin + 64 * half + 16 * warp + lane / 4, tile.row_end,
+                                     tile.n * kTileN, lane, [&](int j, int i) {
                                        return kGateUp ? silu(acc[4 * j + i]) * acc[4 * (j + 16) + i] : acc[4 * j + i];
                                      });
   }
@@ -472,7 +424,7 @@ void grouped_gemm_sm90(std::uintptr_t a, std::int64_t k, std::uintptr_t w, std::
   PK_CHECK(!gate_up || pair == 0, "pair: the gate_up GEMM reads its rows in place, got an address");
   PK_CHECK((pair == 0) == (weights == 0), "weights: give them with pair, got ", weights == 0 ? "none" : "an address");
   PK_CHECK(a % 16 == 0 && w % 16 == 0 && out % 16 == 0, "a, w, out: expected 16-byte aligned addresses");
-  const CUtensorMap map_a = tensor_map(as_ptr<void>(a), k, rows, kTailM);
+  const CUtensorMap map_a = tensor_map(as_ptr<void>(a), k, rows, kBlockM);
   const CUtensorMap map_b = tensor_map(as_ptr<void>(w), k, experts * w_rows, kBlockN / 2);
   const Params params{as_ptr<__nv_bfloat16>(out), as_ptr<const int>(offsets), as_ptr<const int>(pair),
                       as_ptr<const float>(weights), static_cast<int>(rows), static_cast<int>(k),
