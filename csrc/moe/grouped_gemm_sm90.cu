@@ -1,27 +1,24 @@
 // Grouped GEMM of the MoE prefill on Hopper (see grouped_gemm.h for the contract).
 //
-// Persistent and warp specialized, in clusters of two CTAs (one per SM) that share their loads by TMA
-// multicast. A cluster walks the cluster tiles t = cluster, cluster + clusters, ...; each CTA computes a
-// tile of 128 expert-sorted rows x 256 weight rows (gate_up: 128 gate rows and the up rows of the same
-// columns; down: 256 output columns) with three warp groups:
+// Persistent and warp specialized. Each CTA (one per SM) walks the tiles t = blockIdx.x, blockIdx.x +
+// gridDim.x, ... Its three warp groups:
 //   producer   one thread issues the TMA loads of every k step into a ring of kStages shared-memory stages
 //              (A [128 x 64] and B [256 x 64], 48 KB), each guarded by a "full" and an "empty" mbarrier;
-//   consumers  two warp groups, 64 rows each: wgmma m64n256k16 from shared memory (128-byte swizzle, K-major
-//              A and B), one group of MMAs in flight, a stage released when its MMAs are done; then the
-//              epilogue from registers (silu * up, or the routing weight and the scatter) while the producer
-//              already loads the next tile.
-// A cluster tile is two row tiles of an expert at one column tile (each CTA loads its own A and half of B,
-// multicast to both), or an expert's odd last row tile at two column tiles (each CTA loads half of A,
-// multicast, and its own B): the L2 serves 32 or 40 KB per CTA and k step instead of 48 (the kernel is
-// L2-bound: ncu on one CTA per tile, 236B prefill down, L2 throughput 84-92 % of peak, tensor pipe 84 %
-// active). A stage is free for either producer once both CTAs' consumers are done with it. Tiles run expert
-// by expert, column pair by column pair, so an expert's weights are read from DRAM about once and its rows
-// stay in the L2. A tile's rows past the expert's end belong to the next expert (or are TMA's zero fill past
-// the last row): computed, never stored; every CTA derives the experts' rows and tile counts from the offsets
-// into shared memory first.
-// (Measured, tune/moe_sm90_tails.json: an expert's last piece of <= 64 rows spanning two column tiles, both
-// consumer warp groups on its 64 rows, made the L2-bound kernel slower, 236B prefill down 1745 -> 2419 µs: it
-// needs 1.5x the operand bytes per MMA and halves the ring's depth in k steps.)
+//   consumers  two warp groups: wgmma m64n256k16 from shared memory (128-byte swizzle, K-major A and B), one
+//              group of MMAs in flight, a stage released when its MMAs are done; then the epilogue from
+//              registers (silu * up, or the routing weight and the scatter) while the producer already
+//              loads the next tile.
+// The tiles of an expert are its rows in 128-row steps; a tile's rows past the expert's end belong to the
+// next expert (or are TMA's zero fill past the last row): computed, never stored. The tile order groups
+// kGroupM row tiles over the column tiles, so an expert's weights are read from DRAM about once and the
+// group's rows stay in the L2 (236B prefill down, ncu: 3.4 GB read for 2.6 GB of weights and rows; group
+// sizes 1 to 32 measured no better, tune/moe_sm90_group.json). Every CTA derives the experts' rows and row
+// tiles from the offsets into shared memory first.
+// The kernel is L2-bound (ncu, 236B prefill down: L2 throughput 84-92 % of peak, tensor pipe 84 % active),
+// so the rows computed past an expert's end (20 % on 236B prefill: 307 rows per expert computed as 384) are
+// its main loss. A last piece of <= 64 rows spanning two column tiles instead (both consumer warp groups on
+// its 64 rows, one column tile each, tune/moe_sm90_tails.json) was slower: 1745 -> 2419 µs on that GEMM; it
+// needs 1.5x the operand bytes per MMA and halves the ring's depth in k steps.
 #include <cuda.h>
 #include <cudaTypedefs.h>
 #include <cuda_bf16.h>
@@ -39,30 +36,27 @@ constexpr int kBlockM = 128;                     // rows of a tile: two consumer
 constexpr int kBlockN = 256;                     // weight rows of a tile (gate_up: 128 + 128)
 constexpr int kBlockK = 64;                      // 128 bytes of bf16: one swizzle row
 constexpr int kStages = 4;
+constexpr int kGroupM = 8;                       // row tiles that sweep the column tiles together
 constexpr int kThreads = 384;                    // producer + two consumer warp groups
 constexpr int kMaxExperts = 512;
-constexpr int kCluster = 2;                      // CTAs of a cluster, sharing loads by TMA multicast
-constexpr int kAHalfBytes = kBlockM / 2 * kBlockK * 2;  // 8 KB: one TMA box of 64 rows
+constexpr int kABytes = kBlockM * kBlockK * 2;          // 16 KB
 constexpr int kBHalfBytes = kBlockN / 2 * kBlockK * 2;  // 16 KB: one TMA box of 128 weight rows
-constexpr int kStageBytes = 2 * kAHalfBytes + 2 * kBHalfBytes;
 // setmaxnreg: 128 producer + 256 consumer threads share the launch's 384 x 168 registers.
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;
 
 struct Shared {
-  alignas(1024) std::uint8_t a[kStages][2 * kAHalfBytes];
+  alignas(1024) std::uint8_t a[kStages][kABytes];
   alignas(1024) std::uint8_t b[kStages][2 * kBHalfBytes];
-  std::uint64_t full[kStages];   // the stage is loaded (TMA bytes, the peer CTA's multicast included)
-  std::uint64_t empty[kStages];  // both CTAs' consumers are done with the stage (one arrival per consumer warp)
+  std::uint64_t full[kStages];   // the stage is loaded (TMA bytes)
+  std::uint64_t empty[kStages];  // the consumers' MMAs of the stage are done (one arrival per consumer warp)
   int row_begin[kMaxExperts];    // clamped [begin, end) rows of each expert
   int row_end[kMaxExperts];
-  int tile_end[kMaxExperts];     // cumulative cluster tiles up to and including each expert
+  int row_tile_end[kMaxExperts];  // cumulative row tiles up to and including each expert
 };
 
-// A cluster tile of expert `expert` (rows up to row_end): a pair of row tiles from row_begin at column
-// tile n (CTA rank r takes row tile r), or one row tile at column tiles n, n + 1 (CTA rank r takes n + r).
+// Rows [row_begin, min(row_begin + 128, row_end)) of expert `expert` times column tile n.
 struct Tile {
   int expert, row_begin, row_end, n;
-  bool column_pair;
 };
 
 struct Params {
@@ -85,6 +79,10 @@ __device__ __forceinline__ void mbar_expect_bytes(std::uint64_t* bar, int bytes)
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem(bar)), "r"(bytes) : "memory");
 }
 
+__device__ __forceinline__ void mbar_arrive(std::uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem(bar)) : "memory");
+}
+
 // Wait until the phase of the given parity is complete (a fresh barrier counts its phase "1" as complete).
 __device__ __forceinline__ void mbar_wait(std::uint64_t* bar, int parity) {
   asm volatile(
@@ -105,34 +103,6 @@ __device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, std:
           smem(dst)),
       "l"(reinterpret_cast<std::uint64_t>(map)), "r"(inner), "r"(outer), "r"(smem(bar))
       : "memory");
-}
-
-// tma_load into the same offset of the shared memory of every CTA in cta_mask, completing on their bars.
-__device__ __forceinline__ void tma_load_multicast(void* dst, const CUtensorMap* map, std::uint64_t* bar, int inner,
-                                                   int outer, std::uint16_t cta_mask) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
-      " [%0], [%1, {%2, %3}], [%4], %5;" ::"r"(smem(dst)),
-      "l"(reinterpret_cast<std::uint64_t>(map)), "r"(inner), "r"(outer), "r"(smem(bar)), "h"(cta_mask)
-      : "memory");
-}
-
-// One arrival on bar of the cluster's CTA `cta` (this one included).
-__device__ __forceinline__ void mbar_arrive_cluster(std::uint64_t* bar, int cta) {
-  std::uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem(bar)), "r"(cta));
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
-}
-
-__device__ __forceinline__ int cluster_rank() {
-  std::uint32_t rank;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
-  return static_cast<int>(rank);
-}
-
-// Every thread of the cluster's CTAs (not warp-aligned: some warps arrive diverged).
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;" ::: "memory");
 }
 
 // wgmma descriptor of a K-major bf16 operand in 128-byte swizzle: rows of 128 bytes, 8-row atoms 1024
@@ -224,21 +194,8 @@ __device__ __forceinline__ void registers_up() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kRegs) : "memory");
 }
 
-// An expert of `count` rows: its row tiles (of 128 rows, the last one up to its end) in pairs, and whether
-// one is left over.
-struct RowPairs {
-  int pairs;
-  bool odd;
-};
-__device__ __forceinline__ RowPairs row_pairs(int count) {
-  const int tiles = (count + kBlockM - 1) / kBlockM;
-  return {tiles / 2, (tiles & 1) != 0};
-}
-
-// The experts' rows and cumulative cluster tiles into shared memory (every thread; ends with a barrier).
-// An expert's cluster tiles: its row pairs at each of the n_tiles column tiles, its odd row tile at every
-// other one (with the next).
-__device__ __forceinline__ void map_rows(Shared& s, const int* offsets, int experts, int rows, int n_tiles) {
+// The experts' rows and cumulative row tiles into shared memory (every thread; ends with a barrier).
+__device__ __forceinline__ void map_rows(Shared& s, const int* offsets, int experts, int rows) {
   for (int e = threadIdx.x; e < experts; e += blockDim.x) {
     const int end = min(offsets[e], rows);  // memory safety under unchecked offsets
     const int begin = e > 0 ? max(min(offsets[e - 1], rows), 0) : 0;
@@ -250,10 +207,7 @@ __device__ __forceinline__ void map_rows(Shared& s, const int* offsets, int expe
     const int lane = threadIdx.x;
     const int chunk = (experts + 31) / 32;
     const int first = min(lane * chunk, experts), last = min(first + chunk, experts);
-    const auto tiles = [&](int e) {
-      const RowPairs r = row_pairs(s.row_end[e] - s.row_begin[e]);
-      return r.pairs * n_tiles + (r.odd ? (n_tiles + 1) / 2 : 0);
-    };
+    const auto tiles = [&](int e) { return (s.row_end[e] - s.row_begin[e] + kBlockM - 1) / kBlockM; };
     int sum = 0;
     for (int e = first; e < last; ++e) sum += tiles(e);
     int before = sum;
@@ -263,28 +217,24 @@ __device__ __forceinline__ void map_rows(Shared& s, const int* offsets, int expe
       if (lane >= d) before += v;
     }
     before -= sum;
-    for (int e = first; e < last; ++e) s.tile_end[e] = before += tiles(e);
+    for (int e = first; e < last; ++e) s.row_tile_end[e] = before += tiles(e);
   }
   __syncthreads();
 }
 
-// Cluster tile t: the expert whose tiles end past t; within it, column tiles in pairs (2p, 2p + 1), each pair
-// ordered as the row pairs at column 2p, the odd row tile (columns 2p and 2p + 1), the row pairs at 2p + 1:
-// the tiles of one expert weight column run together, and the expert's rows stay in the L2.
-__device__ __forceinline__ Tile tile_at(const Shared& s, int t, int experts) {
-  int lo = 0, hi = experts - 1;
+// Tile t of m_tiles x n_tiles: row tiles in groups of kGroupM, each group sweeping the column tiles.
+__device__ __forceinline__ Tile tile_at(const Shared& s, int t, int m_tiles, int n_tiles, int experts) {
+  const int per_group = kGroupM * n_tiles;
+  const int first_m = t / per_group * kGroupM;
+  const int group = min(m_tiles - first_m, kGroupM);
+  const int m = first_m + t % per_group % group;
+  int lo = 0, hi = experts - 1;  // the first expert whose row tiles end past m
   while (lo < hi) {
     const int mid = (lo + hi) / 2;
-    if (s.tile_end[mid] > t) hi = mid; else lo = mid + 1;
+    if (s.row_tile_end[mid] > m) hi = mid; else lo = mid + 1;
   }
-  const int begin = s.row_begin[lo], end = s.row_end[lo];
-  const RowPairs r = row_pairs(end - begin);
-  const int u = t - (lo > 0 ? s.tile_end[lo - 1] : 0);
-  const int per_column_pair = 2 * r.pairs + r.odd;
-  const int p = u / per_column_pair, i = u % per_column_pair;
-  if (i < r.pairs) return {lo, begin + 2 * i * kBlockM, end, 2 * p, false};
-  if (i == r.pairs && r.odd) return {lo, begin + 2 * r.pairs * kBlockM, end, 2 * p, true};
-  return {lo, begin + 2 * (i - r.pairs - r.odd) * kBlockM, end, 2 * p + 1, false};
+  const int row = s.row_begin[lo] + (m - (lo > 0 ? s.row_tile_end[lo - 1] : 0)) * kBlockM;
+  return {lo, row, s.row_end[lo], t % per_group / group};
 }
 
 // A position in the ring of stages: the stage and the parity of its current phase.
@@ -297,13 +247,9 @@ struct Ring {
 
 // The k loop of one tile on the consumer side: per k step, wait until its stage is loaded, issue mma(stage,
 // accumulate) (the warp group's MMAs reading it; accumulate = 0 on the first step), and release the previous
-// stage once its MMAs are done (one arrival per warp on the stage's empty barrier in each CTA of the cluster:
-// either CTA's producer multicasts into both). Returns with every MMA complete.
+// stage once its MMAs are done (one arrival per warp). Returns with every MMA complete.
 template <typename Mma>
 __device__ __forceinline__ void consume_tile(Shared& s, int k_steps, Ring& ring, int lane, Mma mma) {
-  const auto release = [&](int stage) {
-    if (lane < kCluster) mbar_arrive_cluster(&s.empty[stage], lane);
-  };
   int previous = -1;
   for (int step = 0; step < k_steps; ++step) {
     mbar_wait(&s.full[ring.stage], ring.phase);
@@ -311,12 +257,12 @@ __device__ __forceinline__ void consume_tile(Shared& s, int k_steps, Ring& ring,
     mma(ring.stage, step > 0);
     wgmma_commit();
     wgmma_wait<1>();
-    if (previous >= 0) release(previous);
+    if (previous >= 0 && lane == 0) mbar_arrive(&s.empty[previous]);
     previous = ring.stage;
     ring.advance();
   }
   wgmma_wait<0>();
-  if (previous >= 0) release(previous);
+  if (previous >= 0 && lane == 0) mbar_arrive(&s.empty[previous]);
 }
 
 // Stores this lane's rows row0 and row0 + 8 (up to row_end) of kBlocks 8-column blocks from column col0:
@@ -365,81 +311,64 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ std::uint8_t raw[];
   Shared& s = *reinterpret_cast<Shared*>((reinterpret_cast<std::uintptr_t>(raw) + 1023) & ~std::uintptr_t{1023});
   const int warp_group = threadIdx.x / 128;
-  const int rank = cluster_rank(), cluster = blockIdx.x / kCluster, clusters = gridDim.x / kCluster;
   if (threadIdx.x == 0) {
     for (int i = 0; i < kStages; ++i) {
       mbar_init(&s.full[i], 1);
-      mbar_init(&s.empty[i], 8 * kCluster);
+      mbar_init(&s.empty[i], 8);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
+  map_rows(s, p.offsets, experts, p.rows);  // (its barriers also publish the mbarrier init)
   const int n_tiles = (p.n_out + kTileN - 1) / kTileN;
-  map_rows(s, p.offsets, experts, p.rows, n_tiles);
-  cluster_sync();  // the peer's barriers are initialized before anything reaches them
   const int k_steps = (p.k + kBlockK - 1) / kBlockK;
   // (read after setmaxnreg, so that nothing read here stays live across it)
-  const auto tile_count = [&] { return s.tile_end[experts - 1]; };
+  const auto row_tiles = [&] { return s.row_tile_end[experts - 1]; };
 
   if (warp_group == 0) {
     registers_down<kProducerRegs>();
-    if (threadIdx.x == 0) {
-      const int tiles = tile_count();
-      Ring ring;
-      for (int t = cluster; t < tiles; t += clusters) {
-        const Tile tile = tile_at(s, t, experts);
-        // B of column tile n: gate_up its 128 gate rows, then their up rows; down 256 rows (two boxes).
-        const auto b_row = [&](int n, int box) {
-          return tile.expert * p.w_rows + n * kTileN + box * (kGateUp ? p.n_out : kBlockN / 2);
-        };
-        for (int step = 0; step < k_steps; ++step) {
-          const int k0 = step * kBlockK, st = ring.stage;
-          std::uint64_t* full = &s.full[st];
-          mbar_wait(&s.empty[st], ring.phase ^ 1);
-          mbar_expect_bytes(full, kStageBytes);  // this CTA's loads and the peer's multicast
-          if (tile.column_pair) {  // A: this CTA's half of the row tile to both; B: its own column tile
-            tma_load_multicast(s.a[st] + rank * kAHalfBytes, &map_a, full, k0, tile.row_begin + rank * kBlockM / 2,
-                               (1 << kCluster) - 1);
-            tma_load(s.b[st], &map_b, full, k0, b_row(tile.n + rank, 0));
-            tma_load(s.b[st] + kBHalfBytes, &map_b, full, k0, b_row(tile.n + rank, 1));
-          } else {  // A: its own row tile; B: this CTA's half of the column tile to both
-            const int row = tile.row_begin + rank * kBlockM;
-            tma_load(s.a[st], &map_a, full, k0, row);
-            tma_load(s.a[st] + kAHalfBytes, &map_a, full, k0, row + kBlockM / 2);
-            tma_load_multicast(s.b[st] + rank * kBHalfBytes, &map_b, full, k0, b_row(tile.n, rank),
-                               (1 << kCluster) - 1);
-          }
-          ring.advance();
-        }
+    if (threadIdx.x != 0) return;
+    const int m_tiles = row_tiles(), tiles = m_tiles * n_tiles;
+    Ring ring;
+    for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+      const Tile tile = tile_at(s, t, m_tiles, n_tiles, experts);
+      // gate_up: the gate rows of the tile's 128 columns, then their up rows; down: 256 output columns.
+      const int b_first = tile.expert * p.w_rows + tile.n * kTileN;
+      const int b_second = b_first + (kGateUp ? p.n_out : kBlockN / 2);
+      for (int step = 0; step < k_steps; ++step) {
+        std::uint64_t* full = &s.full[ring.stage];
+        mbar_wait(&s.empty[ring.stage], ring.phase ^ 1);
+        mbar_expect_bytes(full, kABytes + 2 * kBHalfBytes);
+        tma_load(s.a[ring.stage], &map_a, full, step * kBlockK, tile.row_begin);
+        tma_load(s.b[ring.stage], &map_b, full, step * kBlockK, b_first);
+        tma_load(s.b[ring.stage] + kBHalfBytes, &map_b, full, step * kBlockK, b_second);
+        ring.advance();
       }
     }
-  } else {
-    registers_up<kConsumerRegs>();
-    const int tiles = tile_count();
-    const int half = warp_group - 1;
-    const int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
-    Ring ring;
-    float acc[128];
-    for (int t = cluster; t < tiles; t += clusters) {
-      const Tile tile = tile_at(s, t, experts);
-      consume_tile(s, k_steps, ring, lane, [&](int stage, int accumulate) {
-#pragma unroll
-        for (int kk = 0; kk < kBlockK / 16; ++kk) {
-          wgmma_m64n256k16(acc, operand_desc(s.a[stage] + half * kAHalfBytes + kk * 32),
-                           operand_desc(s.b[stage] + kk * 32), accumulate || kk > 0);
-        }
-      });
-      fence_accumulators(acc);
-      // rows [64 half, 64 half + 64) of this CTA's row tile; gate_up: silu(gate) * up, the up columns 128
-      // further (block j + 16)
-      const int row0 = tile.row_begin + (tile.column_pair ? 0 : rank * kBlockM) + 64 * half + 16 * warp + lane / 4;
-      store_rows<kScatter, kTileN / 8>(p, row0, tile.row_end, (tile.n + (tile.column_pair ? rank : 0)) * kTileN, lane,
-                                       [&](int j, int i) {
-                                         return kGateUp ? silu(acc[4 * j + i]) * acc[4 * (j + 16) + i]
-                                                        : acc[4 * j + i];
-                                       });
-    }
+    return;
   }
-  cluster_sync();  // the peer's last multicast and barrier arrivals are done before either CTA exits
+
+  registers_up<kConsumerRegs>();
+  const int m_tiles = row_tiles(), tiles = m_tiles * n_tiles;
+  const int half = warp_group - 1;
+  const int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
+  Ring ring;
+  float acc[128];
+  for (int t = blockIdx.x; t < tiles; t += gridDim.x) {  // rows [64 half, 64 half + 64) of the tile
+    const Tile tile = tile_at(s, t, m_tiles, n_tiles, experts);
+    consume_tile(s, k_steps, ring, lane, [&](int stage, int accumulate) {
+#pragma unroll
+      for (int kk = 0; kk < kBlockK / 16; ++kk) {
+        wgmma_m64n256k16(acc, operand_desc(s.a[stage] + half * 64 * 128 + kk * 32), operand_desc(s.b[stage] + kk * 32),
+                         accumulate || kk > 0);
+      }
+    });
+    fence_accumulators(acc);
+    // gate_up: silu(gate) * up, the up columns 128 further (block j + 16)
+    store_rows<kScatter, kTileN / 8>(p, tile.row_begin + 64 * half + 16 * warp + lane / 4, tile.row_end,
+                                     tile.n * kTileN, lane, [&](int j, int i) {
+                                       return kGateUp ? silu(acc[4 * j + i]) * acc[4 * (j + 16) + i] : acc[4 * j + i];
+                                     });
+  }
 #endif
 }
 
@@ -469,25 +398,11 @@ void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& pa
   const int bytes = static_cast<int>(sizeof(Shared)) + 1024;  // + the 1024-byte alignment of the base
   auto kernel = grouped_gemm_kernel<kGateUp, kScatter>;
   PK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeClusterDimension;
-  attribute.val.clusterDim.x = kCluster;
-  attribute.val.clusterDim.y = attribute.val.clusterDim.z = 1;
-  cudaLaunchConfig_t config{};
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = bytes;
-  config.stream = stream;
-  config.attrs = &attribute;
-  config.numAttrs = 1;
-  static const int clusters = [&] {  // as many as fit at once: persistent
-    config.gridDim = dim3(kCluster);
-    int count = 0;
-    PK_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&count, kernel, &config));
-    PK_CHECK(count >= 1, "grouped_gemm_sm90: no cluster of ", kCluster, " CTAs fits on this GPU");
-    return count;
-  }();
-  config.gridDim = dim3(kCluster * clusters);
-  PK_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, map_a, map_b, params));
+  int device = 0, sms = 0;
+  PK_CUDA_CHECK(cudaGetDevice(&device));
+  PK_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  kernel<<<sms, kThreads, bytes, stream>>>(map_a, map_b, params);
+  PK_LAUNCH_CHECK();
 }
 
 }  // namespace
@@ -509,7 +424,7 @@ void grouped_gemm_sm90(std::uintptr_t a, std::int64_t k, std::uintptr_t w, std::
   PK_CHECK(!gate_up || pair == 0, "pair: the gate_up GEMM reads its rows in place, got an address");
   PK_CHECK((pair == 0) == (weights == 0), "weights: give them with pair, got ", weights == 0 ? "none" : "an address");
   PK_CHECK(a % 16 == 0 && w % 16 == 0 && out % 16 == 0, "a, w, out: expected 16-byte aligned addresses");
-  const CUtensorMap map_a = tensor_map(as_ptr<void>(a), k, rows, kBlockM / 2);
+  const CUtensorMap map_a = tensor_map(as_ptr<void>(a), k, rows, kBlockM);
   const CUtensorMap map_b = tensor_map(as_ptr<void>(w), k, experts * w_rows, kBlockN / 2);
   const Params params{as_ptr<__nv_bfloat16>(out), as_ptr<const int>(offsets), as_ptr<const int>(pair),
                       as_ptr<const float>(weights), static_cast<int>(rows), static_cast<int>(k),
