@@ -247,53 +247,69 @@ struct Ring {
 
 // The k loop of one tile on the consumer side: per k step, wait until its stage is loaded, issue mma(stage,
 // accumulate) (the warp group's MMAs reading it; accumulate = 0 on the first step), and release the previous
-// stage once its MMAs are done (one arrival per warp). Returns with every MMA complete.
-template <typename Mma>
-__device__ __forceinline__ void consume_tile(Shared& s, int k_steps, Ring& ring, int lane, Mma mma) {
-  int previous = -1;
-  for (int step = 0; step < k_steps; ++step) {
+// stage once its MMAs are done (one arrival per warp). overlap() runs while the first step's MMAs do.
+// Returns with every MMA complete.
+template <typename Mma, typename Overlap>
+__device__ __forceinline__ void consume_tile(Shared& s, int k_steps, Ring& ring, int lane, Mma mma, Overlap overlap) {
+  mbar_wait(&s.full[ring.stage], ring.phase);
+  wgmma_fence();
+  mma(ring.stage, 0);
+  wgmma_commit();
+  overlap();
+  int previous = ring.stage;
+  ring.advance();
+  for (int step = 1; step < k_steps; ++step) {
     mbar_wait(&s.full[ring.stage], ring.phase);
     wgmma_fence();
-    mma(ring.stage, step > 0);
+    mma(ring.stage, 1);
     wgmma_commit();
     wgmma_wait<1>();
-    if (previous >= 0 && lane == 0) mbar_arrive(&s.empty[previous]);
+    if (lane == 0) mbar_arrive(&s.empty[previous]);
     previous = ring.stage;
     ring.advance();
   }
   wgmma_wait<0>();
-  if (previous >= 0 && lane == 0) mbar_arrive(&s.empty[previous]);
+  if (lane == 0) mbar_arrive(&s.empty[previous]);
 }
 
-// Stores this lane's rows row0 and row0 + 8 (up to row_end) of kBlocks 8-column blocks from column col0:
-// value(j, i) is the float of block j at fragment index i = 2h + c, i.e. row row0 + 8h, column 8j + 2 (lane % 4)
-// + c (the accumulator layout of m64nNk16). The scattered down GEMM scales a row by its route's weight and
-// writes it at pair[row]. The 4 lanes of a quad share a row; they trade pairs so that each stores 8 columns
-// (16 bytes) at once.
-template <bool kScatter, int kBlocks, typename Value>
-__device__ __forceinline__ void store_rows(const Params& p, int row0, int row_end, int col0, int lane, Value value) {
-  const int quad_lane = lane % 4;
+// A consumer thread's share of a tile's output: its rows row0 and row0 + 8 as 16-byte blocks of 8 columns,
+// block g at columns col + 32 g (col = col0 + 8 (lane % 4)), and where each row goes (null: not stored).
+// It is packed once the tile's MMAs are done and stored while the next tile's first MMAs run.
+template <int kGroups>
+struct RowsOut {
+  uint4 block[2][kGroups];
+  __nv_bfloat16* dest[2];
+  int col;
+};
+
+// out = this lane's rows of the accumulators: value(j, i) is the float of 8-column block j at fragment index
+// i = 2h + c, i.e. row row0 + 8h, column 8j + 2 (lane % 4) + c (the accumulator layout of m64nNk16), times
+// scale[h]. The 4 lanes of a quad share a row; they trade pairs so that each holds 8 consecutive columns.
+template <int kGroups, typename Value>
+__device__ __forceinline__ void pack_rows(RowsOut<kGroups>& out, const float (&scale)[2], int lane, Value value) {
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int row = row0 + 8 * h;
-    const bool live = row < row_end;  // (every lane reaches the shuffles)
-    std::int64_t dest = row;
-    float scale = 1.0f;
-    if constexpr (kScatter) {
-      dest = live ? p.pair[row] : 0;
-      scale = live ? p.weights[dest] : 0.0f;
-    }
-    __nv_bfloat16* out_row = p.out + dest * p.n_out;
 #pragma unroll
-    for (int g = 0; g < kBlocks / 4; ++g) {
+    for (int g = 0; g < kGroups; ++g) {
       std::uint32_t v[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        v[i] = pack_bf16x2(value(4 * g + i, 2 * h) * scale, value(4 * g + i, 2 * h + 1) * scale);
+        v[i] = pack_bf16x2(value(4 * g + i, 2 * h) * scale[h], value(4 * g + i, 2 * h + 1) * scale[h]);
       }
-      const uint4 block = quad_transpose(v, quad_lane);
-      const int col = col0 + 8 * (4 * g + quad_lane);
-      if (live && col < p.n_out) *reinterpret_cast<uint4*>(out_row + col) = block;
+      out.block[h][g] = quad_transpose(v, lane % 4);
+    }
+  }
+}
+
+template <int kGroups>
+__device__ __forceinline__ void store_rows(const RowsOut<kGroups>& out, int n_out) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int g = 0; g < kGroups; ++g) {
+      if (out.dest[h] != nullptr && out.col + 32 * g < n_out) {
+        *reinterpret_cast<uint4*>(out.dest[h] + out.col + 32 * g) = out.block[h][g];
+      }
     }
   }
 }
@@ -353,22 +369,39 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
   Ring ring;
   float acc[128];
+  RowsOut<kTileN / 32> out;  // the previous tile's rows, stored during the next tile's first MMAs
+  out.dest[0] = out.dest[1] = nullptr;
   for (int t = blockIdx.x; t < tiles; t += gridDim.x) {  // rows [64 half, 64 half + 64) of the tile
     const Tile tile = tile_at(s, t, m_tiles, n_tiles, experts);
+    const int row0 = tile.row_begin + 64 * half + 16 * warp + lane / 4;
+    std::int64_t dest[2];  // the output row of rows row0 and row0 + 8, or -1
+    float scale[2];
     consume_tile(s, k_steps, ring, lane, [&](int stage, int accumulate) {
 #pragma unroll
       for (int kk = 0; kk < kBlockK / 16; ++kk) {
         wgmma_m64n256k16(acc, operand_desc(s.a[stage] + half * 64 * 128 + kk * 32), operand_desc(s.b[stage] + kk * 32),
                          accumulate || kk > 0);
       }
+    }, [&] {  // this tile's routes (global loads, waited for only after the k loop), the previous tile's stores
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = row0 + 8 * h;
+        dest[h] = row < tile.row_end ? (kScatter ? p.pair[row] : row) : -1;
+      }
+      store_rows(out, p.n_out);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) scale[h] = kScatter ? (dest[h] >= 0 ? p.weights[dest[h]] : 0.0f) : 1.0f;
     });
     fence_accumulators(acc);
     // gate_up: silu(gate) * up, the up columns 128 further (block j + 16)
-    store_rows<kScatter, kTileN / 8>(p, tile.row_begin + 64 * half + 16 * warp + lane / 4, tile.row_end,
-                                     tile.n * kTileN, lane, [&](int j, int i) {
-                                       return kGateUp ? silu(acc[4 * j + i]) * acc[4 * (j + 16) + i] : acc[4 * j + i];
-                                     });
+    pack_rows(out, scale, lane, [&](int j, int i) {
+      return kGateUp ? silu(acc[4 * j + i]) * acc[4 * (j + 16) + i] : acc[4 * j + i];
+    });
+#pragma unroll
+    for (int h = 0; h < 2; ++h) out.dest[h] = dest[h] >= 0 ? p.out + dest[h] * p.n_out : nullptr;
+    out.col = tile.n * kTileN + 8 * (lane % 4);
   }
+  store_rows(out, p.n_out);
 #endif
 }
 
