@@ -7,8 +7,10 @@ At the prefill shapes (Lite E 64 H 2048 I 1408 and 236B E 160 H 5120 I 1536, top
 it times, on the same expert-sorted rows:
   gate_up   Triton's table kernel; sm_90
   down      Triton's table kernel; sm_90 in place; sm_90 scattered to route order with the routing weights
-  gather    x.index_select into expert order (what moe_ffn's backend "cuda" pays before gate_up)
-Every output is first checked against Triton's (relative
+and the steps around them in moe_ffn, with the whole op (backends "triton" and "cuda"):
+  gather    into expert order: x.index_select, and moe_rows.gather_sorted
+  combine   the scattered down GEMM + grouped_gemm.sum_topk, and the in-place down GEMM + moe_rows.combine
+Every GEMM output is first checked against Triton's (relative
 error; a wrong one is reported, not timed). Printed and recorded: µs, TFLOP/s (the routed rows' FLOPs) and %
 of torch.mm's bf16 rate at 8192^3 measured in the same run (the moe bar: >= 75 % for the whole FFN).
 """
@@ -20,10 +22,11 @@ import sys
 
 import torch
 
+import pykernels as pk
 from bench.harness import Budget, time_cuda
 from pykernels import moe_gemm_sm90
-from pykernels.triton import grouped_gemm, moe_configs
-from pykernels.triton.moe_permute import permute
+from pykernels.triton import grouped_gemm, moe_configs, moe_rows
+from pykernels.triton.moe_permute import permute, permute_with_positions
 
 BUDGET = Budget(warmup_s=0.05, min_reps=10, max_reps=50, seconds=0.3)
 SHAPES = {"lite": (64, 2048, 1408), "236b": (160, 5120, 1536)}
@@ -86,9 +89,31 @@ def _case(label: str, T: int, mm_tflops: float) -> dict:
         report["results"][name] = row
         print(f"{label:5} T={T:<5} {name:32} " + (f"{row['us']:9.1f} µs {row['tflops']:6.1f} TFLOP/s "
               f"{100 * row['frac_mm']:5.1f} % of mm" if row["ok"] else f"WRONG (rel err {err:.2e})"), flush=True)
-    us = time_cuda(lambda i: x.index_select(0, (pair // TOP_K).long()), budget=BUDGET).median_us
-    report["results"]["gather x_sorted"] = {"us": round(us, 1)}
-    print(f"{label:5} T={T:<5} {'gather x_sorted (index_select)':32} {us:9.1f} µs", flush=True)
+    # the steps around the GEMMs in moe_ffn: into sorted order, and out of it with the top-k sum
+    _, _, position = permute_with_positions(ids, E)
+    topk_weights = weights.view(T, TOP_K)
+    y_scatter, y_combine = (torch.empty(T, H, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    buf, out_sorted = torch.empty_like(out), torch.empty_like(out)
+    steps = {
+        "gather x_sorted (index_select)": lambda: x.index_select(0, (pair // TOP_K).long()),
+        "gather x_sorted (gather_sorted)": lambda: moe_rows.gather_sorted(x, pair, offsets, TOP_K),
+        "down scattered + sum_topk": lambda: (moe_gemm_sm90.down(h, w2, offsets, buf, pair=pair, weights=weights),
+                                              grouped_gemm.sum_topk(buf, ids.view(-1), y_scatter, E, TOP_K)),
+        "down + combine": lambda: (moe_gemm_sm90.down(h, w2, offsets, out_sorted),
+                                   moe_rows.combine(out_sorted, position, topk_weights, y_combine)),
+        "moe_ffn triton": lambda: pk.moe_ffn(x, w13, w2, topk_weights, ids, backend="triton"),
+        "moe_ffn cuda": lambda: pk.moe_ffn(x, w13, w2, topk_weights, ids, backend="cuda"),
+    }
+    moe_flops = flops["gate_up"] + flops["down"]
+    for name, run in steps.items():
+        us = time_cuda(lambda i: run(), budget=BUDGET).median_us
+        row = {"us": round(us, 1)}
+        if name.startswith("moe_ffn"):
+            row["frac_mm"] = round(moe_flops / us / 1e6 / mm_tflops, 4)
+        report["results"][name] = row
+        print(f"{label:5} T={T:<5} {name:32} {us:9.1f} µs" +
+              (f" {100 * row['frac_mm']:5.1f} % of mm" if "frac_mm" in row else ""), flush=True)
+    report["results"]["down + combine"]["rel_err_vs_scattered"] = _rel(y_combine, y_scatter)
     return report
 
 

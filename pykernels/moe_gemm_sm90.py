@@ -87,23 +87,20 @@ def grouped_ffn_sm90(x_sorted: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
 
 def moe_ffn_sm90(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                  topk_ids: torch.Tensor) -> torch.Tensor:
-    """``pykernels.moe_ffn`` with the sm_90 GEMMs: the expert-sorted order (moe_permute), the token rows copied
-    into it (TMA reads whole row tiles; a gathering gate_up, cp.async by the producer warp group, measured
-    slower than this copy plus the in-place GEMM: tune/moe_sm90.json @74dcb8e), gate_up, the down GEMM
-    scattered back to route order with the routing weights, and the top-k sum of grouped_gemm."""
-    from pykernels.triton.grouped_gemm import sum_topk
-    from pykernels.triton.moe_permute import permute
+    """``pykernels.moe_ffn`` with the sm_90 GEMMs, every row tile in expert-sorted order (moe_permute): the
+    token rows gathered into it, gate_up, down in place, and the weighted top-k sum gathering each token's
+    rows back (moe_rows). (A gate_up gathering its own rows, by cp.async in the producer warp group, measured
+    slower than the gather plus the in-place GEMM, as did a down GEMM scattering its rows to route order plus
+    a top-k sum over those: tune/moe_sm90.json.)"""
+    from pykernels.triton.moe_permute import permute_with_positions
+    from pykernels.triton.moe_rows import combine, gather_sorted
 
     num_tokens, top_k = topk_ids.shape
-    num_experts = w13.shape[0]
     y = torch.empty_like(x)  # [T, H]
     if num_tokens == 0:
         return y
-    offsets, sorted_pair = permute(topk_ids, num_experts)  # [E], [N]
-    # (positions past offsets[E-1] are unwritten: clamped, never read after)
-    x_sorted = x.index_select(0, (sorted_pair // top_k).clamp_(0, num_tokens - 1))  # [N, H]
-    h = gate_up(x_sorted, w13, offsets)  # [N, I] expert-sorted
-    buf = torch.empty((sorted_pair.numel(), x.shape[1]), dtype=x.dtype, device=x.device)  # [N, H] route order
-    down(h, w2, offsets, buf, pair=sorted_pair, weights=topk_weights.reshape(-1).float())
-    sum_topk(buf, topk_ids.contiguous().view(-1), y, num_experts, top_k)
-    return y
+    offsets, sorted_pair, position = permute_with_positions(topk_ids, w13.shape[0])  # [E], [N], [N]
+    x_sorted = gather_sorted(x.contiguous(), sorted_pair, offsets, top_k)  # [N, H]
+    out = torch.empty_like(x_sorted)  # [N, H]; rows past offsets[E-1] are not written, nor read
+    down(gate_up(x_sorted, w13, offsets), w2, offsets, out)
+    return combine(out, position, topk_weights.contiguous(), y)

@@ -48,6 +48,20 @@ def test_unpadded(device, T, E, k, bad):
 
 @pytest.mark.parametrize("device", _devices())
 @pytest.mark.parametrize("T,E,k", CASES)
+@pytest.mark.parametrize("bad", [False, True], ids=["ids-in-range", "bad-ids"])
+def test_positions_invert_the_order(device, T, E, k, bad):
+    ids = _ids(T, E, k, seed=T + 2, bad=bad).to(device)
+    offsets, sorted_pair, position = moe_permute.permute_with_positions(ids, E)
+    order, counts = _expected(ids.cpu(), E)
+    assert torch.equal(offsets.cpu(), counts.cumsum(0).to(torch.int32))
+    assert torch.equal(sorted_pair[: order.numel()].cpu(), order)
+    want = torch.full((ids.numel(),), -1, dtype=torch.int32)
+    want[order.long()] = torch.arange(order.numel(), dtype=torch.int32)
+    assert torch.equal(position.cpu(), want)
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("T,E,k", CASES)
 @pytest.mark.parametrize("pad", [1, 16, 64])
 def test_padded(device, T, E, k, pad):
     ids = _ids(T, E, k, seed=T + 1, bad=pad == 16).to(device)

@@ -15,8 +15,10 @@ padded, vLLM's "align" layout (``permute_padded``)
                                A GEMM reads its tile's expert with one load and masks rows holding N.
 
 Routes with an id outside [0, E) get no position (in the unpadded layout the positions past
-``offsets[E-1]`` are left unwritten). The inverse map is not needed: the down GEMM scatters each row back
-to its route p directly.
+``offsets[E-1]`` are left unwritten). ``permute_with_positions`` also returns the inverse map of the
+unpadded layout, ``position int32 [N]`` (route p -> its position, -1 without one), for GEMMs that write
+their rows in sorted order and leave the top-k sum to gather them (``moe_rows.combine``); the Triton GEMMs
+scatter each row back to its route p directly.
 
 Two kernels over chunks of ``CHUNK`` routes (``SMALL_CHUNK`` for decode batches past one chunk):
 ``_count_kernel`` writes each chunk's per-expert counts; then ``_scatter_kernel`` turns them into the chunk's first position per expert (all counts before it, read
@@ -78,6 +80,7 @@ def _scatter_kernel(
     counts_ptr,  # [num_chunks, E] int32 from _count_kernel (unused when COUNT_HERE)
     offsets_ptr,  # PAD == 0: [E] int32 out, cumulative row ends; PAD > 0: [num_blocks] int32 out, block experts
     pair_ptr,  # [positions] int32 out: sorted position -> route (PAD > 0: padding rows get N)
+    position_ptr,  # WRITE_POSITION: [N] int32 out, route -> sorted position (-1: none)
     num_pairs,  # N
     num_experts,
     num_chunks,
@@ -88,6 +91,7 @@ def _scatter_kernel(
     PREFIX_ROWS: tl.constexpr,  # chunks (or blocks) read per step of the prefix loops
     COUNT_HERE: tl.constexpr,  # one chunk holds every route: count them here instead of reading counts
     PAD: tl.constexpr,  # 0: unpadded layout; > 0: segments rounded up to multiples of PAD rows
+    WRITE_POSITION: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     experts = tl.arange(0, BLOCK_E)  # [BE]
@@ -138,6 +142,8 @@ def _scatter_kernel(
         pos = tl.sum(tl.where(onehot, base[None, :] + rank, 0), axis=1)  # [SUB]
         valid = tl.sum(ones, axis=1) > 0  # id in [0, E)
         tl.store(pair_ptr + pos, p.to(tl.int32), mask=valid)
+        if WRITE_POSITION:
+            tl.store(position_ptr + p, tl.where(valid, pos, -1), mask=p < num_pairs)
         base += tl.sum(ones, axis=0)
 
 
@@ -147,7 +153,7 @@ def padded_blocks(num_pairs: int, num_experts: int, pad: int) -> int:
 
 
 def _launch(ids: torch.Tensor, num_experts: int, out_map: torch.Tensor, sorted_pair: torch.Tensor,
-            num_blocks: int, pad: int) -> None:
+            num_blocks: int, pad: int, position: torch.Tensor | None = None) -> None:
     num_pairs = ids.numel()
     block_e = triton.next_power_of_2(num_experts)
     prefix_rows = max(1, _PREFIX_ELEMENTS // block_e)
@@ -161,9 +167,9 @@ def _launch(ids: torch.Tensor, num_experts: int, out_map: torch.Tensor, sorted_p
             ids, counts, num_pairs, num_experts, CHUNK=chunk, SUB=SUB, BLOCK_E=block_e, num_warps=_NUM_WARPS
         )
     _scatter_kernel[(num_chunks,)](
-        ids, counts, out_map, sorted_pair, num_pairs, num_experts, num_chunks, num_blocks,
-        CHUNK=chunk, SUB=SUB, BLOCK_E=block_e, PREFIX_ROWS=prefix_rows, COUNT_HERE=num_chunks == 1, PAD=pad,
-        num_warps=_NUM_WARPS,
+        ids, counts, out_map, sorted_pair, sorted_pair if position is None else position, num_pairs, num_experts,
+        num_chunks, num_blocks, CHUNK=chunk, SUB=SUB, BLOCK_E=block_e, PREFIX_ROWS=prefix_rows,
+        COUNT_HERE=num_chunks == 1, PAD=pad, WRITE_POSITION=position is not None, num_warps=_NUM_WARPS,
     )
 
 
@@ -174,6 +180,17 @@ def permute(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, tor
     sorted_pair = torch.empty(ids.numel(), dtype=torch.int32, device=ids.device)
     _launch(ids, num_experts, offsets, sorted_pair, 0, 0)
     return offsets, sorted_pair
+
+
+def permute_with_positions(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``permute`` and the inverse map: ``(offsets [E], sorted_pair [N], position [N])``, int32, with
+    ``position[sorted_pair[r]] = r`` and -1 for routes whose id is outside [0, E)."""
+    ids = topk_ids.contiguous().view(-1)  # [N]
+    offsets = torch.empty(num_experts, dtype=torch.int32, device=ids.device)
+    sorted_pair = torch.empty(ids.numel(), dtype=torch.int32, device=ids.device)
+    position = torch.empty(ids.numel(), dtype=torch.int32, device=ids.device)
+    _launch(ids, num_experts, offsets, sorted_pair, 0, 0, position)
+    return offsets, sorted_pair, position
 
 
 def permute_padded(topk_ids: torch.Tensor, num_experts: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
