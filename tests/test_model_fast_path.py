@@ -320,7 +320,8 @@ def _ep_worker(rank: int, world: int, port: int, pg_backend: str, ep_backend: st
         else:
             device = torch.device("cpu")
             dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-        cfg = small_cfg()
+        # (on a GPU the Triton MLA decode needs a latent of a power of two >= 64 and a rope part >= 16)
+        cfg = small_cfg() if device.type == "cpu" else small_cfg(kv_lora_rank=64, qk_rope_head_dim=16)
         full = DeepseekV2.random(cfg, seed=11, device=device)
         ep = shard_from(full, rank, world)
         buf = pk.ep.Buffer(None, cfg.hidden_size, cfg.n_routed_experts, 64, dtype=torch.float32, backend=ep_backend,
