@@ -32,8 +32,9 @@ tokens; see there). Eager calls launch
 it directly; the ``torch.library`` op is the entry point under torch.compile and dispatch modes
 (``pykernels._backend.direct_call_ok``).
 "cuda" runs the GEMMs of ``pykernels/moe_gemm_sm90.py`` (persistent, warp-specialized wgmma kernels for
-Hopper; bfloat16, H and I multiples of 8) with the same permutation and top-k sum; it is forced only: its
-GEMMs measured level with Triton's (``bench/results/<gpu>/moe.json`` has both backends).
+Hopper; bfloat16, H and I multiples of 8) on rows gathered into expert order, their outputs summed back per
+token (``pykernels/triton/moe_rows.py``); it is forced only: the whole op measured level with Triton's
+(``bench/results/<gpu>/moe.json`` has both backends).
 ``backend=None`` picks Triton for CUDA tensors (the reference does E times the routed work, so it cannot
 win at any shape) and the reference on the CPU. The per-shape choices are the row layout and the tile
 configuration: ``pykernels/triton/moe_configs.py`` keys the tiles by (GEMM, H, I, rows per expert), sets

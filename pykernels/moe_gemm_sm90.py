@@ -89,9 +89,9 @@ def moe_ffn_sm90(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weig
                  topk_ids: torch.Tensor) -> torch.Tensor:
     """``pykernels.moe_ffn`` with the sm_90 GEMMs, every row tile in expert-sorted order (moe_permute): the
     token rows gathered into it, gate_up, down in place, and the weighted top-k sum gathering each token's
-    rows back (moe_rows). (A gate_up gathering its own rows, by cp.async in the producer warp group, measured
-    slower than the gather plus the in-place GEMM, as did a down GEMM scattering its rows to route order plus
-    a top-k sum over those: tune/moe_sm90.json.)"""
+    rows back (moe_rows). (Measured slower: a gate_up gathering its own rows by cp.async in the producer warp
+    group, tune/moe_sm90_gather.json; the down GEMM scattering its rows to route order, then a top-k sum over
+    those, tune/moe_sm90.json.)"""
     from pykernels.triton.moe_permute import permute_with_positions
     from pykernels.triton.moe_rows import combine, gather_sorted
 

@@ -5,16 +5,18 @@
 //   producer   one thread issues the TMA loads of every k step into a ring of kStages shared-memory stages
 //              (A [128 x 64] and B [256 x 64], 48 KB), each guarded by a "full" and an "empty" mbarrier;
 //   consumers  two warp groups: wgmma m64n256k16 from shared memory (128-byte swizzle, K-major A and B), one
-//              group of MMAs in flight, a stage released when its MMAs are done; then the epilogue from
-//              registers (silu * up, or the routing weight and the scatter) while the producer already
-//              loads the next tile.
+//              group of MMAs in flight, a stage released when its MMAs are done; then the epilogue packs
+//              the tile's rows into registers (silu * up, or the routing weight; bf16), and stores them
+//              once the next tile's first MMAs are issued (measured: Lite prefill down 522-540 -> 497 µs).
 // The tiles of an expert are its rows in 128-row steps; a tile's rows past the expert's end belong to the
 // next expert (or are TMA's zero fill past the last row): computed, never stored. The tile order groups
 // kGroupM row tiles over the column tiles, so an expert's weights are read from DRAM about once and the
 // group's rows stay in the L2 (236B prefill down, ncu: 3.4 GB read for 2.6 GB of weights and rows; group
 // sizes 1 to 32 measured no better, tune/moe_sm90_group.json). Every CTA derives the experts' rows and row
 // tiles from the offsets into shared memory first.
-// The kernel is L2-bound (ncu, 236B prefill down: L2 throughput 84-92 % of peak, tensor pipe 84 % active),
+// The kernel is bound by the operand bytes every SM takes in (ncu, 236B prefill down: L2 throughput 84-92 %
+// of peak, tensor pipe 84 % active; clusters of two CTAs sharing A or B by TMA multicast cut the DRAM reads
+// from 3.4 to 2.7 GB but not the 11.3 GB delivered to the SMs, and were slower: tune/moe_sm90_cluster.json),
 // so the rows computed past an expert's end (20 % on 236B prefill: 307 rows per expert computed as 384) are
 // its main loss. A last piece of <= 64 rows spanning two column tiles instead (both consumer warp groups on
 // its 64 rows, one column tile each, tune/moe_sm90_tails.json) was slower: 1745 -> 2419 µs on that GEMM; it

@@ -21,10 +21,11 @@ their rows in sorted order and leave the top-k sum to gather them (``moe_rows.co
 scatter each row back to its route p directly.
 
 Two kernels over chunks of ``CHUNK`` routes (``SMALL_CHUNK`` for decode batches past one chunk):
-``_count_kernel`` writes each chunk's per-expert counts; then ``_scatter_kernel`` turns them into the chunk's first position per expert (all counts before it, read
-``PREFIX_ROWS`` chunks at a time) and ranks the chunk's routes in order. When all routes fit in one chunk
-(decode, up to 21 tokens at top-6), the scatter kernel counts them itself: one launch. Loops stop at the
-chunk's last route, so a decode step of 6 routes does one step of each loop.
+``_count_kernel`` writes each chunk's per-expert counts; then ``_scatter_kernel`` turns them into the
+chunk's first position per expert (all counts before it, read ``PREFIX_ROWS`` chunks at a time) and ranks
+the chunk's routes in order. When all routes fit in one chunk (decode, up to 21 tokens at top-6), the
+scatter kernel counts them itself: one launch. Loops stop at the chunk's last route, so a decode step of 6
+routes does one step of each loop.
 """
 from __future__ import annotations
 
