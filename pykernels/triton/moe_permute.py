@@ -92,7 +92,7 @@ def _scatter_kernel(
     PREFIX_ROWS: tl.constexpr,  # chunks (or blocks) read per step of the prefix loops
     COUNT_HERE: tl.constexpr,  # one chunk holds every route: count them here instead of reading counts
     PAD: tl.constexpr,  # 0: unpadded layout; > 0: segments rounded up to multiples of PAD rows
-    WRITE_POSITION: tl.constexpr,
+    WRITE_POSITION: tl.constexpr,  # PAD == 0 only: also write the inverse map
 ):
     chunk = tl.program_id(0)
     experts = tl.arange(0, BLOCK_E)  # [BE]
