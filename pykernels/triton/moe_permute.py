@@ -174,24 +174,24 @@ def _launch(ids: torch.Tensor, num_experts: int, out_map: torch.Tensor, sorted_p
     )
 
 
-def permute(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unpadded layout: ``(offsets int32 [E], sorted_pair int32 [T * top_k])`` (see the module docstring)."""
+def _unpadded(topk_ids: torch.Tensor, num_experts: int, positions: bool) -> tuple[torch.Tensor, ...]:
     ids = topk_ids.contiguous().view(-1)  # [N]
     offsets = torch.empty(num_experts, dtype=torch.int32, device=ids.device)
     sorted_pair = torch.empty(ids.numel(), dtype=torch.int32, device=ids.device)
-    _launch(ids, num_experts, offsets, sorted_pair, 0, 0)
-    return offsets, sorted_pair
+    position = torch.empty(ids.numel(), dtype=torch.int32, device=ids.device) if positions else None
+    _launch(ids, num_experts, offsets, sorted_pair, 0, 0, position)
+    return (offsets, sorted_pair) if position is None else (offsets, sorted_pair, position)
+
+
+def permute(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpadded layout: ``(offsets int32 [E], sorted_pair int32 [T * top_k])`` (see the module docstring)."""
+    return _unpadded(topk_ids, num_experts, positions=False)
 
 
 def permute_with_positions(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``permute`` and the inverse map: ``(offsets [E], sorted_pair [N], position [N])``, int32, with
     ``position[sorted_pair[r]] = r`` and -1 for routes whose id is outside [0, E)."""
-    ids = topk_ids.contiguous().view(-1)  # [N]
-    offsets = torch.empty(num_experts, dtype=torch.int32, device=ids.device)
-    sorted_pair = torch.empty(ids.numel(), dtype=torch.int32, device=ids.device)
-    position = torch.empty(ids.numel(), dtype=torch.int32, device=ids.device)
-    _launch(ids, num_experts, offsets, sorted_pair, 0, 0, position)
-    return offsets, sorted_pair, position
+    return _unpadded(topk_ids, num_experts, positions=True)
 
 
 def permute_padded(topk_ids: torch.Tensor, num_experts: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
