@@ -33,13 +33,16 @@ def run(ctx) -> None:
         ctx.note(f"  NVLink/NCCL ceilings: not measured, they need 2 GPUs and this run has {gpus}")
         return
     sizes = ceilings.QUICK_LINK_SIZES if ctx.quick else ceilings.LINK_SIZES
+    ahead = "GPU time with the CPU ahead (the link's ceiling); eager_time_us: calls issued back to back"
     for r in ceilings.peer_copy(sizes, ctx.quick):
         ctx.record(op="ceiling.nvlink_peer_copy", backend="torch", shape={"bytes": r["bytes"]},
                    dtype="fp32", time_us=r["time_us"], bytes=r["bytes"],
-                   extra={"what": "GPU 0 -> GPU 1 copy_, bytes crossing once", "p2p": r["p2p"]})
+                   extra={"what": "GPU 0 -> GPU 1 copy_ (copy engine), bytes crossing once", "timed_as": ahead,
+                          "eager_time_us": round(r["eager_time_us"], 3), "p2p": r["p2p"]})
     for r in ceilings.nccl_all_to_all(sizes, ctx.quick):
         ctx.record(op="ceiling.nccl_all_to_all", backend="nccl",
                    shape={"bytes": r["bytes"], "ranks": r["ranks"]}, dtype="bf16", time_us=r["time_us"],
                    bytes=r["remote_bytes"],
                    extra={"what": "all_to_all_single, equal splits; bytes sent to other ranks, "
-                                  "slowest rank's median"})
+                                  "slowest rank's median", "timed_as": ahead,
+                          "eager_time_us": round(r["eager_time_us"], 3)})

@@ -19,9 +19,12 @@ The dispatch peer is also timed with the split sizes already on the host (argsor
 all_to_all_single alone: no count exchange, no host read) as ``extra.peer_known_splits``; the
 difference to ``peer`` is what learning the split sizes costs. On a GPU the peers without a host read (the
 known-splits dispatch, the combine) are timed once more with the CPU ahead: a sleep kernel holds the
-stream after the ranks align, so every call is queued before the start event fires, and the time is the
-GPU's alone, without the Python and launch cost of each call (``extra.peer_known_splits_cpu_ahead``,
-``extra.peer_cpu_ahead``).
+stream after the ranks align (harness.hold_stream), so every call is queued before the start event
+fires, and a second on-stream all_reduce after the hold starts the ranks together again (the holds end
+apart by up to ~1 % of their 10 ms: without it one rank's time would include that wait). The time is
+the GPU's alone, without the Python and launch cost of each call (``extra.peer_known_splits_cpu_ahead``,
+``extra.peer_cpu_ahead``). The peer sorts the expert ids as the router gives them (int32 keys: a radix
+sort of half the passes of int64).
 
 Bytes (profiles.cost_model.ep_dispatch / ep_combine): the (token, expert) pair rows whose expert lives
 on another rank, times H times 2, i.e. what an all-to-all of per-pair rows moves across the link. Both
@@ -52,7 +55,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bench.harness import peer_entry, record_name
+from bench.harness import hold_stream, peer_entry, record_name
 
 SUITE = "ep"
 
@@ -78,9 +81,6 @@ PEER_INCLUDES = {
 }
 TIMED_AS = ("per rank: barrier, then a 1-element all_reduce on the stream (ranks start together), {clock} "
             "around `inner` calls; each repetition's slowest rank; median over repetitions")
-# GPU cycles the stream sleeps before a CPU-ahead sample's start event (about 10 ms): longer than the CPU
-# takes to queue `inner` peer calls.
-CPU_AHEAD_CYCLES = 20_000_000
 SPAWN_LIMIT_S = 480.0          # a hung group is killed and reported, not waited for forever
 
 
@@ -217,10 +217,10 @@ def peer_dispatch(x: torch.Tensor, ids: torch.Tensor, E_local: int, world: int):
     """Pair rows to their experts' ranks the plain way (see the module doc for what it includes).
     x `[T, H]`, ids `[T, top_k]` -> received rows `[R, H]` and the state combine needs."""
     K = ids.shape[1]
-    flat = ids.flatten().long()                                             # [T·K]
+    flat = ids.flatten()                                                    # [T·K]
     order = torch.argsort(flat)                                             # [T·K] slots by expert, so by rank
     rows = x[order // K]                                                    # [T·K, H]
-    dest = flat // E_local                                                  # [T·K] rank of each pair's expert
+    dest = flat.long() // E_local                                           # [T·K] rank of each pair's expert
     send = torch.zeros(world, dtype=torch.int64, device=x.device).scatter_add_(0, dest, torch.ones_like(dest))
     recv = torch.empty_like(send)                                           # [W] pair rows from each rank
     dist.all_to_all_single(recv, send)
@@ -233,7 +233,7 @@ def peer_dispatch(x: torch.Tensor, ids: torch.Tensor, E_local: int, world: int):
 def peer_dispatch_known_splits(x: torch.Tensor, ids: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
     """``peer_dispatch`` when the split sizes are already on the host: argsort-permute, rows all_to_all."""
     K = ids.shape[1]
-    order = torch.argsort(ids.flatten().long())                             # [T·K]
+    order = torch.argsort(ids.flatten())                                    # [T·K]
     out = x.new_empty(sum(recv), x.size(1))
     dist.all_to_all_single(out, x[order // K], recv, send)
     return out
@@ -271,7 +271,7 @@ def _time(fn, dev: torch.device, world: int, reps: int, inner: int, graph: bool,
           name: str, cpu_ahead: bool = False) -> tuple[float, list[float]]:
     """µs per call of ``fn(i)`` (i alternating over the input sets): the median over repetitions of
     the slowest rank's time, and every rank's own median (see the module doc). ``cpu_ahead`` (GPU): the
-    stream sleeps CPU_AHEAD_CYCLES before each sample's start event, so the calls are queued by then."""
+    stream is held before each sample, then the ranks meet on it again, so the calls are queued by then."""
     from pykernels.profiling import nvtx_range
 
     for i in range(WARMUP):
@@ -298,7 +298,8 @@ def _time(fn, dev: torch.device, world: int, reps: int, inner: int, graph: bool,
             _align(dev, flag)
             if dev.type == "cuda":
                 if cpu_ahead:
-                    torch.cuda._sleep(CPU_AHEAD_CYCLES)
+                    hold_stream()
+                    dist.all_reduce(flag)                                   # the ranks start together again
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 run_sample()

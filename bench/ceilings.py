@@ -12,10 +12,14 @@
   BURST_CALLS products each timed alone; the median. The rate a short burst reaches before power
   and clocks settle (~790 TFLOP/s on an H200: the figure FACTS and the device notes quote).
   Recorded for comparison; no fraction uses it.
-- Two GPUs or more: NVLink peer copy bandwidth (GPU 0 → GPU 1, one way, copy engine) and NCCL
-  ``all_to_all_single`` at a few sizes, in spawned processes (one per GPU). NVLink multicast stays
-  off: NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NVSHMEM_DISABLE_NVLS=1 are set
-  (setdefault) before NCCL starts.
+- Two GPUs or more: NVLink peer copy bandwidth (GPU 0 → GPU 1, one way, ``copy_``: a copy-engine
+  cudaMemcpyAsync under peer access) and NCCL ``all_to_all_single`` at a few sizes, in spawned
+  processes (one per GPU). Both are GPU times with the CPU ahead (harness.hold_stream; the NCCL ranks
+  meet on the stream again after the hold, so neither waits for the other's late start): the link's
+  ceiling. At 1 MiB the host takes longer to issue a call than the GPU to run it (an all_to_all_single:
+  ~13 µs on the GPU, ~50 µs back to back from Python), so the back-to-back time is recorded beside it
+  (``eager_time_us``), not used. NVLink multicast stays off: NCCL_NVLS_ENABLE=0,
+  TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NVSHMEM_DISABLE_NVLS=1 are set (setdefault) before NCCL starts.
 
 On the CPU the copy and the matmul are measured the same way at small sizes (labelled as CPU runs).
 """
@@ -34,7 +38,7 @@ from typing import Any
 
 import torch
 
-from bench.harness import FULL, QUICK, record_name, time_cuda
+from bench.harness import FULL, QUICK, hold_stream, record_name, time_cuda
 
 # 1 GiB per buffer on a GPU: > 16× the largest L2 we meet (60 MiB on H200), so no reuse.
 GPU_COPY_BYTES = 2**30
@@ -155,20 +159,19 @@ def _time_burst(ctx, fn, name: str) -> float:
 
 def peer_copy(sizes: tuple[int, ...], quick: bool, src: int = 0, dst: int = 1) -> list[dict[str, Any]]:
     """One-way copy GPU ``src`` → GPU ``dst`` (copy engine, peer access when the driver allows it).
-    Returns [{"bytes", "time_us", "gbps", "p2p"}]; bandwidth counts the bytes that cross once."""
+    Returns [{"bytes", "time_us", "gbps", "eager_time_us", "p2p"}]: the GPU time with the CPU ahead,
+    and the time of copies issued back to back; bandwidth counts the bytes that cross once."""
     p2p = torch.cuda.can_device_access_peer(src, dst)
+    budget = QUICK if quick else FULL
     out = []
     for size in sizes:
-        t = _time_peer_copy(size, src, dst, QUICK if quick else FULL)
-        out.append({"bytes": size, "time_us": t, "gbps": size / (t * 1e3), "p2p": p2p})
+        a = torch.rand(size // 4, device=f"cuda:{src}")
+        b = torch.empty(size // 4, device=f"cuda:{dst}")
+        name = record_name("ceiling.nvlink_peer_copy", "torch", {"bytes": size})
+        t, eager = (time_cuda(lambda i: b.copy_(a), budget=budget, device=torch.device("cuda", src), name=name,
+                              cpu_ahead=ahead).median_us for ahead in (True, False))
+        out.append({"bytes": size, "time_us": t, "gbps": size / (t * 1e3), "eager_time_us": eager, "p2p": p2p})
     return out
-
-
-def _time_peer_copy(size: int, src: int, dst: int, budget) -> float:
-    a = torch.rand(size // 4, device=f"cuda:{src}")
-    b = torch.empty(size // 4, device=f"cuda:{dst}")
-    return time_cuda(lambda i: b.copy_(a), budget=budget, device=torch.device("cuda", src),
-                     name=record_name("ceiling.nvlink_peer_copy", "torch", {"bytes": size})).median_us
 
 
 def nccl_all_to_all(sizes: tuple[int, ...], quick: bool, world_size: int | None = None,
@@ -253,21 +256,38 @@ def _time_all_to_all(size: int, world_size: int, dev: torch.device, quick: bool,
 
     for _ in range(_A2A_WARMUP):
         dist.all_to_all_single(y, x)
-    samples = sorted(s / inner for s in _time_samples(sample, reps, on_gpu))
-    median = torch.tensor([samples[len(samples) // 2]], device=dev, dtype=torch.float64)
-    dist.all_reduce(median, op=dist.ReduceOp.MAX)   # the slowest rank's median
-    t = float(median.item())
+    eager = _slowest_median(_time_samples(sample, reps, on_gpu), inner, dev)
+    t = _slowest_median(_time_samples(sample, reps, on_gpu, cpu_ahead=True), inner, dev) if on_gpu else eager
     sent = n * 2 * (world_size - 1) // world_size
-    return {"bytes": n * 2, "ranks": world_size, "time_us": t, "gbps": sent / (t * 1e3), "remote_bytes": sent}
+    return {"bytes": n * 2, "ranks": world_size, "time_us": t, "gbps": sent / (t * 1e3), "remote_bytes": sent,
+            "eager_time_us": eager}
 
 
-def _time_samples(sample, reps: int, on_gpu: bool) -> list[float]:
-    """µs of each of ``reps`` back-to-back calls of ``sample``: CUDA events, or the wall clock."""
+def _slowest_median(samples: list[float], inner: int, dev: torch.device) -> float:
+    """µs per call: the median of this rank's samples, the largest over the ranks."""
+    import torch.distributed as dist
+
+    median = torch.tensor([statistics.median(samples) / inner], device=dev, dtype=torch.float64)
+    dist.all_reduce(median, op=dist.ReduceOp.MAX)
+    return float(median.item())
+
+
+def _time_samples(sample, reps: int, on_gpu: bool, cpu_ahead: bool = False) -> list[float]:
+    """µs of each of ``reps`` calls of ``sample``: CUDA events (back to back, or ``cpu_ahead``: the ranks
+    meet, the stream is held, the ranks meet again on the stream, then the sample), or the wall clock."""
+    import torch.distributed as dist
+
     if on_gpu:
         torch.cuda.synchronize()
+        flag = torch.zeros(1, device="cuda")
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(reps)]
         for start, end in events:
+            if cpu_ahead:
+                dist.barrier()
+                torch.cuda.synchronize()
+                hold_stream()
+                dist.all_reduce(flag)   # completes when every rank's hold has ended
             start.record()
             sample()
             end.record()

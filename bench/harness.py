@@ -15,7 +15,11 @@ warm-up of ≥ 25 ms first (clocks ramp up, Triton compiles and autotunes), then
 samples. ``graph=True`` captures ``inner`` calls in one CUDA graph and times its replays: the honest
 measure of a small decode-path launch, which runs inside a graph in a serving engine. On the CPU the
 same loop runs with a wall clock (``time.perf_counter``), and records say ``"timer": "cpu-wall"``;
-there is no CPU graph, so ``graph=True`` times plain calls there.
+there is no CPU graph, so ``graph=True`` times plain calls there. ``cpu_ahead=True`` (GPU) holds the
+stream in a sleep kernel before each sample's start event (``hold_stream``), so the whole sample is
+queued when it starts: the time is the GPU's alone, without the host's cost of issuing each call
+(``"timer": "cuda-events, CPU ahead"``). It is how the link ceilings are timed: NCCL and peer copies
+of a few MiB take the host longer to issue than the GPU to run.
 
 Nsight: the timed samples of every ``ctx.time`` run inside an NVTX range (pykernels.profiling,
 emitted only with ``PYKERNELS_NVTX=1``), named by ``name=`` as its record is named:
@@ -82,6 +86,8 @@ CPU_CACHE_BYTES = 32 * 2**20
 # products back to back for a FULL budget), not the higher rate of a short burst after an idle gap
 # (ceiling.mm_bf16_burst, recorded beside it): kernels are timed the sustained way too.
 MM_RATE_USED = "ceiling.mm_bf16 (sustained)"
+# GPU cycles ``hold_stream`` sleeps (~10 ms at 2 GHz): far longer than the host takes to queue a sample.
+CPU_AHEAD_CYCLES = 20_000_000
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,7 @@ class Timing:
     reps: int        # samples taken
     inner: int       # calls per sample
     n_sets: int
-    timer: str       # "cuda-events" | "cuda-graph" | "cpu-wall"
+    timer: str       # "cuda-events" | "cuda-events, CPU ahead" | "cuda-graph" | "cpu-wall"
     # Every sample's µs per call, in the order taken (not in records: the pytest-benchmark route
     # makes its entries' statistics from them, see bench/conftest.py).
     samples_us: tuple[float, ...] = field(default=(), repr=False)
@@ -167,11 +173,17 @@ def time_cpu(fn: Callable[[int], Any], n_sets: int = 1, budget: Budget = FULL, n
     return _stats(samples, inner, n_sets, "cpu-wall")
 
 
+def hold_stream() -> None:
+    """Queue a sleep of CPU_AHEAD_CYCLES on the current stream: the host gets ahead of the GPU."""
+    torch.cuda._sleep(CPU_AHEAD_CYCLES)
+
+
 def time_cuda(fn: Callable[[int], Any], n_sets: int = 1, graph: bool = False, budget: Budget = FULL,
-              device: torch.device | None = None, name: str | None = None) -> Timing:
+              device: torch.device | None = None, name: str | None = None, cpu_ahead: bool = False) -> Timing:
     """Median µs per call of ``fn(i)`` on the current stream of ``device``, timed with CUDA events
     around samples of ``inner`` calls; with ``graph=True`` the ``inner`` calls are captured once in
-    a CUDA graph and each sample is one replay. The timed samples run in the NVTX range ``name``."""
+    a CUDA graph and each sample is one replay; with ``cpu_ahead=True`` the stream is held before each
+    sample (``hold_stream``). The timed samples run in the NVTX range ``name``."""
     device = device or torch.device("cuda", torch.cuda.current_device())
     with torch.cuda.device(device):
         sync = torch.cuda.synchronize
@@ -202,12 +214,15 @@ def time_cuda(fn: Callable[[int], Any], n_sets: int = 1, graph: bool = False, bu
                   for _ in range(reps)]
         with _nvtx(name):
             for k, (start, end) in enumerate(events):
+                if cpu_ahead:
+                    hold_stream()
                 start.record()
                 sample(k)
                 end.record()
             sync()
         samples = [start.elapsed_time(end) * 1e3 / inner for start, end in events]
-    return _stats(samples, inner, n_sets, "cuda-graph" if graph else "cuda-events")
+    timer = "cuda-graph" if graph else "cuda-events, CPU ahead" if cpu_ahead else "cuda-events"
+    return _stats(samples, inner, n_sets, timer)
 
 
 def _graph_calls(inner: int, n_sets: int) -> int:

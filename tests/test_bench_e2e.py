@@ -19,7 +19,7 @@ from model import DeepseekV2, DeepseekV2Config, PagedLatentCache, attention
 def small_run(peer: bool) -> list[dict]:
     ctx = Context(quick=True, results_dir=None, echo=False)
     args = bench_e2e.E2EArgs(preset="tiny", batches=(2,), prompt_len=6, context=20, new_tokens=3,
-                             peer_new_tokens=2, layers=2, peer=peer, prefill_bar=False)
+                             peer_new_tokens=4, layers=2, peer=peer, prefill_bar=False)
     with ctx.suite_run(bench_e2e.SUITE):
         bench_e2e.run_e2e(ctx, args)
     return ctx.suite_records(bench_e2e.SUITE)
@@ -48,6 +48,10 @@ def test_records_with_peer():
     assert math.isclose(p["extra"]["frac_bound"], p["frac_mm_rate"], rel_tol=1e-2)
     want = attention.CANDIDATES if torch.cuda.is_available() else ("default",)
     assert p["extra"]["attention"] in want
+    # the peer's step: the median of generate's 3 step times (4 new tokens), with their mean, min and max
+    steps = peers["model.decode"]["extra"]
+    mean, fastest, slowest = steps["ms_per_step_mean_min_max"]
+    assert 0 < fastest <= steps["ms_per_step"] <= slowest and fastest <= mean <= slowest
 
 
 def test_missing_peer_is_reported():

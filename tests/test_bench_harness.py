@@ -430,6 +430,7 @@ def test_all_to_all_plumbing_with_gloo():
     out = ceilings.nccl_all_to_all((4096, 65536), quick=True, world_size=2, backend="gloo", timeout_s=120)
     assert [(r["bytes"], r["ranks"]) for r in out] == [(4096, 2), (65536, 2)]
     assert all(r["time_us"] > 0 and r["remote_bytes"] == r["bytes"] // 2 for r in out)
+    assert all(r["eager_time_us"] == r["time_us"] for r in out)   # no stream to hold on gloo: one timing
 
 
 class _FakeCuda:
@@ -542,7 +543,7 @@ def test_nvlink_and_nccl_ceilings():
     from bench import ceilings
 
     peer = ceilings.peer_copy((2**20,), quick=True)
-    assert peer[0]["gbps"] > 0
+    assert peer[0]["gbps"] > 0 and peer[0]["eager_time_us"] > 0
     out = ceilings.nccl_all_to_all((2**20, 16 * 2**20), quick=True, world_size=2, timeout_s=300)
-    assert [r["ranks"] for r in out] == [2, 2] and all(r["gbps"] > 0 for r in out)
+    assert [r["ranks"] for r in out] == [2, 2] and all(r["gbps"] > 0 and r["eager_time_us"] > 0 for r in out)
     assert os.environ["NCCL_NVLS_ENABLE"] == "0"
