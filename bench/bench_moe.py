@@ -37,7 +37,8 @@ Records (shape {T, E, H, I, top_k}; moe_gate {T, E, H}):
                silu * up between them; extra.loop_us as above. Cost: profiles.cost_model.grouped_ffn.
   backend "cuda" (moe_ffn and grouped_ffn at prefill, on a Hopper GPU): the sm_90 warp-specialized GEMMs
                of pykernels/moe_gemm_sm90.py, forced, against the same peer measured for "triton".
-Prefill records also carry the gate_up GEMM alone (ours vs _grouped_mm) in extra, for diagnosis.
+Prefill records also carry the gate_up GEMM alone (ours, _grouped_mm's, and a per-expert F.linear loop's) in
+extra, for diagnosis.
 
 Input sets: one copy of the weights; ``ctx.sets_for`` sets of (x, logits, routing) rotate so that a
 decode step finds its experts' weights outside the L2 (different sets hit different experts; at
@@ -45,6 +46,8 @@ T >= 64 nearly every expert is hit and the weights exceed the L2 anyway).
 torch._grouped_mm needs a CUDA GPU (bf16, 16-byte aligned strides); elsewhere the peer is reported missing.
 """
 from __future__ import annotations
+
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -219,7 +222,16 @@ def _gate_up_alone(ctx, w13, w13_t, n_sets, sets, have_peer):
     if have_peer:
         peer = ctx.time(lambda i: torch._grouped_mm(sets[i]["x_sorted"], w13_t, offs=sets[i]["offsets"]), n_sets=n_sets)
         out.update(peer_gate_up_us=round(peer, 3), peer_gate_up_tflops=round(2 * rows * H * two_i / peer / 1e6, 1))
+    counts = [torch.diff(st["offsets"], prepend=st["offsets"].new_zeros(1)).tolist() for st in sets]
+    loop = ctx.time(lambda i: loop_gate_up(sets[i]["x_sorted"], w13, counts[i]), n_sets=n_sets)
+    out.update(loop_gate_up_us=round(loop, 3), loop_gate_up_tflops=round(2 * rows * H * two_i / loop / 1e6, 1))
     return out
+
+
+def loop_gate_up(x_sorted, w13, counts) -> list[torch.Tensor]:
+    """The gate_up GEMM as a per-expert loop over host-known row counts: ``[n_e, 2I]`` per expert hit."""
+    ends = itertools.accumulate(counts)
+    return [F.linear(x_sorted[end - n:end], w13[e]) for e, (n, end) in enumerate(zip(counts, ends)) if n]
 
 
 def _other_layouts(ctx, sets, w13, w2, n_sets, graph, default, shape, cost, peer, extra, dtype_name) -> None:
