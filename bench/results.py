@@ -15,6 +15,8 @@ the same key, others stay. The files are committed, so they are kept small and d
 """
 from __future__ import annotations
 
+import collections
+
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -143,14 +145,18 @@ def format_table(records: Iterable[dict[str, Any]], markdown: bool = False) -> s
 
 
 def run_header(records: list[dict[str, Any]]) -> str:
-    """Device, timer, ceilings, versions and commit of a set of records (taken from the newest)."""
+    """Device, timer, ceilings, versions and commit of a set of records (taken from the newest); where the
+    rows come from several runs, each commit with its row count, oldest first."""
     if not records:
         return ""
     r = max(records, key=lambda x: x.get("timestamp", ""))
     c = r.get("ceilings") or {}
     timer = "CPU timings (wall clock)" if r.get("timer") == "cpu-wall" else "CUDA events"
     burst = f" ({c['mm_tflops_burst']} in a burst after idle)" if c.get("mm_tflops_burst") else ""
-    return (f"{r['device']} ({r.get('device_slug', '')}), {timer}; ceilings: copy "
+    runs = collections.Counter(x.get("git_commit") for x in sorted(records, key=lambda x: x.get("timestamp", "")))
+    older = "" if len(runs) == 1 else (
+        "; rows from commits " + ", ".join(f"{commit} ({n})" for commit, n in runs.items()) + ", the newest run's")
+    return (f"{r['device']} ({r.get('device_slug', '')}), {timer}{older}; ceilings: copy "
             f"{c.get('copy_gbps', '-')} GB/s, bf16 mm {c.get('mm_tflops', '-')} TFLOP/s sustained, "
             f"the rate % mm uses{burst}; torch {r['torch']}, triton {r['triton']}, commit "
             f"{r['git_commit']}, {r['timestamp']}")

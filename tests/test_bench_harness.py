@@ -142,6 +142,16 @@ def test_markdown_table_and_json(ctx, tmp_path):
     assert bench_main(["table", "--device", "cpu", "--results-dir", str(tmp_path)]) == 0
 
 
+def test_header_names_every_run_its_rows_come_from(ctx):
+    with ctx.suite_run("toy"):
+        old, new = _record(ctx), _record(ctx, shape={"n": 65})
+    assert "rows from" not in results.run_header([old, new])        # one run: its commit alone
+    old = dict(old, git_commit="aaaaaaa", timestamp="2000-01-01T00:00:00+00:00")
+    header = results.run_header([new, old])
+    assert f"rows from commits aaaaaaa (1), {new['git_commit']} (1)" in header
+    assert header.endswith(f"commit {new['git_commit']}, {new['timestamp']}")   # the newest run's details
+
+
 def test_cli_quick_cpu_run(tmp_path):
     """`python -m bench --quick` on the CPU: every suite, then the tiny model through the reference."""
     # As a user types it: no GPU, and no Triton interpreter (tests/conftest.py sets it for the tests).
