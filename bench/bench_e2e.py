@@ -20,10 +20,10 @@ checkpoint directory. For each batch size B:
 - peer: transformers' ``DeepseekV2ForCausalLM.generate`` (greedy, its own random bf16 weights) on a
   config built from ours, with the same batch and prompts: prefill = ``generate(max_new_tokens=1)``;
   decode ms/step = the median of the N - 1 step times of ``generate(N)``, N = ``--peer-new-tokens``
-  (a logits processor stamps the clock as each token's logits arrive). Its step is host-bound (~9 ms of
-  kernels per step at batch 1) and uneven: 76 to 711 ms within one ``generate(16)`` at batch 1 on an
-  H200 host (e2e.json @d77dfcb), so the median, not the mean, is the stable figure; the records keep
-  the mean, min and max beside it. Its
+  (a logits processor stamps the clock as each token's logits arrive). Its step is host-bound (about
+  9 ms of kernels per step at batch 1 under torch.profiler) and uneven: 76 to 711 ms within one
+  ``generate(16)`` at batch 1 on an H200 host (e2e.json @d77dfcb), so the median, not the mean, is the
+  stable figure; the records keep the mean, min and max beside it. Its
   context is the prompt (``--prompt-len``), not ``--context``: eager attention over a 4096-token context
   at batch 64 does not fit the time budget, and a shorter context only flatters the peer.
 

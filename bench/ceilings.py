@@ -17,9 +17,10 @@
   processes (one per GPU). Both are GPU times with the CPU ahead (harness.hold_stream; the NCCL ranks
   meet on the stream again after the hold, so neither waits for the other's late start): the link's
   ceiling. At 1 MiB the host takes longer to issue a call than the GPU to run it (an all_to_all_single:
-  ~13 µs on the GPU, 36-50 µs back to back from Python), so the back-to-back time is recorded beside it
-  (``eager_time_us``), not used. NVLink multicast stays off: NCCL_NVLS_ENABLE=0,
-  TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NVSHMEM_DISABLE_NVLS=1 are set (setdefault) before NCCL starts.
+  12.8 µs on the GPU, 35.8 µs back to back from Python, ceilings.json @d77dfcb), so the back-to-back
+  time is recorded beside it (``eager_time_us``), not used. NVLink multicast stays off:
+  NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NVSHMEM_DISABLE_NVLS=1 are set
+  (setdefault) before NCCL starts.
 
 On the CPU the copy and the matmul are measured the same way at small sizes (labelled as CPU runs).
 """
